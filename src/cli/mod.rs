@@ -1,0 +1,58 @@
+//! Command-line definitions (clap) and dispatch to one module per command group.
+
+mod ingest;
+mod log_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// cairn: Constitutional AI as an event-sourced streaming dataflow.
+#[derive(Parser, Debug)]
+#[command(name = "cairn", version, about, long_about = None)]
+pub struct Cli {
+    /// More output (-v: debug, -vv: trace). RUST_LOG, when set, takes precedence.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Inspect, verify and repair event logs.
+    #[command(subcommand)]
+    Log(log_cmd::LogCommand),
+    /// Read prompt sources into an event log as `prompt` events (idempotent).
+    Ingest(ingest::IngestArgs),
+}
+
+/// Runs a parsed command.
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Log(cmd) => log_cmd::run(cmd),
+        Command::Ingest(args) => ingest::run(args),
+    }
+}
+
+/// Sets up `tracing` output on stderr: RUST_LOG if set, else from -v/-q.
+pub fn init_tracing(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,23 @@
+//! cairn: an event-sourced streaming dataflow engine for Constitutional AI.
+//!
+//! Prompts flow through a timely dataflow of stages (sample, critique, revise, judge,
+//! preference-model and policy updates); every intermediate record is an event in an
+//! append-only log, so a run can be resumed, audited and replayed. See `ARCHITECTURE.md`
+//! for the layers; this crate's modules follow them bottom-up:
+//!
+//! - [`record`]: event envelope, idempotency keys, payload kinds (plain serde data).
+//! - [`log`]: the durable, segmented event log.
+//! - [`prompts`]: reading prompt sources (text, JSONL, JSON payload files).
+//! - [`paths`]: the cache of fetched models and data (`$CAIRN_HOME`).
+#![forbid(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod log;
+pub mod paths;
+pub mod prompts;
+pub mod record;
+
+/// The version of this build, recorded in every run.
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}

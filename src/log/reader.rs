@@ -1,0 +1,332 @@
+//! Reading the log: from any offset (using the sparse indexes), filtered by stage, and
+//! following a writer that is still appending.
+//!
+//! A reader never writes. A torn tail at the end of the last segment is where reading
+//! stops (the next writer will truncate it); corruption anywhere else is an error.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::LogError;
+use super::format::{Frame, SEGMENT_HEADER_LEN, list_segments, read_frame, segment_file_name};
+use super::index::SparseIndex;
+use super::scan::{Ending, check_header, read_segment, scan_frames};
+use crate::record::{Envelope, Key};
+
+/// A read handle on a log directory (a snapshot of its segment list, refreshed as needed).
+pub struct LogReader {
+    dir: PathBuf,
+}
+
+impl LogReader {
+    /// Opens the log in `dir` for reading.
+    pub fn open(dir: &Path) -> Result<LogReader, LogError> {
+        if !dir.is_dir() {
+            return Err(LogError::NotALog {
+                path: dir.to_path_buf(),
+                reason: "no such directory".into(),
+            });
+        }
+        let segments = list_segments(dir).map_err(|e| LogError::io(dir, "list segments", e))?;
+        if segments.is_empty() {
+            return Err(LogError::NotALog {
+                path: dir.to_path_buf(),
+                reason: "no segment files (*.seg)".into(),
+            });
+        }
+        Ok(LogReader {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The log directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Decoded events from `offset` on, in order.
+    pub fn iter_from(
+        &self,
+        offset: u64,
+    ) -> impl Iterator<Item = Result<Envelope, LogError>> + use<> {
+        let mut frames = self.frames_from(offset);
+        std::iter::from_fn(move || {
+            let (seg, pos, offset, bytes) = match frames.next()? {
+                Ok(frame) => frame,
+                Err(e) => return Some(Err(e)),
+            };
+            Some(Envelope::decode(&bytes).map_err(|e| LogError::Corrupt {
+                segment: seg,
+                pos,
+                offset,
+                reason: e.to_string(),
+            }))
+        })
+    }
+
+    /// Events of one stage from `offset` on.
+    pub fn iter_stage(
+        &self,
+        offset: u64,
+        stage: &str,
+    ) -> impl Iterator<Item = Result<Envelope, LogError>> + use<> {
+        let stage = stage.to_string();
+        self.iter_from(offset)
+            .filter(move |e| e.as_ref().map(|e| e.stage == stage).unwrap_or(true))
+    }
+
+    /// Raw checked frames from `offset` on: `(segment, byte position, offset, payload)`.
+    /// Holds one segment in memory at a time.
+    pub fn frames_from(
+        &self,
+        offset: u64,
+    ) -> impl Iterator<Item = Result<(PathBuf, u64, u64, Vec<u8>), LogError>> + use<> {
+        let listed =
+            list_segments(&self.dir).map_err(|e| LogError::io(&self.dir, "list segments", e));
+        let mut pending: std::vec::IntoIter<(PathBuf, u64, u64, Vec<u8>)> = Vec::new().into_iter();
+        let mut segments = Vec::new().into_iter();
+        let mut total = 0;
+        let mut expected: Option<u64> = None;
+        let mut failed = None;
+        match listed {
+            Ok(list) => {
+                total = list.len();
+                // Start at the last segment whose first offset is not beyond `offset`.
+                let start = list.iter().rposition(|(f, _)| *f <= offset).unwrap_or(0);
+                segments = list
+                    .into_iter()
+                    .enumerate()
+                    .skip(start)
+                    .collect::<Vec<_>>()
+                    .into_iter();
+            }
+            Err(e) => failed = Some(e),
+        }
+        std::iter::from_fn(move || {
+            loop {
+                if let Some(e) = failed.take() {
+                    segments = Vec::new().into_iter();
+                    return Some(Err(e));
+                }
+                if let Some(item) = pending.next() {
+                    return Some(Ok(item));
+                }
+                let (i, (first, path)) = segments.next()?;
+                let is_last = i + 1 == total;
+                match read_segment_frames(&path, expected.unwrap_or(first), offset, is_last) {
+                    Ok((frames, next)) => {
+                        expected = Some(next);
+                        pending = frames.into_iter();
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+        })
+    }
+
+    /// Finds the event logged under `key` by scanning (the writer keeps an in-memory map;
+    /// this is for tools that only read).
+    pub fn find_key(&self, key: Key) -> Result<Option<Envelope>, LogError> {
+        for frame in self.frames_from(0) {
+            let (seg, pos, offset, bytes) = frame?;
+            if Envelope::peek_offset_key(&bytes).map(|(_, k)| k) == Some(key) {
+                return Envelope::decode(&bytes)
+                    .map(Some)
+                    .map_err(|e| LogError::Corrupt {
+                        segment: seg,
+                        pos,
+                        offset,
+                        reason: e.to_string(),
+                    });
+            }
+        }
+        Ok(None)
+    }
+
+    /// A follower that yields events from `offset` on and then waits for new ones.
+    pub fn follow(&self, offset: u64) -> Follower {
+        Follower {
+            dir: self.dir.clone(),
+            next_offset: offset,
+            segment: None,
+        }
+    }
+}
+
+type Frames = Vec<(PathBuf, u64, u64, Vec<u8>)>;
+
+/// Reads the frames of one segment with offsets `>= from`, starting from the index entry
+/// closest to `from`. Returns them and the offset following the segment's last record.
+fn read_segment_frames(
+    path: &Path,
+    first: u64,
+    from: u64,
+    is_last: bool,
+) -> Result<(Frames, u64), LogError> {
+    let bytes = read_segment(path)?;
+    if check_header(path, &bytes, first, is_last)?.is_none() {
+        return Ok((Vec::new(), first));
+    }
+    let (start_offset, start_pos) =
+        SparseIndex::load(&SparseIndex::path_for(path), bytes.len() as u64)
+            .and_then(|idx| idx.seek(from))
+            .filter(|&(o, p)| o >= first && p >= SEGMENT_HEADER_LEN)
+            .unwrap_or((first, SEGMENT_HEADER_LEN));
+    let mut frames = Vec::new();
+    let scan = scan_frames(
+        path,
+        &bytes,
+        start_pos,
+        start_offset,
+        is_last,
+        |offset, pos, payload| {
+            if offset >= from {
+                frames.push((path.to_path_buf(), pos, offset, payload.to_vec()));
+            }
+            Ok(())
+        },
+    )?;
+    match scan.ending {
+        Ending::Clean => {}
+        Ending::Torn { pos, bytes } => {
+            tracing::warn!(segment = %path.display(), pos, bytes, "log ends in a torn record; reading stops before it");
+        }
+        Ending::Corrupt(e) => return Err(e),
+    }
+    Ok((frames, scan.next_offset))
+}
+
+/// Follows a log that a writer is appending to: [`Follower::poll`] returns the events
+/// appended since the last call, each exactly once and in order.
+pub struct Follower {
+    dir: PathBuf,
+    next_offset: u64,
+    segment: Option<(PathBuf, u64)>,
+}
+
+impl Follower {
+    /// The offset of the next event this follower will return.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// Returns whatever complete events are available now (possibly none). An append still
+    /// in progress at the end of the log is waited for, never reported as corruption.
+    pub fn poll(&mut self) -> Result<Vec<Envelope>, LogError> {
+        let mut out = Vec::new();
+        loop {
+            if self.segment.is_none() && !self.locate()? {
+                return Ok(out);
+            }
+            let Some((path, pos)) = self.segment.clone() else {
+                return Ok(out);
+            };
+            let mut file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.segment = None;
+                    return Ok(out);
+                }
+                Err(e) => return Err(LogError::io(&path, "open segment", e)),
+            };
+            let mut bytes = Vec::new();
+            file.seek(SeekFrom::Start(pos))
+                .and_then(|_| file.read_to_end(&mut bytes))
+                .map_err(|e| LogError::io(&path, "read segment", e))?;
+            let mut at = 0usize;
+            let mut stalled = false;
+            while !stalled {
+                match read_frame(&bytes, at) {
+                    Frame::Record { payload, next } => {
+                        let env = Envelope::decode(payload).map_err(|e| LogError::Corrupt {
+                            segment: path.clone(),
+                            pos: pos + at as u64,
+                            offset: self.next_offset,
+                            reason: e.to_string(),
+                        })?;
+                        if env.offset != self.next_offset {
+                            return Err(LogError::Corrupt {
+                                segment: path.clone(),
+                                pos: pos + at as u64,
+                                offset: self.next_offset,
+                                reason: format!("record claims offset {}", env.offset),
+                            });
+                        }
+                        self.next_offset += 1;
+                        out.push(env);
+                        at = next;
+                    }
+                    Frame::End | Frame::Incomplete | Frame::BadPayload { .. } => stalled = true,
+                    Frame::BadHeader(reason) => {
+                        return Err(LogError::Corrupt {
+                            segment: path.clone(),
+                            pos: pos + at as u64,
+                            offset: self.next_offset,
+                            reason,
+                        });
+                    }
+                }
+            }
+            self.segment = Some((path.clone(), pos + at as u64));
+            let at_end = at == bytes.len();
+            // Move on only once this segment is complete and its successor exists.
+            let successor = self.dir.join(segment_file_name(self.next_offset));
+            if at_end && successor != path && successor.exists() {
+                self.segment = Some((successor, SEGMENT_HEADER_LEN));
+                continue;
+            }
+            return Ok(out);
+        }
+    }
+
+    /// Waits up to `timeout` for at least one new event.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Vec<Envelope>, LogError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.poll()?;
+            if !events.is_empty() || Instant::now() >= deadline {
+                return Ok(events);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Finds the segment and byte position holding `next_offset`.
+    fn locate(&mut self) -> Result<bool, LogError> {
+        let segments =
+            list_segments(&self.dir).map_err(|e| LogError::io(&self.dir, "list segments", e))?;
+        let Some(idx) = segments
+            .iter()
+            .rposition(|(first, _)| *first <= self.next_offset)
+        else {
+            return Ok(false);
+        };
+        let (first, path) = &segments[idx];
+        let bytes = read_segment(path)?;
+        if bytes.len() < SEGMENT_HEADER_LEN as usize {
+            return Ok(false);
+        }
+        check_header(path, &bytes, *first, true)?;
+        let mut pos = SEGMENT_HEADER_LEN;
+        let target = self.next_offset;
+        let scan = scan_frames(
+            path,
+            &bytes,
+            SEGMENT_HEADER_LEN,
+            *first,
+            true,
+            |offset, p, _| {
+                if offset == target {
+                    pos = p;
+                }
+                Ok(())
+            },
+        )?;
+        if scan.next_offset <= target {
+            pos = scan.end_pos;
+        }
+        self.segment = Some((path.clone(), pos));
+        Ok(true)
+    }
+}

@@ -1,0 +1,532 @@
+//! Event records: the envelope every logged event carries, the idempotency keys that name
+//! what produced an event, and the typed payloads of each record kind.
+//!
+//! This layer knows nothing of files, timely or models: it is plain serde data. The log
+//! stores a payload as `(kind name, bincode body)`, so a reader meeting a kind it does not
+//! know keeps the bytes ([`Payload::Unknown`]) instead of failing — later versions add
+//! kinds without breaking older readers.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A stable 128-bit idempotency key: a hash of everything that determines an event (stage,
+/// input keys, round, seed, relevant configuration). Equal keys mean "the same work".
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct Key(pub u128);
+
+impl Key {
+    /// Starts a key derivation for `stage`; add every input that affects the result.
+    ///
+    /// ```
+    /// use cairn::record::Key;
+    /// let prompt = Key::builder("prompts").str("harmbench").u64(7).finish();
+    /// let a = Key::builder("sample").key(prompt).u64(42).finish();
+    /// let b = Key::builder("sample").key(prompt).u64(42).finish();
+    /// assert_eq!(a, b);
+    /// assert_ne!(a, Key::builder("sample").key(prompt).u64(43).finish());
+    /// ```
+    pub fn builder(stage: &str) -> KeyBuilder {
+        KeyBuilder::new(stage)
+    }
+
+    /// Parses the 32-hex-digit form printed by [`Key`]'s `Display`.
+    pub fn parse_hex(text: &str) -> Option<Key> {
+        if text.len() != 32 {
+            return None;
+        }
+        u128::from_str_radix(text, 16).ok().map(Key)
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({self})")
+    }
+}
+
+/// Incremental derivation of a [`Key`]. Every field is length- or type-tagged, so distinct
+/// sequences of inputs never hash the same bytes.
+pub struct KeyBuilder {
+    hasher: blake3::Hasher,
+}
+
+impl KeyBuilder {
+    fn new(stage: &str) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"cairn-key-v1");
+        let mut builder = KeyBuilder { hasher };
+        builder = builder.str(stage);
+        builder
+    }
+
+    /// Adds a string input.
+    pub fn str(mut self, value: &str) -> Self {
+        self.hasher.update(b"s");
+        self.hasher.update(&(value.len() as u64).to_le_bytes());
+        self.hasher.update(value.as_bytes());
+        self
+    }
+
+    /// Adds an integer input (round numbers, seeds, indices).
+    pub fn u64(mut self, value: u64) -> Self {
+        self.hasher.update(b"u");
+        self.hasher.update(&value.to_le_bytes());
+        self
+    }
+
+    /// Adds a 128-bit input (digests of configuration).
+    pub fn u128(mut self, value: u128) -> Self {
+        self.hasher.update(b"w");
+        self.hasher.update(&value.to_le_bytes());
+        self
+    }
+
+    /// Adds the key of an input record.
+    pub fn key(mut self, value: Key) -> Self {
+        self.hasher.update(b"k");
+        self.hasher.update(&value.0.to_le_bytes());
+        self
+    }
+
+    /// Adds raw bytes.
+    pub fn bytes(mut self, value: &[u8]) -> Self {
+        self.hasher.update(b"b");
+        self.hasher.update(&(value.len() as u64).to_le_bytes());
+        self.hasher.update(value);
+        self
+    }
+
+    /// Finishes the derivation.
+    pub fn finish(self) -> Key {
+        let hash = self.hasher.finalize();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&hash.as_bytes()[..16]);
+        Key(u128::from_le_bytes(first))
+    }
+}
+
+/// Identifies one run (one event log); forks get a new run id and record their parent.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct RunId(pub u128);
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RunId({self})")
+    }
+}
+
+/// An event before the log has given it an offset: what a stage hands to the writer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    /// Idempotency key; the log never stores two events with the same key.
+    pub key: Key,
+    /// Run that produced the event.
+    pub run_id: RunId,
+    /// Stage name (`prompts`, `sample`, `critique`, …).
+    pub stage: String,
+    /// Keys of the records this one was derived from (lineage).
+    pub parents: Vec<Key>,
+    /// Logical time: the dataflow epoch the record belongs to.
+    pub epoch: u64,
+    /// Wall-clock time in nanoseconds since the Unix epoch (informational, not replayed).
+    pub wall_ns: u64,
+    /// The record itself.
+    pub payload: Payload,
+}
+
+impl NewEvent {
+    /// Builds an event stamped with the current wall-clock time.
+    pub fn new(
+        key: Key,
+        run_id: RunId,
+        stage: impl Into<String>,
+        parents: Vec<Key>,
+        epoch: u64,
+        payload: Payload,
+    ) -> Self {
+        NewEvent {
+            key,
+            run_id,
+            stage: stage.into(),
+            parents,
+            epoch,
+            wall_ns: now_ns(),
+            payload,
+        }
+    }
+}
+
+/// A logged event: a [`NewEvent`] plus the offset the log assigned it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Envelope {
+    /// Position in the log (0, 1, 2, … without gaps).
+    pub offset: u64,
+    /// Idempotency key.
+    pub key: Key,
+    /// Run that produced the event.
+    pub run_id: RunId,
+    /// Stage name.
+    pub stage: String,
+    /// Lineage.
+    pub parents: Vec<Key>,
+    /// Dataflow epoch.
+    pub epoch: u64,
+    /// Wall-clock nanoseconds since the Unix epoch.
+    pub wall_ns: u64,
+    /// The record.
+    pub payload: Payload,
+}
+
+/// Version of the envelope encoding written by this build.
+pub const ENVELOPE_VERSION: u16 = 1;
+
+/// The on-disk form of an envelope (bincode). Fixed-size fields come first so that a key
+/// index can be built without decoding strings; `version` comes first of all so that later
+/// versions can dispatch on it.
+#[derive(Serialize, Deserialize)]
+struct StoredEnvelope {
+    version: u16,
+    offset: u64,
+    key: Key,
+    run_id: RunId,
+    epoch: u64,
+    wall_ns: u64,
+    stage: String,
+    parents: Vec<Key>,
+    kind: String,
+    body: Vec<u8>,
+}
+
+/// Byte range of the key inside an encoded envelope (after `version: u16, offset: u64`).
+pub const KEY_RANGE: std::ops::Range<usize> = 10..26;
+
+/// Why an envelope could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The bytes are not a valid envelope.
+    #[error("undecodable envelope: {0}")]
+    Envelope(String),
+    /// The envelope was written by a newer, incompatible version.
+    #[error("envelope version {0} is newer than this build understands ({ENVELOPE_VERSION})")]
+    Version(u16),
+    /// A known kind's body does not decode.
+    #[error("record of kind `{kind}` does not decode: {reason}")]
+    Body {
+        /// The record kind.
+        kind: String,
+        /// Decoder message.
+        reason: String,
+    },
+}
+
+impl Envelope {
+    /// Encodes the envelope for the log.
+    pub fn encode(&self) -> Vec<u8> {
+        let stored = StoredEnvelope {
+            version: ENVELOPE_VERSION,
+            offset: self.offset,
+            key: self.key,
+            run_id: self.run_id,
+            epoch: self.epoch,
+            wall_ns: self.wall_ns,
+            stage: self.stage.clone(),
+            parents: self.parents.clone(),
+            kind: self.payload.kind().to_string(),
+            body: self.payload.encode_body(),
+        };
+        // Serialising plain owned data into a Vec cannot fail.
+        bincode::serialize(&stored).unwrap_or_default()
+    }
+
+    /// Decodes an envelope; an unknown payload kind becomes [`Payload::Unknown`].
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, RecordError> {
+        if bytes.len() < 2 {
+            return Err(RecordError::Envelope(
+                "shorter than its version field".into(),
+            ));
+        }
+        let version = u16::from_le_bytes([bytes[0], bytes[1]]);
+        if version != ENVELOPE_VERSION {
+            return Err(RecordError::Version(version));
+        }
+        use bincode::Options;
+        let stored: StoredEnvelope = bincode_options()
+            .deserialize(bytes)
+            .map_err(|e| RecordError::Envelope(e.to_string()))?;
+        let payload = Payload::decode(&stored.kind, stored.body)?;
+        Ok(Envelope {
+            offset: stored.offset,
+            key: stored.key,
+            run_id: stored.run_id,
+            stage: stored.stage,
+            parents: stored.parents,
+            epoch: stored.epoch,
+            wall_ns: stored.wall_ns,
+            payload,
+        })
+    }
+
+    /// Reads only the offset and key of an encoded envelope (fast path for key indexes).
+    pub fn peek_offset_key(bytes: &[u8]) -> Option<(u64, Key)> {
+        if bytes.len() < KEY_RANGE.end {
+            return None;
+        }
+        let offset = u64::from_le_bytes(bytes[2..10].try_into().ok()?);
+        let key = u128::from_le_bytes(bytes[KEY_RANGE].try_into().ok()?);
+        Some((offset, Key(key)))
+    }
+
+    /// A JSON view for `cairn log cat` and exports.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "offset": self.offset,
+            "key": self.key.to_string(),
+            "run": self.run_id.to_string(),
+            "stage": self.stage,
+            "parents": self.parents.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+            "epoch": self.epoch,
+            "wall_ns": self.wall_ns,
+            "kind": self.payload.kind(),
+            "payload": self.payload.to_json(),
+        })
+    }
+}
+
+/// bincode options matching `bincode::serialize` (fixed-width little-endian integers) but with
+/// a size limit, so a corrupt length prefix cannot ask for gigabytes.
+fn bincode_options() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(1 << 30)
+}
+
+fn decode_body<T: serde::de::DeserializeOwned>(kind: &str, body: &[u8]) -> Result<T, RecordError> {
+    use bincode::Options;
+    bincode_options()
+        .deserialize(body)
+        .map_err(|e| RecordError::Body {
+            kind: kind.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// Current wall-clock time in nanoseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+macro_rules! payloads {
+    ($( $(#[$doc:meta])* $variant:ident($ty:ty) = $kind:literal, )*) => {
+        /// The record carried by an event. Each variant is one record kind, stored under its
+        /// kind name; kinds unknown to this build are kept as raw bytes.
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum Payload {
+            $( $(#[$doc])* $variant($ty), )*
+            /// A kind this build does not know (written by a newer version).
+            Unknown {
+                /// The kind name as stored.
+                kind: String,
+                /// The undecoded body.
+                body: Vec<u8>,
+            },
+        }
+
+        impl Payload {
+            /// Every record kind this build knows.
+            pub const KINDS: &'static [&'static str] = &[$($kind),*];
+
+            /// The kind name stored in the log.
+            pub fn kind(&self) -> &str {
+                match self {
+                    $( Payload::$variant(_) => $kind, )*
+                    Payload::Unknown { kind, .. } => kind,
+                }
+            }
+
+            /// bincode of the record body.
+            pub fn encode_body(&self) -> Vec<u8> {
+                match self {
+                    $( Payload::$variant(v) => bincode::serialize(v).unwrap_or_default(), )*
+                    Payload::Unknown { body, .. } => body.clone(),
+                }
+            }
+
+            /// Decodes a body stored under `kind`.
+            pub fn decode(kind: &str, body: Vec<u8>) -> Result<Payload, RecordError> {
+                match kind {
+                    $( $kind => Ok(Payload::$variant(decode_body(kind, &body)?)), )*
+                    _ => {
+                        warn_unknown_kind(kind);
+                        Ok(Payload::Unknown { kind: kind.to_string(), body })
+                    }
+                }
+            }
+
+            /// A JSON view of the record.
+            pub fn to_json(&self) -> serde_json::Value {
+                match self {
+                    $( Payload::$variant(v) => serde_json::to_value(v).unwrap_or(serde_json::Value::Null), )*
+                    Payload::Unknown { body, .. } => serde_json::json!({ "unknown_kind": true, "bytes": body.len() }),
+                }
+            }
+        }
+    };
+}
+
+/// Warns once per process for each unknown kind, so a long replay does not flood the output.
+fn warn_unknown_kind(kind: &str) {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if seen
+        .get_or_insert_with(HashSet::new)
+        .insert(kind.to_string())
+    {
+        tracing::warn!(
+            kind,
+            "skipping records of a kind this version of cairn does not know"
+        );
+    }
+}
+
+payloads! {
+    /// A run (or a resumed run) started: the settings that determine its results.
+    RunStarted(RunStarted) = "run_started",
+    /// Free text written by tools and tests.
+    Note(Note) = "note",
+    /// A prompt read from a prompt source.
+    Prompt(PromptRecord) = "prompt",
+}
+
+/// The `run_started` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunStarted {
+    /// cairn version that wrote the run.
+    pub cairn_version: String,
+    /// Master seed from which every random draw of the run derives.
+    pub seed: u64,
+    /// Digest of every setting that changes results (spec, constitution, model files).
+    pub settings_digest: u128,
+    /// The settings as text (the dataflow spec as given), for audit and fork.
+    pub settings: String,
+    /// Run this one was forked from, if any.
+    pub parent_run: Option<RunId>,
+}
+
+/// The `note` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Note {
+    /// The text.
+    pub text: String,
+}
+
+/// The `prompt` record: one prompt from a source file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromptRecord {
+    /// Source name (file stem or configured name).
+    pub source: String,
+    /// Position in the source (0-based line or item number).
+    pub index: u64,
+    /// Whether the prompt is red-team (harmful) or helpful.
+    pub purpose: PromptPurpose,
+    /// The user's request.
+    pub text: String,
+}
+
+/// What a prompt is for in CAI: red-team prompts get critiques and revisions; helpful prompts
+/// are sampled to keep the finetuned model helpful.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptPurpose {
+    /// A harmful or borderline request.
+    RedTeam,
+    /// A benign request.
+    Helpful,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Envelope {
+        Envelope {
+            offset: 9,
+            key: Key::builder("prompts").u64(3).finish(),
+            run_id: RunId(77),
+            stage: "prompts".into(),
+            parents: vec![Key(1), Key(2)],
+            epoch: 4,
+            wall_ns: 123,
+            payload: Payload::Prompt(PromptRecord {
+                source: "harmbench".into(),
+                index: 3,
+                purpose: PromptPurpose::RedTeam,
+                text: "hello".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips_and_peeks_its_key() {
+        let env = sample();
+        let bytes = env.encode();
+        assert_eq!(Envelope::decode(&bytes).expect("decodes"), env);
+        assert_eq!(Envelope::peek_offset_key(&bytes), Some((9, env.key)));
+    }
+
+    #[test]
+    fn unknown_kind_is_kept_not_fatal() {
+        let mut env = sample();
+        env.payload = Payload::Unknown {
+            kind: "from_the_future".into(),
+            body: vec![1, 2, 3],
+        };
+        let decoded = Envelope::decode(&env.encode()).expect("decodes");
+        assert_eq!(decoded.payload.kind(), "from_the_future");
+        assert_eq!(decoded, env);
+    }
+
+    #[test]
+    fn newer_envelope_version_is_an_error() {
+        let mut bytes = sample().encode();
+        bytes[0] = 99;
+        assert!(matches!(
+            Envelope::decode(&bytes),
+            Err(RecordError::Version(99))
+        ));
+    }
+
+    #[test]
+    fn corrupt_lengths_do_not_allocate_wildly() {
+        let mut bytes = sample().encode();
+        // The stage string's length prefix follows the fixed fields (2+8+16+16+8+8 bytes).
+        bytes[58..66].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Envelope::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn key_hex_round_trips() {
+        let k = Key::builder("x").finish();
+        assert_eq!(Key::parse_hex(&k.to_string()), Some(k));
+        assert_eq!(Key::parse_hex("zz"), None);
+    }
+}
