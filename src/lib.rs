@@ -7,11 +7,13 @@
 //!
 //! - [`record`]: event envelope, idempotency keys, payload kinds (plain serde data).
 //! - [`log`]: the durable, segmented event log.
+//! - [`constitution`]: principles, few-shot examples and prompt templates (`constitutions/*.toml`).
 //! - [`prompts`]: reading prompt sources (text, JSONL, JSON payload files).
 //! - [`paths`]: the cache of fetched models and data (`$CAIRN_HOME`).
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod constitution;
 pub mod log;
 pub mod paths;
 pub mod prompts;

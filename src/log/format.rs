@@ -71,7 +71,8 @@ pub fn decode_segment_header(h: &[u8]) -> Result<u64, String> {
         return Err("not a cairn log segment (bad magic)".into());
     }
     let crc = u32::from_le_bytes([h[24], h[25], h[26], h[27]]);
-    if crc != crc32c::crc32c(&h[0..24]) {
+    // The padding is outside the checksum, so it must be zero to count as intact.
+    if crc != crc32c::crc32c(&h[0..24]) || h[28..32] != [0; 4] {
         return Err("segment header checksum mismatch".into());
     }
     let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
