@@ -8,6 +8,7 @@
 //! - [`record`]: event envelope, idempotency keys, payload kinds (plain serde data).
 //! - [`log`]: the durable, segmented event log.
 //! - [`constitution`]: principles, few-shot examples and prompt templates (`constitutions/*.toml`).
+//! - [`model`]: the model runtime (GGUF/HF loading, decoder, sampling, model worker).
 //! - [`prompts`]: reading prompt sources (text, JSONL, JSON payload files).
 //! - [`paths`]: the cache of fetched models and data (`$CAIRN_HOME`).
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -15,6 +16,7 @@
 
 pub mod constitution;
 pub mod log;
+pub mod model;
 pub mod paths;
 pub mod prompts;
 pub mod record;

@@ -2,6 +2,7 @@
 
 mod ingest;
 mod log_cmd;
+mod model_cmd;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,10 @@ pub enum Command {
     Log(log_cmd::LogCommand),
     /// Read prompt sources into an event log as `prompt` events (idempotent).
     Ingest(ingest::IngestArgs),
+    /// Generate a reply to one prompt.
+    Generate(model_cmd::GenerateArgs),
+    /// Log-probabilities of a continuation.
+    Score(model_cmd::ScoreArgs),
 }
 
 /// Runs a parsed command.
@@ -37,6 +42,8 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Log(cmd) => log_cmd::run(cmd),
         Command::Ingest(args) => ingest::run(args),
+        Command::Generate(args) => model_cmd::generate(args),
+        Command::Score(args) => model_cmd::score(args),
     }
 }
 

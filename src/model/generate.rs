@@ -1,0 +1,296 @@
+//! Batched generation and scoring over a [`Llama`]: prompts of different lengths share one
+//! left-padded batch with a KV cache; finished sequences leave the batch; each sequence
+//! samples from its own seeded generator. Scoring returns the log-probabilities of given
+//! continuations (and the scalar head's value, when the model has one).
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::ModelError;
+use super::llama::{KvCache, Llama};
+use super::sampling::{Sampler, SamplingParams};
+
+/// One sequence to continue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// How to sample.
+    pub params: SamplingParams,
+}
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    /// An end-of-turn or stop token was produced (it is the last token).
+    Stop,
+    /// `max_new_tokens` was reached.
+    Length,
+}
+
+/// A finished sequence.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// New token ids (a final stop token included).
+    pub tokens: Vec<u32>,
+    /// Each token's log-probability under the raw model distribution.
+    pub logprobs: Vec<f32>,
+    /// Why it stopped.
+    pub finish: Finish,
+}
+
+/// A continuation to score.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRequest {
+    /// Context token ids (non-empty).
+    pub context: Vec<u32>,
+    /// Continuation token ids whose log-probabilities are wanted.
+    pub continuation: Vec<u32>,
+}
+
+/// Scores of one continuation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Scored {
+    /// `log p(token | everything before)` per continuation token.
+    pub logprobs: Vec<f32>,
+    /// Their sum.
+    pub total: f32,
+    /// The scalar head at the last token, if the model has one.
+    pub value: Option<f32>,
+}
+
+/// Rejects token ids outside the vocabulary and sequences longer than the context.
+fn check_tokens(model: &Llama, ids: &[u32], extra: usize, what: &str) -> Result<(), ModelError> {
+    let c = model.config();
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(ModelError::InvalidRequest(format!(
+            "{what}: token id {bad} is outside the vocabulary of {}",
+            c.vocab_size
+        )));
+    }
+    if ids.len() + extra > c.max_position_embeddings {
+        return Err(ModelError::Context {
+            needed: ids.len() + extra,
+            limit: c.max_position_embeddings,
+        });
+    }
+    Ok(())
+}
+
+/// Left-pads sequences into `[b, len]` tokens, positions and validity tensors.
+fn left_pad(seqs: &[&[u32]], device: Device) -> (Tensor, Tensor, Tensor, i64) {
+    let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut tokens = Vec::with_capacity(seqs.len() * len);
+    let mut positions = Vec::with_capacity(seqs.len() * len);
+    let mut valid = Vec::with_capacity(seqs.len() * len);
+    for s in seqs {
+        let pad = len - s.len();
+        for i in 0..len {
+            let real = i >= pad;
+            tokens.push(if real { s[i - pad] as i64 } else { 0 });
+            positions.push(if real { (i - pad) as i64 } else { 0 });
+            valid.push(real);
+        }
+    }
+    let shape = [seqs.len() as i64, len as i64];
+    (
+        Tensor::from_slice(&tokens).view(shape).to_device(device),
+        Tensor::from_slice(&positions).view(shape).to_device(device),
+        Tensor::from_slice(&valid).view(shape).to_device(device),
+        len as i64,
+    )
+}
+
+fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>, ModelError> {
+    let flat = t
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous()
+        .view([-1]);
+    Vec::<f32>::try_from(&flat).map_err(ModelError::Torch)
+}
+
+/// Generates a continuation for every request, batched.
+pub fn generate(
+    model: &Llama,
+    eos: &[u32],
+    requests: &[GenerateRequest],
+) -> Result<Vec<Generation>, ModelError> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    for (i, r) in requests.iter().enumerate() {
+        if r.prompt.is_empty() {
+            return Err(ModelError::InvalidRequest(format!(
+                "request {i}: empty prompt"
+            )));
+        }
+        r.params
+            .validate()
+            .map_err(|m| ModelError::InvalidRequest(format!("request {i}: {m}")))?;
+        check_tokens(
+            model,
+            &r.prompt,
+            r.params.max_new_tokens,
+            &format!("request {i}"),
+        )?;
+    }
+    let _guard = tch::no_grad_guard();
+    let device = model.device();
+    let vocab = model.config().vocab_size;
+    let prompts: Vec<&[u32]> = requests.iter().map(|r| r.prompt.as_slice()).collect();
+    let (tokens, positions, valid, len) = left_pad(&prompts, device);
+    let max_new = requests
+        .iter()
+        .map(|r| r.params.max_new_tokens)
+        .max()
+        .unwrap_or(0) as i64;
+    let mut outputs: Vec<Generation> = requests
+        .iter()
+        .map(|_| Generation {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            finish: Finish::Length,
+        })
+        .collect();
+    let mut samplers: Vec<Sampler> = requests
+        .iter()
+        .map(|r| Sampler::new(r.params.clone()))
+        .collect();
+    // Requests with nothing to generate are done before they start.
+    let mut active: Vec<usize> = (0..requests.len()).collect();
+    let mut next_pos: Vec<i64> = requests.iter().map(|r| r.prompt.len() as i64).collect();
+    let mut cache = KvCache::new(
+        model.config(),
+        requests.len() as i64,
+        len + max_new.max(1),
+        device,
+    );
+    let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+    let mut logits = to_vec_f32(&model.logits(&hidden.select(1, len - 1)))?;
+    loop {
+        let mut still = Vec::with_capacity(active.len());
+        let mut keep_rows = Vec::with_capacity(active.len());
+        let mut last_tokens = Vec::with_capacity(active.len());
+        for (row, &req) in active.iter().enumerate() {
+            let params = samplers[req].params();
+            if params.max_new_tokens == 0 {
+                continue;
+            }
+            let draw = samplers[req].sample(&logits[row * vocab..(row + 1) * vocab]);
+            let out = &mut outputs[req];
+            out.tokens.push(draw.token);
+            out.logprobs.push(draw.logprob);
+            let params = samplers[req].params();
+            if eos.contains(&draw.token) || params.stop.contains(&draw.token) {
+                out.finish = Finish::Stop;
+            } else if out.tokens.len() >= params.max_new_tokens {
+                out.finish = Finish::Length;
+            } else {
+                still.push(req);
+                keep_rows.push(row as i64);
+                last_tokens.push(draw.token as i64);
+            }
+        }
+        if still.is_empty() {
+            break;
+        }
+        if still.len() < active.len() {
+            cache.retain_rows(&Tensor::from_slice(&keep_rows).to_device(device));
+        }
+        active = still;
+        let b = active.len() as i64;
+        let step_pos: Vec<i64> = active.iter().map(|&r| next_pos[r]).collect();
+        for &r in &active {
+            next_pos[r] += 1;
+        }
+        let tokens = Tensor::from_slice(&last_tokens)
+            .view([b, 1])
+            .to_device(device);
+        let positions = Tensor::from_slice(&step_pos).view([b, 1]).to_device(device);
+        let valid = Tensor::ones([b, 1], (Kind::Bool, device));
+        let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+        logits = to_vec_f32(&model.logits(&hidden.select(1, 0)))?;
+    }
+    Ok(outputs)
+}
+
+/// Scores continuations, batched. Without gradients (see [`score_tensors`] for training).
+pub fn score(model: &Llama, requests: &[ScoreRequest]) -> Result<Vec<Scored>, ModelError> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let _guard = tch::no_grad_guard();
+    let (logprobs, values) = score_tensors(model, requests)?;
+    let flat = to_vec_f32(&logprobs)?;
+    let values = match values {
+        Some(v) => Some(to_vec_f32(&v)?),
+        None => None,
+    };
+    let mut out = Vec::with_capacity(requests.len());
+    let mut at = 0;
+    for (i, r) in requests.iter().enumerate() {
+        let lp = flat[at..at + r.continuation.len()].to_vec();
+        at += r.continuation.len();
+        out.push(Scored {
+            total: lp.iter().sum(),
+            logprobs: lp,
+            value: values.as_ref().map(|v| v[i]),
+        });
+    }
+    Ok(out)
+}
+
+/// The differentiable core of scoring: continuation log-probabilities, concatenated over
+/// requests in order (`[Σ continuation lengths]`), and the scalar head at each sequence's
+/// last token (`[requests]`) when the model has one.
+pub fn score_tensors(
+    model: &Llama,
+    requests: &[ScoreRequest],
+) -> Result<(Tensor, Option<Tensor>), ModelError> {
+    for (i, r) in requests.iter().enumerate() {
+        if r.context.is_empty() {
+            return Err(ModelError::InvalidRequest(format!(
+                "score request {i}: empty context"
+            )));
+        }
+        let mut all = r.context.clone();
+        all.extend_from_slice(&r.continuation);
+        check_tokens(model, &all, 0, &format!("score request {i}"))?;
+    }
+    let device = model.device();
+    let seqs: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| r.context.iter().chain(&r.continuation).copied().collect())
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+    let (tokens, positions, valid, len) = left_pad(&refs, device);
+    let hidden = model.forward(&tokens, &positions, &valid, None)?;
+    let h = model.config().hidden_size as i64;
+    // Hidden state at position p predicts token p + 1: gather only the positions needed.
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (b, r) in requests.iter().enumerate() {
+        let pad = len - seqs[b].len() as i64;
+        for (j, &t) in r.continuation.iter().enumerate() {
+            rows.push(b as i64 * len + pad + r.context.len() as i64 - 1 + j as i64);
+            targets.push(t as i64);
+        }
+    }
+    let flat = hidden.view([-1, h]);
+    let logprobs = if rows.is_empty() {
+        Tensor::zeros([0], (Kind::Float, device))
+    } else {
+        let picked = flat.index_select(0, &Tensor::from_slice(&rows).to_device(device));
+        let lp = model.logits(&picked).log_softmax(-1, Kind::Float);
+        lp.gather(
+            1,
+            &Tensor::from_slice(&targets).to_device(device).unsqueeze(1),
+            false,
+        )
+        .squeeze_dim(1)
+    };
+    let values = model.score(&hidden.select(1, len - 1));
+    Ok((logprobs, values))
+}

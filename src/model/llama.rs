@@ -1,0 +1,569 @@
+//! The Llama-family decoder in tch (Llama / SmolLM / Qwen2): RMSNorm, rotary position
+//! embeddings (rotate-half form), grouped-query attention, SwiGLU, tied embeddings, and an
+//! optional scalar head for reward and value models.
+//!
+//! Weights live in a `VarStore` (so the same model trains), with the q/k/v and gate/up
+//! projections fused into one matrix each: a decode step then runs two large matmuls per
+//! block instead of five. The KV cache ([`KvCache`]) lives outside the weights; one row per
+//! sequence, left-padded, so sequences of different lengths share a batch.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor, nn};
+
+use super::ModelError;
+use super::config::LlamaConfig;
+
+struct Block {
+    attn_norm: Tensor,
+    /// `[(heads + 2·kv_heads)·head_dim, hidden]`.
+    wqkv: Tensor,
+    bqkv: Option<Tensor>,
+    wo: Tensor,
+    ffn_norm: Tensor,
+    /// `[2·ffn, hidden]`: gate rows first, then up rows.
+    w_gate_up: Tensor,
+    w_down: Tensor,
+}
+
+/// A loaded decoder.
+pub struct Llama {
+    config: LlamaConfig,
+    vs: nn::VarStore,
+    embed: Tensor,
+    lm_head: Option<Tensor>,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    score_head: Option<Tensor>,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+}
+
+/// Keys and values of past positions, per layer: `[batch, kv_heads, capacity, head_dim]`.
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// `[batch, capacity]`: whether each cached column is a real token (not padding).
+    valid: Tensor,
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    /// An empty cache for `batch` sequences of up to `capacity` positions.
+    pub fn new(config: &LlamaConfig, batch: i64, capacity: i64, device: Device) -> KvCache {
+        let shape = [
+            batch,
+            config.num_key_value_heads as i64,
+            capacity,
+            config.head_dim() as i64,
+        ];
+        let zeros = || Tensor::zeros(shape, (Kind::Float, device));
+        KvCache {
+            k: (0..config.num_hidden_layers).map(|_| zeros()).collect(),
+            v: (0..config.num_hidden_layers).map(|_| zeros()).collect(),
+            valid: Tensor::zeros([batch, capacity], (Kind::Bool, device)),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Positions filled so far.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    /// True before the first forward pass.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps only the given rows (sequences that are still running), so finished
+    /// sequences stop costing compute.
+    pub fn retain_rows(&mut self, rows: &Tensor) {
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            *t = t.index_select(0, rows);
+        }
+        self.valid = self.valid.index_select(0, rows);
+    }
+}
+
+/// HF-style names of the tensors of block `i`, in a fixed order.
+fn block_names(i: usize) -> [String; 9] {
+    let p = format!("model.layers.{i}");
+    [
+        format!("{p}.input_layernorm.weight"),
+        format!("{p}.self_attn.q_proj.weight"),
+        format!("{p}.self_attn.k_proj.weight"),
+        format!("{p}.self_attn.v_proj.weight"),
+        format!("{p}.self_attn.o_proj.weight"),
+        format!("{p}.post_attention_layernorm.weight"),
+        format!("{p}.mlp.gate_proj.weight"),
+        format!("{p}.mlp.up_proj.weight"),
+        format!("{p}.mlp.down_proj.weight"),
+    ]
+}
+
+/// Supplies weights by Hugging Face name as f32 CPU tensors.
+pub trait WeightSource {
+    /// The tensor called `name`, or `None` if the source has no such tensor.
+    fn get(&mut self, name: &str) -> Result<Option<Tensor>, ModelError>;
+    /// Label for error messages.
+    fn origin(&self) -> String;
+}
+
+impl Llama {
+    /// Builds the decoder from a weight source, checking every shape.
+    pub fn from_source(
+        config: LlamaConfig,
+        source: &mut dyn WeightSource,
+        device: Device,
+    ) -> Result<Llama, ModelError> {
+        config.validate(&source.origin())?;
+        let c = &config;
+        let (h, hd) = (c.hidden_size as i64, c.head_dim() as i64);
+        let (nh, nkv, ffn) = (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.intermediate_size as i64,
+        );
+        let origin = source.origin();
+        let mut take = |name: &str, shape: &[i64]| -> Result<Tensor, ModelError> {
+            let t = source.get(name)?.ok_or_else(|| ModelError::MissingTensor {
+                origin: origin.clone(),
+                name: name.to_string(),
+            })?;
+            if t.size() != shape {
+                return Err(ModelError::Shape {
+                    origin: origin.clone(),
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
+                    found: t.size(),
+                });
+            }
+            Ok(t.to_kind(Kind::Float))
+        };
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let embed = root.var_copy(
+            "embed",
+            &take("model.embed_tokens.weight", &[c.vocab_size as i64, h])?,
+        );
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(root.var_copy(
+                "lm_head",
+                &take("lm_head.weight", &[c.vocab_size as i64, h])?,
+            ))
+        };
+        let norm = root.var_copy("norm", &take("model.norm.weight", &[h])?);
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let n = block_names(i);
+            let p = root.sub("blocks").sub(i.to_string());
+            let q = take(&n[1], &[nh * hd, h])?;
+            let k = take(&n[2], &[nkv * hd, h])?;
+            let v = take(&n[3], &[nkv * hd, h])?;
+            let bqkv = if c.attention_bias {
+                let pre = format!("model.layers.{i}.self_attn");
+                let qb = take(&format!("{pre}.q_proj.bias"), &[nh * hd])?;
+                let kb = take(&format!("{pre}.k_proj.bias"), &[nkv * hd])?;
+                let vb = take(&format!("{pre}.v_proj.bias"), &[nkv * hd])?;
+                Some(p.var_copy("bqkv", &Tensor::cat(&[qb, kb, vb], 0)))
+            } else {
+                None
+            };
+            let gate = take(&n[6], &[ffn, h])?;
+            let up = take(&n[7], &[ffn, h])?;
+            blocks.push(Block {
+                attn_norm: p.var_copy("attn_norm", &take(&n[0], &[h])?),
+                wqkv: p.var_copy("wqkv", &Tensor::cat(&[q, k, v], 0)),
+                bqkv,
+                wo: p.var_copy("wo", &take(&n[4], &[h, nh * hd])?),
+                ffn_norm: p.var_copy("ffn_norm", &take(&n[5], &[h])?),
+                w_gate_up: p.var_copy("w_gate_up", &Tensor::cat(&[gate, up], 0)),
+                w_down: p.var_copy("w_down", &take(&n[8], &[h, ffn])?),
+            });
+        }
+        let score_head = match source.get("score.weight")? {
+            Some(t) if t.size() == [1, h] => Some(root.var_copy("score", &t.to_kind(Kind::Float))),
+            Some(t) => {
+                return Err(ModelError::Shape {
+                    origin,
+                    name: "score.weight".into(),
+                    expected: vec![1, h],
+                    found: t.size(),
+                });
+            }
+            None => None,
+        };
+        let (rope_cos, rope_sin) = rope_tables(c, device);
+        Ok(Llama {
+            config,
+            vs,
+            embed,
+            lm_head,
+            blocks,
+            norm,
+            score_head,
+            rope_cos,
+            rope_sin,
+        })
+    }
+
+    /// A randomly initialised model (for tests and benchmarks), reproducible from `seed`.
+    pub fn random(config: LlamaConfig, seed: u64, device: Device) -> Result<Llama, ModelError> {
+        let mut source = RandomSource::new(&config, seed);
+        Llama::from_source(config, &mut source, device)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// The variables (for optimisers).
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    /// Mutable access to the variables (freezing, loading).
+    pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    /// Adds a zero-initialised scalar head (reward / value model) if there is none.
+    pub fn ensure_score_head(&mut self) {
+        if self.score_head.is_none() {
+            let h = self.config.hidden_size as i64;
+            self.score_head = Some(self.vs.root().zeros("score", &[1, h]));
+        }
+    }
+
+    /// Whether the model has a scalar head.
+    pub fn has_score_head(&self) -> bool {
+        self.score_head.is_some()
+    }
+
+    /// Runs the decoder over `tokens` `[batch, t]` at `positions` `[batch, t]`, where `valid`
+    /// `[batch, t]` marks real (non-padding) tokens. With a cache, the new keys/values are
+    /// appended to it and attention covers everything cached; without, attention covers only
+    /// these tokens (training and scoring). Returns the final-norm hidden states
+    /// `[batch, t, hidden]`.
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        positions: &Tensor,
+        valid: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, ModelError> {
+        let c = &self.config;
+        let size = tokens.size();
+        let (b, t) = (size[0], size[1]);
+        let (nh, nkv, hd) = (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.head_dim() as i64,
+        );
+        let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        if let Some(cache) = cache.as_deref_mut() {
+            if past + t > cache.capacity {
+                return Err(ModelError::Context {
+                    needed: (past + t) as usize,
+                    limit: cache.capacity as usize,
+                });
+            }
+            cache.valid.narrow(1, past, t).copy_(valid);
+        }
+        let total = past + t;
+        // Attention mask `[b, 1, t, total]`: causal, real keys only, and always the query's own
+        // position (so padding rows stay finite and never poison real rows with NaN).
+        let key_valid = match cache.as_deref() {
+            Some(cache) => cache.valid.narrow(1, 0, total),
+            None => valid.shallow_clone(),
+        };
+        let q_pos = Tensor::arange_start(past, total, (Kind::Int64, tokens.device())).view([t, 1]);
+        let k_pos = Tensor::arange(total, (Kind::Int64, tokens.device())).view([1, total]);
+        let causal = k_pos.le_tensor(&q_pos);
+        let own = k_pos.eq_tensor(&q_pos);
+        let mask = (causal.unsqueeze(0) * key_valid.unsqueeze(1))
+            .logical_or(&own.unsqueeze(0))
+            .unsqueeze(1);
+
+        let cos = self
+            .rope_cos
+            .index_select(0, &positions.flatten(0, 1))
+            .view([b, 1, t, hd]);
+        let sin = self
+            .rope_sin
+            .index_select(0, &positions.flatten(0, 1))
+            .view([b, 1, t, hd]);
+
+        let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false);
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            let hidden = x.rms_norm([c.hidden_size as i64], Some(&blk.attn_norm), c.rms_norm_eps);
+            let mut qkv = hidden.matmul(&blk.wqkv.tr());
+            if let Some(bias) = &blk.bqkv {
+                qkv += bias;
+            }
+            let q = qkv
+                .narrow(-1, 0, nh * hd)
+                .view([b, t, nh, hd])
+                .transpose(1, 2);
+            let k = qkv
+                .narrow(-1, nh * hd, nkv * hd)
+                .view([b, t, nkv, hd])
+                .transpose(1, 2);
+            let v = qkv
+                .narrow(-1, (nh + nkv) * hd, nkv * hd)
+                .view([b, t, nkv, hd])
+                .transpose(1, 2);
+            let q = apply_rope(&q, &cos, &sin);
+            let k = apply_rope(&k, &cos, &sin);
+            let (keys, values) = match cache.as_deref_mut() {
+                Some(cache) => {
+                    cache.k[layer].narrow(2, past, t).copy_(&k);
+                    cache.v[layer].narrow(2, past, t).copy_(&v);
+                    (
+                        cache.k[layer].narrow(2, 0, total),
+                        cache.v[layer].narrow(2, 0, total),
+                    )
+                }
+                None => (k, v),
+            };
+            let attn = Tensor::f_scaled_dot_product_attention(
+                &q,
+                &keys,
+                &values,
+                Some(&mask),
+                0.0,
+                false,
+                None::<f64>,
+                nkv != nh,
+            )
+            .map_err(ModelError::Torch)?;
+            let attn = attn.transpose(1, 2).reshape([b, t, nh * hd]);
+            x = x + attn.matmul(&blk.wo.tr());
+            let hidden = x.rms_norm([c.hidden_size as i64], Some(&blk.ffn_norm), c.rms_norm_eps);
+            let gate_up = hidden.matmul(&blk.w_gate_up.tr());
+            let ffn = c.intermediate_size as i64;
+            let act = gate_up.narrow(-1, 0, ffn).silu() * gate_up.narrow(-1, ffn, ffn);
+            x = x + act.matmul(&blk.w_down.tr());
+        }
+        if let Some(cache) = cache {
+            cache.len = total;
+        }
+        Ok(x.rms_norm([c.hidden_size as i64], Some(&self.norm), c.rms_norm_eps))
+    }
+
+    /// Next-token logits `[.., vocab]` of final hidden states `[.., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).tr())
+    }
+
+    /// Scalar-head outputs `[..]` of hidden states `[.., hidden]`, if the model has a head.
+    pub fn score(&self, hidden: &Tensor) -> Option<Tensor> {
+        self.score_head
+            .as_ref()
+            .map(|w| hidden.matmul(&w.tr()).squeeze_dim(-1))
+    }
+
+    /// The weights under Hugging Face names (fused matrices split back), for saving.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let c = &self.config;
+        let (nh, nkv, hd, ffn) = (
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.head_dim() as i64,
+            c.intermediate_size as i64,
+        );
+        let detach = |t: &Tensor| t.detach().to_device(Device::Cpu).contiguous();
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), detach(&self.embed)),
+            ("model.norm.weight".to_string(), detach(&self.norm)),
+        ];
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".into(), detach(head)));
+        }
+        if let Some(score) = &self.score_head {
+            out.push(("score.weight".into(), detach(score)));
+        }
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let n = block_names(i);
+            out.push((n[0].clone(), detach(&blk.attn_norm)));
+            out.push((n[1].clone(), detach(&blk.wqkv.narrow(0, 0, nh * hd))));
+            out.push((n[2].clone(), detach(&blk.wqkv.narrow(0, nh * hd, nkv * hd))));
+            out.push((
+                n[3].clone(),
+                detach(&blk.wqkv.narrow(0, (nh + nkv) * hd, nkv * hd)),
+            ));
+            out.push((n[4].clone(), detach(&blk.wo)));
+            out.push((n[5].clone(), detach(&blk.ffn_norm)));
+            out.push((n[6].clone(), detach(&blk.w_gate_up.narrow(0, 0, ffn))));
+            out.push((n[7].clone(), detach(&blk.w_gate_up.narrow(0, ffn, ffn))));
+            out.push((n[8].clone(), detach(&blk.w_down)));
+            if let Some(bias) = &blk.bqkv {
+                let pre = format!("model.layers.{i}.self_attn");
+                out.push((
+                    format!("{pre}.q_proj.bias"),
+                    detach(&bias.narrow(0, 0, nh * hd)),
+                ));
+                out.push((
+                    format!("{pre}.k_proj.bias"),
+                    detach(&bias.narrow(0, nh * hd, nkv * hd)),
+                ));
+                out.push((
+                    format!("{pre}.v_proj.bias"),
+                    detach(&bias.narrow(0, (nh + nkv) * hd, nkv * hd)),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Writes `config.json` and `model.safetensors` (Hugging Face layout) into `dir`.
+    pub fn save_dir(&self, dir: &Path) -> Result<(), ModelError> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
+        let config_path = dir.join("config.json");
+        std::fs::write(&config_path, self.config.to_hf_json()).map_err(|e| ModelError::Io {
+            path: config_path,
+            source: e,
+        })?;
+        let tensors = self.named_tensors();
+        let path = dir.join("model.safetensors");
+        Tensor::write_safetensors(&tensors, &path).map_err(ModelError::Torch)
+    }
+}
+
+fn rope_tables(c: &LlamaConfig, device: Device) -> (Tensor, Tensor) {
+    let hd = c.head_dim();
+    let half = hd / 2;
+    let max = c.max_position_embeddings;
+    let mut cos = Vec::with_capacity(max * hd);
+    let mut sin = Vec::with_capacity(max * hd);
+    for pos in 0..max {
+        let mut row_cos = Vec::with_capacity(half);
+        let mut row_sin = Vec::with_capacity(half);
+        for i in 0..half {
+            let inv_freq = c.rope_theta.powf(-(2.0 * i as f64) / hd as f64);
+            let angle = pos as f64 * inv_freq;
+            row_cos.push(angle.cos() as f32);
+            row_sin.push(angle.sin() as f32);
+        }
+        // Rotate-half layout: the same angle for dimension i and i + half.
+        cos.extend_from_slice(&row_cos);
+        cos.extend_from_slice(&row_cos);
+        sin.extend_from_slice(&row_sin);
+        sin.extend_from_slice(&row_sin);
+    }
+    let shape = [max as i64, hd as i64];
+    (
+        Tensor::from_slice(&cos).view(shape).to_device(device),
+        Tensor::from_slice(&sin).view(shape).to_device(device),
+    )
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    let rotated = Tensor::cat(&[x2.neg(), x1], -1);
+    x * cos + rotated * sin
+}
+
+/// Standard deviation of random weights: large enough that tiny test models have peaked
+/// next-token distributions (near-ties would make batch-invariance tests flaky).
+const RANDOM_STD: f64 = 0.2;
+
+/// Deterministic random weights: normal(0, [`RANDOM_STD`]) matrices, unit norms.
+pub struct RandomSource {
+    shapes: HashMap<String, Vec<i64>>,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl RandomSource {
+    /// Random weights for `config`, drawn from `seed`.
+    pub fn new(config: &LlamaConfig, seed: u64) -> RandomSource {
+        use rand::SeedableRng;
+        let c = config;
+        let (h, hd, nh, nkv, ffn, v) = (
+            c.hidden_size as i64,
+            c.head_dim() as i64,
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.intermediate_size as i64,
+            c.vocab_size as i64,
+        );
+        let mut shapes = HashMap::new();
+        shapes.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+        shapes.insert("model.norm.weight".to_string(), vec![h]);
+        if !c.tie_word_embeddings {
+            shapes.insert("lm_head.weight".to_string(), vec![v, h]);
+        }
+        for i in 0..c.num_hidden_layers {
+            let n = block_names(i);
+            let dims = [
+                vec![h],
+                vec![nh * hd, h],
+                vec![nkv * hd, h],
+                vec![nkv * hd, h],
+                vec![h, nh * hd],
+                vec![h],
+                vec![ffn, h],
+                vec![ffn, h],
+                vec![h, ffn],
+            ];
+            for (name, d) in n.into_iter().zip(dims) {
+                shapes.insert(name, d);
+            }
+            if c.attention_bias {
+                let pre = format!("model.layers.{i}.self_attn");
+                shapes.insert(format!("{pre}.q_proj.bias"), vec![nh * hd]);
+                shapes.insert(format!("{pre}.k_proj.bias"), vec![nkv * hd]);
+                shapes.insert(format!("{pre}.v_proj.bias"), vec![nkv * hd]);
+            }
+        }
+        RandomSource {
+            shapes,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+}
+
+impl WeightSource for RandomSource {
+    fn get(&mut self, name: &str) -> Result<Option<Tensor>, ModelError> {
+        use rand::Rng;
+        let Some(shape) = self.shapes.get(name) else {
+            return Ok(None);
+        };
+        let n: i64 = shape.iter().product();
+        let data: Vec<f32> = if shape.len() == 1 && name.ends_with("norm.weight") {
+            vec![1.0; n as usize]
+        } else {
+            (0..n)
+                .map(|_| {
+                    // Box–Muller: portable normal draws from the seeded stream.
+                    let u1: f64 = self.rng.r#gen::<f64>().max(1e-12);
+                    let u2: f64 = self.rng.r#gen::<f64>();
+                    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * RANDOM_STD)
+                        as f32
+                })
+                .collect()
+        };
+        Ok(Some(Tensor::from_slice(&data).view(shape.as_slice())))
+    }
+
+    fn origin(&self) -> String {
+        "random weights".into()
+    }
+}

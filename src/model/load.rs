@@ -1,0 +1,242 @@
+//! Loading models: a GGUF file (weights dequantised to f32, llama.cpp's Q/K row order
+//! undone) or a Hugging Face directory (`config.json`, `*.safetensors`, `tokenizer.json`),
+//! which is also the layout cairn saves finetuned checkpoints in.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+
+use super::ModelError;
+use super::config::LlamaConfig;
+use super::gguf::GgufFile;
+use super::llama::{Llama, WeightSource};
+use super::tokenizer::Tokenizer;
+
+/// A model ready to run, with its tokenizer.
+pub struct LoadedModel {
+    /// The decoder.
+    pub model: Llama,
+    /// Its tokenizer and chat format.
+    pub tokenizer: Tokenizer,
+    /// Where it came from.
+    pub path: PathBuf,
+}
+
+/// Loads a GGUF file or a Hugging Face model directory onto `device`.
+pub fn load(path: &Path, device: Device) -> Result<LoadedModel, ModelError> {
+    if path.is_dir() {
+        return load_hf_dir(path, device);
+    }
+    if !path.exists() {
+        return Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such model file or directory",
+            ),
+        });
+    }
+    load_gguf(path, device)
+}
+
+/// Loads a GGUF model.
+pub fn load_gguf(path: &Path, device: Device) -> Result<LoadedModel, ModelError> {
+    let file = GgufFile::open(path).map_err(ModelError::Gguf)?;
+    let origin = path.display().to_string();
+    let config = LlamaConfig::from_gguf(&file, &origin)?;
+    let tokenizer = Tokenizer::from_gguf(&file, path)?;
+    let mut source = GgufSource {
+        file,
+        origin,
+        permuted_qk: config.model_type == "llama",
+        heads: config.num_attention_heads,
+        kv_heads: config.num_key_value_heads,
+    };
+    let model = Llama::from_source(config, &mut source, device)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Loads a Hugging Face style directory (also cairn's checkpoint layout).
+pub fn load_hf_dir(dir: &Path, device: Device) -> Result<LoadedModel, ModelError> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::Io {
+        path: config_path.clone(),
+        source: e,
+    })?;
+    let config = LlamaConfig::from_hf_json(&text, &config_path.display().to_string())?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::MissingTensor {
+            origin: dir.display().to_string(),
+            name: "*.safetensors (no weight files in the directory)".into(),
+        });
+    }
+    let mut tensors = HashMap::new();
+    for file in &files {
+        let named = Tensor::read_safetensors(file).map_err(|e| ModelError::Weights {
+            path: file.clone(),
+            message: e.to_string(),
+        })?;
+        tensors.extend(named);
+    }
+    let mut source = SafetensorsSource {
+        tensors,
+        origin: dir.display().to_string(),
+    };
+    let model = Llama::from_source(config, &mut source, device)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        path: dir.to_path_buf(),
+    })
+}
+
+/// Saves a model and its tokenizer as a Hugging Face directory.
+pub fn save_dir(model: &Llama, tokenizer: &Tokenizer, dir: &Path) -> Result<(), ModelError> {
+    model.save_dir(dir)?;
+    tokenizer.save_dir(dir)
+}
+
+struct SafetensorsSource {
+    tensors: HashMap<String, Tensor>,
+    origin: String,
+}
+
+impl WeightSource for SafetensorsSource {
+    fn get(&mut self, name: &str) -> Result<Option<Tensor>, ModelError> {
+        Ok(self.tensors.remove(name).map(|t| t.to_kind(Kind::Float)))
+    }
+
+    fn origin(&self) -> String {
+        self.origin.clone()
+    }
+}
+
+struct GgufSource {
+    file: GgufFile,
+    origin: String,
+    permuted_qk: bool,
+    heads: usize,
+    kv_heads: usize,
+}
+
+/// The GGUF name of a Hugging Face tensor name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let part = match rest {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{part}"))
+}
+
+impl WeightSource for GgufSource {
+    fn get(&mut self, name: &str) -> Result<Option<Tensor>, ModelError> {
+        let Some(gname) = gguf_name(name) else {
+            return Ok(None);
+        };
+        let Some(info) = self.file.tensor_info(&gname) else {
+            return Ok(None);
+        };
+        let shape: Vec<i64> = info.shape().iter().map(|&d| d as i64).collect();
+        let data = self.file.dequantize(&gname).map_err(ModelError::Gguf)?;
+        let t = Tensor::from_slice(&data).view(shape.as_slice());
+        // llama.cpp interleaves each head's rows so RoPE can rotate adjacent pairs; undo it to
+        // get the rotate-half layout this decoder (and Hugging Face) uses.
+        let heads = if name.ends_with("q_proj.weight") {
+            Some(self.heads)
+        } else if name.ends_with("k_proj.weight") {
+            Some(self.kv_heads)
+        } else {
+            None
+        };
+        match heads {
+            Some(h) if self.permuted_qk => Ok(Some(unpermute_rows(&t, h as i64))),
+            _ => Ok(Some(t)),
+        }
+    }
+
+    fn origin(&self) -> String {
+        self.origin.clone()
+    }
+}
+
+/// Reorders `[heads·head_dim, in]` rows from llama.cpp's interleaved-pair layout to the
+/// rotate-half layout.
+pub fn unpermute_rows(t: &Tensor, heads: i64) -> Tensor {
+    let size = t.size();
+    let (rows, cols) = (size[0], size[1]);
+    let hd = rows / heads;
+    t.view([heads, hd / 2, 2, cols])
+        .transpose(1, 2)
+        .reshape([rows, cols])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_map_every_block_tensor() {
+        assert_eq!(
+            gguf_name("model.layers.12.self_attn.o_proj.weight").as_deref(),
+            Some("blk.12.attn_output.weight")
+        );
+        assert_eq!(
+            gguf_name("model.embed_tokens.weight").as_deref(),
+            Some("token_embd.weight")
+        );
+        assert_eq!(gguf_name("model.layers.x"), None);
+        assert_eq!(gguf_name("score.weight"), None);
+    }
+
+    #[test]
+    fn unpermuting_inverts_the_llama_cpp_permutation() {
+        // llama.cpp: rows (head, half, i) -> (head, i, half) for a [heads, 2, hd/2, in] view.
+        let heads = 3;
+        let hd = 4;
+        let hf = Tensor::arange((heads * hd * 2) as i64, (Kind::Float, Device::Cpu))
+            .view([heads * hd, 2]);
+        let permuted = hf
+            .view([heads, 2, hd / 2, 2])
+            .transpose(1, 2)
+            .reshape([heads * hd, 2]);
+        let back = unpermute_rows(&permuted, heads);
+        assert!(back.equal(&hf));
+    }
+}

@@ -1,0 +1,406 @@
+//! The model worker: one thread that owns the models of one device and serves requests
+//! from any number of callers (dataflow operators) over a crossbeam channel.
+//!
+//! Requests queue up while the worker computes; when it is free it takes everything waiting,
+//! merges same-model, same-kind jobs into batches up to a token budget (so a critique and a
+//! sample can ride in one forward pass), answers each job on its own reply channel, and then
+//! calls the job's wake-up callback — how a timely operator blocked on results is
+//! re-scheduled (`SyncActivator::activate`).
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use tch::Device;
+
+use super::ModelError;
+use super::generate::{GenerateRequest, Generation, ScoreRequest, Scored, generate, score};
+use super::llama::Llama;
+
+/// A callback run after a job's reply has been sent.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// Work for a model.
+#[derive(Clone, Debug)]
+pub enum Job {
+    /// Continue each prompt.
+    Generate(Vec<GenerateRequest>),
+    /// Score each continuation.
+    Score(Vec<ScoreRequest>),
+}
+
+impl Job {
+    fn tokens(&self) -> usize {
+        match self {
+            Job::Generate(r) => r
+                .iter()
+                .map(|r| r.prompt.len() + r.params.max_new_tokens)
+                .sum(),
+            Job::Score(r) => r
+                .iter()
+                .map(|r| r.context.len() + r.continuation.len())
+                .sum(),
+        }
+    }
+}
+
+/// The answer to a job.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobOutput {
+    /// One generation per request, in order.
+    Generated(Vec<Generation>),
+    /// One score per request, in order.
+    Scored(Vec<Scored>),
+}
+
+/// The reply of one job.
+pub type Reply = Result<JobOutput, ModelError>;
+
+struct Submission {
+    model: String,
+    job: Job,
+    reply: Sender<Reply>,
+    wake: Option<Waker>,
+}
+
+/// A model served by the worker, with the tokens that end its turns.
+pub struct ServedModel {
+    /// The decoder.
+    pub model: Llama,
+    /// End-of-turn token ids.
+    pub eos: Vec<u32>,
+}
+
+/// Builds a model on the worker thread (tensors belong to the thread that made them).
+pub type ModelFactory = Box<dyn FnOnce(Device) -> Result<ServedModel, ModelError> + Send>;
+
+/// Worker settings.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Device for every model of this worker.
+    pub device: Device,
+    /// Largest batch, in prompt + new tokens (or context + continuation tokens for scoring).
+    pub token_budget: usize,
+    /// Largest batch, in sequences.
+    pub max_batch: usize,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            device: Device::Cpu,
+            token_budget: 16_384,
+            max_batch: 64,
+        }
+    }
+}
+
+/// Counters of what the worker did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Jobs answered.
+    pub jobs: u64,
+    /// Model calls (batches) run.
+    pub batches: u64,
+    /// Sequences processed.
+    pub sequences: u64,
+}
+
+/// A cheap, cloneable handle for submitting jobs.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    tx: Sender<Message>,
+}
+
+enum Message {
+    Work(Submission),
+    Stats(Sender<WorkerStats>),
+}
+
+/// The worker thread; dropping every handle and the worker stops it.
+pub struct ModelWorker {
+    handle: WorkerHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ModelWorker {
+    /// Starts the worker and builds its models on it. Fails if any model fails to load.
+    pub fn spawn(
+        models: Vec<(String, ModelFactory)>,
+        opts: WorkerOptions,
+    ) -> Result<ModelWorker, ModelError> {
+        let (tx, rx) = unbounded::<Message>();
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), ModelError>>(1);
+        let thread = std::thread::Builder::new()
+            .name("cairn-model-worker".into())
+            .spawn(move || {
+                let mut served = HashMap::new();
+                for (name, factory) in models {
+                    match factory(opts.device) {
+                        Ok(m) => {
+                            served.insert(name, m);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                let _ = ready_tx.send(Ok(()));
+                serve(served, rx, &opts);
+            })
+            .map_err(|e| ModelError::Io {
+                path: "<model worker thread>".into(),
+                source: e,
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(ModelWorker {
+                handle: WorkerHandle { tx },
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(ModelError::WorkerGone)
+            }
+        }
+    }
+
+    /// A handle for submitting jobs.
+    pub fn handle(&self) -> WorkerHandle {
+        self.handle.clone()
+    }
+}
+
+impl Drop for ModelWorker {
+    fn drop(&mut self) {
+        // The thread exits once every handle is gone; callers may still hold handles, so
+        // only join when ours is the last.
+        let (tx, _) = unbounded();
+        let ours = std::mem::replace(&mut self.handle.tx, tx);
+        drop(ours);
+        if let Some(t) = self.thread.take()
+            && t.is_finished()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+impl WorkerHandle {
+    /// Submits a job; the reply arrives on the returned channel, after which `wake` runs.
+    pub fn submit(
+        &self,
+        model: &str,
+        job: Job,
+        wake: Option<Waker>,
+    ) -> Result<Receiver<Reply>, ModelError> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.tx
+            .send(Message::Work(Submission {
+                model: model.to_string(),
+                job,
+                reply,
+                wake,
+            }))
+            .map_err(|_| ModelError::WorkerGone)?;
+        Ok(rx)
+    }
+
+    /// Generates and waits for the result.
+    pub fn generate(
+        &self,
+        model: &str,
+        requests: Vec<GenerateRequest>,
+    ) -> Result<Vec<Generation>, ModelError> {
+        match self.submit(model, Job::Generate(requests), None)?.recv() {
+            Ok(Ok(JobOutput::Generated(g))) => Ok(g),
+            Ok(Ok(_)) => Err(ModelError::WorkerGone),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ModelError::WorkerGone),
+        }
+    }
+
+    /// Scores and waits for the result.
+    pub fn score(
+        &self,
+        model: &str,
+        requests: Vec<ScoreRequest>,
+    ) -> Result<Vec<Scored>, ModelError> {
+        match self.submit(model, Job::Score(requests), None)?.recv() {
+            Ok(Ok(JobOutput::Scored(s))) => Ok(s),
+            Ok(Ok(_)) => Err(ModelError::WorkerGone),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ModelError::WorkerGone),
+        }
+    }
+
+    /// What the worker has done so far.
+    pub fn stats(&self) -> Result<WorkerStats, ModelError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.tx
+            .send(Message::Stats(tx))
+            .map_err(|_| ModelError::WorkerGone)?;
+        rx.recv().map_err(|_| ModelError::WorkerGone)
+    }
+}
+
+fn serve(models: HashMap<String, ServedModel>, rx: Receiver<Message>, opts: &WorkerOptions) {
+    let mut stats = WorkerStats::default();
+    let mut pending: Vec<Submission> = Vec::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv() {
+                Ok(Message::Work(s)) => pending.push(s),
+                Ok(Message::Stats(tx)) => {
+                    let _ = tx.send(stats.clone());
+                    continue;
+                }
+                Err(_) => return,
+            }
+        }
+        // Take everything that arrived while we were busy.
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                Message::Work(s) => pending.push(s),
+                Message::Stats(tx) => {
+                    let _ = tx.send(stats.clone());
+                }
+            }
+        }
+        // The oldest job decides the batch: same model, same kind, up to the budget.
+        let first = pending.remove(0);
+        let mut batch = vec![first];
+        let mut tokens = batch[0].job.tokens();
+        let mut seqs = job_len(&batch[0].job);
+        let mut i = 0;
+        while i < pending.len() {
+            let s = &pending[i];
+            let fits = tokens + s.job.tokens() <= opts.token_budget
+                && seqs + job_len(&s.job) <= opts.max_batch;
+            if s.model == batch[0].model && same_kind(&s.job, &batch[0].job) && fits {
+                tokens += s.job.tokens();
+                seqs += job_len(&s.job);
+                batch.push(pending.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        run_batch(&models, batch, &mut stats);
+    }
+}
+
+fn job_len(job: &Job) -> usize {
+    match job {
+        Job::Generate(r) => r.len(),
+        Job::Score(r) => r.len(),
+    }
+}
+
+fn same_kind(a: &Job, b: &Job) -> bool {
+    matches!(
+        (a, b),
+        (Job::Generate(_), Job::Generate(_)) | (Job::Score(_), Job::Score(_))
+    )
+}
+
+fn run_batch(
+    models: &HashMap<String, ServedModel>,
+    batch: Vec<Submission>,
+    stats: &mut WorkerStats,
+) {
+    let name = batch[0].model.clone();
+    let Some(served) = models.get(&name) else {
+        for s in batch {
+            respond(
+                s,
+                Err(ModelError::InvalidRequest(format!(
+                    "no model named `{name}` on this worker"
+                ))),
+            );
+        }
+        return;
+    };
+    stats.batches += 1;
+    let lens: Vec<usize> = batch.iter().map(|s| job_len(&s.job)).collect();
+    stats.sequences += lens.iter().sum::<usize>() as u64;
+    stats.jobs += batch.len() as u64;
+    // A failing request must not sink the others that rode with it: on error, retry each job
+    // alone so the error reaches only the job that caused it.
+    let result = run_merged(served, &batch);
+    match result {
+        Ok(outputs) => {
+            for (s, out) in batch.into_iter().zip(outputs) {
+                respond(s, Ok(out));
+            }
+        }
+        Err(_) if batch.len() > 1 => {
+            for s in batch {
+                let out = run_merged(served, std::slice::from_ref(&s)).map(|mut v| v.remove(0));
+                respond(s, out);
+            }
+        }
+        Err(e) => {
+            if let Some(s) = batch.into_iter().next() {
+                respond(s, Err(e));
+            }
+        }
+    }
+}
+
+/// Runs the jobs as one model call and splits the outputs back per job.
+fn run_merged(served: &ServedModel, batch: &[Submission]) -> Result<Vec<JobOutput>, ModelError> {
+    let outcome = catch_unwind(AssertUnwindSafe(|| match &batch[0].job {
+        Job::Generate(_) => {
+            let all: Vec<GenerateRequest> = batch
+                .iter()
+                .flat_map(|s| match &s.job {
+                    Job::Generate(r) => r.clone(),
+                    Job::Score(_) => Vec::new(),
+                })
+                .collect();
+            let mut out = generate(&served.model, &served.eos, &all)?.into_iter();
+            Ok(batch
+                .iter()
+                .map(|s| JobOutput::Generated(out.by_ref().take(job_len(&s.job)).collect()))
+                .collect())
+        }
+        Job::Score(_) => {
+            let all: Vec<ScoreRequest> = batch
+                .iter()
+                .flat_map(|s| match &s.job {
+                    Job::Score(r) => r.clone(),
+                    Job::Generate(_) => Vec::new(),
+                })
+                .collect();
+            let mut out = score(&served.model, &all)?.into_iter();
+            Ok(batch
+                .iter()
+                .map(|s| JobOutput::Scored(out.by_ref().take(job_len(&s.job)).collect()))
+                .collect())
+        }
+    }));
+    match outcome {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(ModelError::Panicked(msg))
+        }
+    }
+}
+
+fn respond(s: Submission, reply: Reply) {
+    let _ = s.reply.send(reply);
+    if let Some(wake) = s.wake {
+        wake();
+    }
+}
