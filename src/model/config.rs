@@ -56,9 +56,11 @@ impl LlamaConfig {
         }
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0
-            || self.hidden_size % self.num_attention_heads != 0
-            || self.num_attention_heads % self.num_key_value_heads != 0
-            || self.head_dim() % 2 != 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
+            || !self.head_dim().is_multiple_of(2)
         {
             return Err(bad(format!(
                 "heads do not divide evenly: hidden {} / {} heads / {} kv heads",

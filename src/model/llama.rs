@@ -252,6 +252,9 @@ impl Llama {
         self.score_head.is_some()
     }
 
+    // `x = x + …` rather than `+=`: an in-place add would overwrite activations that
+    // autograd saved for the backward pass of the norms.
+    #[allow(clippy::assign_op_pattern)]
     /// Runs the decoder over `tokens` `[batch, t]` at `positions` `[batch, t]`, where `valid`
     /// `[batch, t]` marks real (non-padding) tokens. With a cache, the new keys/values are
     /// appended to it and attention covers everything cached; without, attention covers only

@@ -63,13 +63,24 @@ pub fn load_gguf(path: &Path, device: Device) -> Result<LoadedModel, ModelError>
 
 /// Loads a Hugging Face style directory (also cairn's checkpoint layout).
 pub fn load_hf_dir(dir: &Path, device: Device) -> Result<LoadedModel, ModelError> {
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let model = load_hf_weights(dir, device)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        path: dir.to_path_buf(),
+    })
+}
+
+/// Loads only the decoder of a Hugging Face style directory (`config.json` and
+/// `*.safetensors`), e.g. a checkpoint whose tokenizer is known already.
+pub fn load_hf_weights(dir: &Path, device: Device) -> Result<Llama, ModelError> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::Io {
         path: config_path.clone(),
         source: e,
     })?;
     let config = LlamaConfig::from_hf_json(&text, &config_path.display().to_string())?;
-    let tokenizer = Tokenizer::from_dir(dir)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| ModelError::Io {
             path: dir.to_path_buf(),
@@ -97,12 +108,7 @@ pub fn load_hf_dir(dir: &Path, device: Device) -> Result<LoadedModel, ModelError
         tensors,
         origin: dir.display().to_string(),
     };
-    let model = Llama::from_source(config, &mut source, device)?;
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        path: dir.to_path_buf(),
-    })
+    Llama::from_source(config, &mut source, device)
 }
 
 /// Saves a model and its tokenizer as a Hugging Face directory.
@@ -230,8 +236,7 @@ mod tests {
         // llama.cpp: rows (head, half, i) -> (head, i, half) for a [heads, 2, hd/2, in] view.
         let heads = 3;
         let hd = 4;
-        let hf = Tensor::arange((heads * hd * 2) as i64, (Kind::Float, Device::Cpu))
-            .view([heads * hd, 2]);
+        let hf = Tensor::arange(heads * hd * 2, (Kind::Float, Device::Cpu)).view([heads * hd, 2]);
         let permuted = hf
             .view([heads, 2, hd / 2, 2])
             .transpose(1, 2)

@@ -1,0 +1,166 @@
+//! The real default model (SmolLM2-135M-Instruct, fetched by `scripts/setup`): parity with
+//! an independent numpy implementation (`scripts/reference/parity.py` wrote the fixture),
+//! a sensible greedy answer, and a checkpoint round trip through safetensors.
+
+use cairn::model::{self, GenerateRequest, LoadedModel, Message, Role, SamplingParams};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+fn default_model() -> LoadedModel {
+    let path = cairn::paths::default_model();
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/setup (the test suite's own command does)",
+        path.display()
+    );
+    model::load(&path, Device::Cpu).expect("load the default model")
+}
+
+fn fixture() -> Value {
+    let text = include_str!("fixtures/smollm2_parity.json");
+    serde_json::from_str(text).expect("fixture parses")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+const LOGIT_TOLERANCE: f64 = 2e-3;
+
+#[test]
+fn matches_the_independent_reference_implementation() {
+    let loaded = default_model();
+    let fx = fixture();
+    let tok = &loaded.tokenizer;
+    assert_eq!(
+        tok.chat().default_system.as_deref(),
+        fx["default_system_prompt"].as_str(),
+        "default system prompt read from the GGUF chat template"
+    );
+    for case in fx["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("name");
+        let rendered = case["rendered"].as_str().expect("rendered");
+        if case["kind"] == "chat" {
+            let messages: Vec<Message> = case["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .map(|m| {
+                    let role = match m["role"].as_str() {
+                        Some("system") => Role::System,
+                        Some("assistant") => Role::Assistant,
+                        _ => Role::User,
+                    };
+                    Message::new(role, m["content"].as_str().expect("content"))
+                })
+                .collect();
+            assert_eq!(
+                tok.chat().render(&messages, true),
+                rendered,
+                "{name}: chat template"
+            );
+        }
+        let input_ids = tok.encode(rendered).expect("encode");
+        assert_eq!(input_ids, ids(&case["input_ids"]), "{name}: token ids");
+
+        // Next-token logits at the last prompt position.
+        let _g = tch::no_grad_guard();
+        let n = input_ids.len() as i64;
+        let tokens = Tensor::from_slice(&input_ids.iter().map(|&t| t as i64).collect::<Vec<_>>())
+            .view([1, n]);
+        let positions = Tensor::arange(n, (Kind::Int64, Device::Cpu)).view([1, n]);
+        let valid = Tensor::ones([1, n], (Kind::Bool, Device::Cpu));
+        let hidden = loaded
+            .model
+            .forward(&tokens, &positions, &valid, None)
+            .expect("forward");
+        let logits = loaded.model.logits(&hidden.select(1, n - 1)).squeeze_dim(0);
+        let top: Vec<(i64, f64)> = case["top_k"]
+            .as_array()
+            .expect("top_k")
+            .iter()
+            .map(|p| (p[0].as_i64().expect("id"), p[1].as_f64().expect("logit")))
+            .collect();
+        for (rank, &(id, expected)) in top.iter().enumerate() {
+            let got = logits.double_value(&[id]);
+            assert!(
+                (got - expected).abs() < LOGIT_TOLERANCE,
+                "{name}: logit of token {id} (rank {rank}) is {got}, reference {expected}"
+            );
+        }
+        let (_, ours) = logits.topk(top.len() as i64, -1, true, true);
+        let ours: Vec<i64> = Vec::<i64>::try_from(&ours).expect("ids");
+        for (rank, (&(id, logit), &mine)) in top.iter().zip(&ours).enumerate() {
+            let tied = top
+                .iter()
+                .any(|&(other, l)| other != id && (l - logit).abs() < LOGIT_TOLERANCE);
+            assert!(
+                mine == id || tied,
+                "{name}: rank {rank} is token {mine}, reference {id}"
+            );
+        }
+
+        // Greedy continuation, up to the first near-tie the reference flags.
+        let expected = ids(&case["greedy_ids"]);
+        let margins: Vec<f64> = case["greedy_margins"]
+            .as_array()
+            .expect("margins")
+            .iter()
+            .map(|m| m.as_f64().expect("margin"))
+            .collect();
+        let comparable = margins
+            .iter()
+            .position(|&m| m < LOGIT_TOLERANCE)
+            .unwrap_or(expected.len());
+        let request = GenerateRequest {
+            prompt: input_ids,
+            params: SamplingParams::greedy(expected.len()),
+        };
+        let out = model::generate::generate(&loaded.model, &[2], &[request]).expect("generate");
+        assert_eq!(
+            out[0].tokens[..comparable.min(out[0].tokens.len())],
+            expected[..comparable],
+            "{name}: greedy ids"
+        );
+    }
+}
+
+#[test]
+fn answers_the_capital_of_france_and_round_trips_as_a_checkpoint() {
+    let loaded = default_model();
+    let prompt = loaded
+        .tokenizer
+        .encode_chat(&[Message::new(Role::User, "What is the capital of France?")])
+        .expect("encode");
+    let request = GenerateRequest {
+        prompt: prompt.clone(),
+        params: SamplingParams::greedy(24),
+    };
+    let out = model::generate::generate(
+        &loaded.model,
+        loaded.tokenizer.eos_ids(),
+        std::slice::from_ref(&request),
+    )
+    .expect("generate");
+    let text = loaded.tokenizer.decode(&out[0].tokens).expect("decode");
+    assert!(text.contains("Paris"), "{text}");
+
+    // Saved as a Hugging Face directory (what SFT checkpoints are), it loads back and
+    // produces the same tokens.
+    let dir = tempfile::tempdir().expect("tempdir");
+    model::load::save_dir(&loaded.model, &loaded.tokenizer, dir.path()).expect("save");
+    let back = model::load(dir.path(), Device::Cpu).expect("load checkpoint");
+    assert_eq!(
+        back.tokenizer
+            .encode_chat(&[Message::new(Role::User, "What is the capital of France?")])
+            .expect("encode"),
+        prompt
+    );
+    let again = model::generate::generate(&back.model, back.tokenizer.eos_ids(), &[request])
+        .expect("generate");
+    assert_eq!(again[0].tokens, out[0].tokens);
+}

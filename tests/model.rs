@@ -1,0 +1,550 @@
+//! The model runtime on tiny random Llamas built in the test: save → load, KV cache against
+//! full recomputation, batching against one-at-a-time, seeding against batch composition,
+//! the GGUF path (llama.cpp's Q/K row order), the model worker, and bad input.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use cairn::model::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
+use cairn::model::llama::{KvCache, Llama};
+use cairn::model::load::{load_gguf, load_hf_weights};
+use cairn::model::worker::{Job, JobOutput, ModelWorker, ServedModel, WorkerOptions};
+use cairn::model::{GenerateRequest, LlamaConfig, ModelError, SamplingParams, ScoreRequest};
+use tch::{Device, Kind, Tensor};
+
+const VOCAB: usize = 258;
+
+fn tiny(seed: u64) -> Llama {
+    Llama::random(LlamaConfig::tiny(VOCAB), seed, Device::Cpu).expect("random model")
+}
+
+fn full_logits(model: &Llama, ids: &[u32]) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let n = ids.len() as i64;
+    let tokens =
+        Tensor::from_slice(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>()).view([1, n]);
+    let positions = Tensor::arange(n, (Kind::Int64, Device::Cpu)).view([1, n]);
+    let valid = Tensor::ones([1, n], (Kind::Bool, Device::Cpu));
+    let hidden = model
+        .forward(&tokens, &positions, &valid, None)
+        .expect("forward");
+    model.logits(&hidden).squeeze_dim(0)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+fn sampled(seed: u64, max_new: usize) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.9,
+        top_k: 0,
+        top_p: 0.95,
+        max_new_tokens: max_new,
+        seed,
+        stop: vec![],
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![5, 17, 200, 3],
+        vec![9],
+        vec![44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54],
+        vec![100, 101],
+    ]
+}
+
+#[test]
+fn save_then_load_gives_identical_logits() {
+    let model = tiny(1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    model.save_dir(dir.path()).expect("save");
+    let back = load_hf_weights(dir.path(), Device::Cpu).expect("load");
+    let ids = [3u32, 14, 15, 92, 65];
+    assert!(full_logits(&model, &ids).equal(&full_logits(&back, &ids)));
+    assert_eq!(back.config(), model.config());
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_recomputation() {
+    let model = tiny(2);
+    let _g = tch::no_grad_guard();
+    let ids: Vec<u32> = vec![7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+    let full = full_logits(&model, &ids);
+    let mut cache = KvCache::new(model.config(), 1, 32, Device::Cpu);
+    let as_tensor = |s: &[u32]| {
+        Tensor::from_slice(&s.iter().map(|&t| t as i64).collect::<Vec<_>>())
+            .view([1, s.len() as i64])
+    };
+    // Prefill four, then one token at a time.
+    let pos = Tensor::arange(4, (Kind::Int64, Device::Cpu)).view([1, 4]);
+    let h = model
+        .forward(
+            &as_tensor(&ids[..4]),
+            &pos,
+            &Tensor::ones([1, 4], (Kind::Bool, Device::Cpu)),
+            Some(&mut cache),
+        )
+        .expect("prefill");
+    let mut steps = vec![model.logits(&h).squeeze_dim(0)];
+    for (i, &t) in ids.iter().enumerate().skip(4) {
+        let pos = Tensor::from_slice(&[i as i64]).view([1, 1]);
+        let h = model
+            .forward(
+                &as_tensor(&[t]),
+                &pos,
+                &Tensor::ones([1, 1], (Kind::Bool, Device::Cpu)),
+                Some(&mut cache),
+            )
+            .expect("step");
+        steps.push(model.logits(&h).squeeze_dim(0));
+    }
+    let cached = Tensor::cat(&steps, 0);
+    let diff = max_abs_diff(&cached, &full);
+    assert!(diff < 1e-4, "cached vs full: {diff}");
+    assert_eq!(cache.len(), 10);
+}
+
+#[test]
+fn batched_generation_equals_one_at_a_time() {
+    let model = tiny(3);
+    let eos = [1u32];
+    for greedy in [true, false] {
+        let requests: Vec<GenerateRequest> = prompts()
+            .into_iter()
+            .enumerate()
+            .map(|(i, prompt)| GenerateRequest {
+                prompt,
+                params: if greedy {
+                    SamplingParams::greedy(12 + i)
+                } else {
+                    sampled(100 + i as u64, 12 + i)
+                },
+            })
+            .collect();
+        let batched = cairn::model::generate::generate(&model, &eos, &requests).expect("batched");
+        for (r, b) in requests.iter().zip(&batched) {
+            let alone = cairn::model::generate::generate(&model, &eos, std::slice::from_ref(r))
+                .expect("alone");
+            assert_eq!(alone[0].tokens, b.tokens, "greedy={greedy}");
+            for (x, y) in alone[0].logprobs.iter().zip(&b.logprobs) {
+                assert!((x - y).abs() < 1e-4);
+            }
+        }
+        // Different lengths: the early finishers left the batch and the others went on.
+        let lens: Vec<usize> = batched.iter().map(|g| g.tokens.len()).collect();
+        assert!(
+            lens.iter().any(|&l| l != lens[0]) || lens.iter().all(|&l| l == 12),
+            "{lens:?}"
+        );
+    }
+}
+
+#[test]
+fn seeded_sampling_does_not_depend_on_batch_composition() {
+    let model = tiny(4);
+    let target = GenerateRequest {
+        prompt: vec![10, 20, 30],
+        params: sampled(77, 16),
+    };
+    let alone = cairn::model::generate::generate(&model, &[], std::slice::from_ref(&target))
+        .expect("alone");
+    let others: Vec<GenerateRequest> = prompts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, prompt)| GenerateRequest {
+            prompt,
+            params: sampled(i as u64, 5 + 3 * i),
+        })
+        .collect();
+    for position in 0..=others.len() {
+        let mut batch = others.clone();
+        batch.insert(position, target.clone());
+        let out = cairn::model::generate::generate(&model, &[], &batch).expect("batch");
+        assert_eq!(
+            out[position].tokens, alone[0].tokens,
+            "target at position {position}"
+        );
+    }
+    let reseeded = GenerateRequest {
+        params: sampled(78, 16),
+        ..target
+    };
+    let other = cairn::model::generate::generate(&model, &[], &[reseeded]).expect("other seed");
+    assert_ne!(other[0].tokens, alone[0].tokens, "the seed must matter");
+}
+
+#[test]
+fn batched_scoring_equals_one_at_a_time_and_full_forward() {
+    let model = tiny(5);
+    let requests = vec![
+        ScoreRequest {
+            context: vec![1, 2, 3],
+            continuation: vec![4, 5],
+        },
+        ScoreRequest {
+            context: vec![9],
+            continuation: vec![8, 7, 6, 5, 4],
+        },
+        ScoreRequest {
+            context: vec![33, 34, 35, 36, 37, 38],
+            continuation: vec![],
+        },
+    ];
+    let batched = cairn::model::generate::score(&model, &requests).expect("batched");
+    for (r, b) in requests.iter().zip(&batched) {
+        let alone = cairn::model::generate::score(&model, std::slice::from_ref(r)).expect("alone");
+        assert_eq!(alone[0].logprobs.len(), r.continuation.len());
+        for (x, y) in alone[0].logprobs.iter().zip(&b.logprobs) {
+            assert!((x - y).abs() < 1e-4);
+        }
+        // Against a log-softmax of a plain forward pass.
+        let all: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
+        let lp = full_logits(&model, &all).log_softmax(-1, Kind::Float);
+        for (j, &t) in r.continuation.iter().enumerate() {
+            let expected = lp.double_value(&[(r.context.len() + j - 1) as i64, t as i64]);
+            assert!((expected - b.logprobs[j] as f64).abs() < 1e-4);
+        }
+        assert!((b.total - b.logprobs.iter().sum::<f32>()).abs() < 1e-5);
+    }
+}
+
+/// Writes the tiny model as a llama.cpp-style GGUF (Q/K rows permuted for adjacent-pair
+/// RoPE, F32/F16/Q8_0 tensors, byte-level tokenizer) and loads it back.
+#[test]
+fn gguf_models_load_with_llama_cpp_row_order_undone() {
+    let model = tiny(6);
+    let c = model.config().clone();
+    let mut w = GgufWriter::new();
+    let u32v = |v: usize| MetaValue::U32(v as u32);
+    w.add_metadata("general.architecture", MetaValue::String("llama".into()))
+        .add_metadata("llama.context_length", u32v(c.max_position_embeddings))
+        .add_metadata("llama.embedding_length", u32v(c.hidden_size))
+        .add_metadata("llama.block_count", u32v(c.num_hidden_layers))
+        .add_metadata("llama.feed_forward_length", u32v(c.intermediate_size))
+        .add_metadata("llama.attention.head_count", u32v(c.num_attention_heads))
+        .add_metadata("llama.attention.head_count_kv", u32v(c.num_key_value_heads))
+        .add_metadata(
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(c.rms_norm_eps as f32),
+        )
+        .add_metadata("llama.rope.freq_base", MetaValue::F32(c.rope_theta as f32))
+        .add_metadata("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
+        .add_metadata("tokenizer.ggml.pre", MetaValue::String("smollm".into()));
+    let mut tokens: Vec<String> = byte_level_alphabet();
+    tokens.push("<|im_start|>".into());
+    tokens.push("<|im_end|>".into());
+    let types: Vec<MetaValue> = (0..tokens.len())
+        .map(|i| MetaValue::I32(if i >= 256 { 3 } else { 1 }))
+        .collect();
+    w.add_metadata(
+        "tokenizer.ggml.tokens",
+        MetaValue::Array(tokens.iter().cloned().map(MetaValue::String).collect()),
+    )
+    .add_metadata("tokenizer.ggml.merges", MetaValue::Array(vec![]))
+    .add_metadata("tokenizer.ggml.token_type", MetaValue::Array(types))
+    .add_metadata("tokenizer.ggml.eos_token_id", u32v(257));
+    let gguf_name = |hf: &str| -> String {
+        let map = [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            ("model.norm.weight", "output_norm.weight"),
+        ];
+        if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
+            return g.to_string();
+        }
+        let rest = hf.strip_prefix("model.layers.").expect("layer tensor");
+        let (i, part) = rest.split_once('.').expect("dot");
+        let g = match part {
+            "input_layernorm.weight" => "attn_norm.weight",
+            "post_attention_layernorm.weight" => "ffn_norm.weight",
+            "self_attn.q_proj.weight" => "attn_q.weight",
+            "self_attn.k_proj.weight" => "attn_k.weight",
+            "self_attn.v_proj.weight" => "attn_v.weight",
+            "self_attn.o_proj.weight" => "attn_output.weight",
+            "mlp.gate_proj.weight" => "ffn_gate.weight",
+            "mlp.up_proj.weight" => "ffn_up.weight",
+            "mlp.down_proj.weight" => "ffn_down.weight",
+            other => panic!("unexpected {other}"),
+        };
+        format!("blk.{i}.{g}")
+    };
+    for (name, t) in model.named_tensors() {
+        // llama.cpp's converter: rows of each head reordered to interleave the two halves.
+        let heads = if name.ends_with("q_proj.weight") {
+            Some(c.num_attention_heads as i64)
+        } else if name.ends_with("k_proj.weight") {
+            Some(c.num_key_value_heads as i64)
+        } else {
+            None
+        };
+        let t = match heads {
+            Some(h) => {
+                let size = t.size();
+                t.view([h, 2, size[0] / h / 2, size[1]])
+                    .transpose(1, 2)
+                    .reshape([size[0], size[1]])
+            }
+            None => t,
+        };
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        let data = Vec::<f32>::try_from(&t.flatten(0, -1)).expect("data");
+        // Norms stay F32 (as in real files); matrices as F32 here, see the quantised check below.
+        w.add_tensor_f32(gguf_name(&name), &shape, &data, GgmlType::F32)
+            .expect("add tensor");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tiny.gguf");
+    w.write(&path).expect("write gguf");
+    let loaded = load_gguf(&path, Device::Cpu).expect("load gguf");
+    let ids = [3u32, 99, 150, 2, 77, 31];
+    let diff = max_abs_diff(
+        &full_logits(&model, &ids),
+        &full_logits(&loaded.model, &ids),
+    );
+    assert!(diff < 1e-5, "gguf vs original: {diff}");
+    assert_eq!(loaded.tokenizer.eos_ids(), &[257]);
+    let ids = loaded
+        .tokenizer
+        .encode("<|im_start|>hi 42")
+        .expect("encode");
+    assert_eq!(ids[0], 256, "special tokens match whole");
+    assert_eq!(loaded.tokenizer.decode(&ids).expect("decode"), "hi 42");
+
+    // A truncated copy is an error naming the file, never a panic.
+    let bytes = std::fs::read(&path).expect("read");
+    for cut in [10, bytes.len() / 3, bytes.len() - 7] {
+        let short = dir.path().join(format!("cut{cut}.gguf"));
+        std::fs::write(&short, &bytes[..cut]).expect("write");
+        let err = load_gguf(&short, Device::Cpu)
+            .err()
+            .expect("truncated file is an error");
+        assert!(err.to_string().contains(&format!("cut{cut}.gguf")), "{err}");
+    }
+    // An architecture we do not run.
+    let mut other = GgufFile::from_bytes(bytes.clone(), "x")
+        .expect("parse")
+        .metadata()
+        .clone();
+    other.insert(
+        "general.architecture".into(),
+        MetaValue::String("mamba".into()),
+    );
+    let mut w2 = GgufWriter::new();
+    for (k, v) in other {
+        w2.add_metadata(k, v);
+    }
+    let arch = dir.path().join("arch.gguf");
+    w2.write(&arch).expect("write");
+    let err = load_gguf(&arch, Device::Cpu)
+        .err()
+        .expect("unsupported architecture");
+    assert!(err.to_string().contains("mamba"), "{err}");
+}
+
+/// GPT-2's byte-to-character table for byte-level BPE vocabularies.
+fn byte_level_alphabet() -> Vec<String> {
+    let mut printable: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut pairs: Vec<(u32, u32)> = printable.into_iter().zip(chars).collect();
+    pairs.sort();
+    pairs
+        .into_iter()
+        .map(|(_, c)| char::from_u32(c).expect("char").to_string())
+        .collect()
+}
+
+#[test]
+fn bad_requests_are_errors_not_panics() {
+    let model = tiny(7);
+    let too_long = GenerateRequest {
+        prompt: vec![1; 250],
+        params: SamplingParams::greedy(10),
+    };
+    let err = cairn::model::generate::generate(&model, &[], &[too_long]).expect_err("context");
+    assert!(
+        matches!(
+            err,
+            ModelError::Context {
+                needed: 260,
+                limit: 256
+            }
+        ),
+        "{err}"
+    );
+    let bad_id = GenerateRequest {
+        prompt: vec![9999],
+        params: SamplingParams::greedy(1),
+    };
+    assert!(matches!(
+        cairn::model::generate::generate(&model, &[], &[bad_id]),
+        Err(ModelError::InvalidRequest(_))
+    ));
+    let empty = GenerateRequest {
+        prompt: vec![],
+        params: SamplingParams::greedy(1),
+    };
+    assert!(cairn::model::generate::generate(&model, &[], &[empty]).is_err());
+    let bad_temp = GenerateRequest {
+        prompt: vec![1],
+        params: SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::greedy(1)
+        },
+    };
+    assert!(cairn::model::generate::generate(&model, &[], &[bad_temp]).is_err());
+    assert!(
+        cairn::model::generate::score(
+            &model,
+            &[ScoreRequest {
+                context: vec![],
+                continuation: vec![1]
+            }]
+        )
+        .is_err()
+    );
+    // A directory without a tokenizer.
+    let dir = tempfile::tempdir().expect("tempdir");
+    model.save_dir(dir.path()).expect("save");
+    let err = cairn::model::load(dir.path(), Device::Cpu)
+        .err()
+        .expect("no tokenizer");
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+    let err = cairn::model::load(&dir.path().join("nope.gguf"), Device::Cpu)
+        .err()
+        .expect("missing");
+    assert!(err.to_string().contains("nope.gguf"), "{err}");
+}
+
+#[test]
+fn the_worker_batches_concurrent_jobs_and_wakes_callers() {
+    let factory = |seed: u64| -> cairn::model::worker::ModelFactory {
+        Box::new(move |device| {
+            Ok(ServedModel {
+                model: Llama::random(LlamaConfig::tiny(VOCAB), seed, device)?,
+                eos: vec![],
+            })
+        })
+    };
+    let worker = ModelWorker::spawn(
+        vec![("policy".into(), factory(8)), ("judge".into(), factory(9))],
+        WorkerOptions::default(),
+    )
+    .expect("spawn");
+    let reference = tiny(8);
+    let handle = worker.handle();
+    let woken = Arc::new(AtomicUsize::new(0));
+    // Queue many jobs before the worker can drain them, from several threads.
+    let threads: Vec<_> = (0..8u64)
+        .map(|i| {
+            let h = handle.clone();
+            let woken = Arc::clone(&woken);
+            std::thread::spawn(move || {
+                let req = GenerateRequest {
+                    prompt: vec![1 + i as u32, 2, 3],
+                    params: sampled(i, 6),
+                };
+                let wake: cairn::model::worker::Waker = Arc::new(move || {
+                    woken.fetch_add(1, Ordering::SeqCst);
+                });
+                let rx = h
+                    .submit("policy", Job::Generate(vec![req.clone()]), Some(wake))
+                    .expect("submit");
+                (req, rx.recv().expect("reply"))
+            })
+        })
+        .collect();
+    for t in threads {
+        let (req, reply) = t.join().expect("thread");
+        let Ok(JobOutput::Generated(out)) = reply else {
+            panic!("generation failed: {reply:?}")
+        };
+        let direct = cairn::model::generate::generate(&reference, &[], &[req]).expect("direct");
+        assert_eq!(
+            out[0].tokens, direct[0].tokens,
+            "batched through the worker = direct"
+        );
+    }
+    assert_eq!(woken.load(Ordering::SeqCst), 8, "every job woke its caller");
+    // Jobs queued while the worker is busy are merged: a long job first, then seven more.
+    let before = handle.stats().expect("stats");
+    let slow = handle
+        .submit(
+            "policy",
+            Job::Generate(vec![GenerateRequest {
+                prompt: vec![4],
+                params: SamplingParams::greedy(240),
+            }]),
+            None,
+        )
+        .expect("submit");
+    let quick: Vec<_> = (0..7u32)
+        .map(|i| {
+            let req = GenerateRequest {
+                prompt: vec![i + 10],
+                params: SamplingParams::greedy(3),
+            };
+            handle
+                .submit("policy", Job::Generate(vec![req]), None)
+                .expect("submit")
+        })
+        .collect();
+    assert!(slow.recv().expect("reply").is_ok());
+    for q in quick {
+        assert!(q.recv().expect("reply").is_ok());
+    }
+    let after = handle.stats().expect("stats");
+    assert_eq!(after.jobs - before.jobs, 8);
+    assert!(
+        after.batches - before.batches <= 3,
+        "queued jobs were not merged: {before:?} -> {after:?}"
+    );
+    // Scoring on another model, an unknown model, and a bad request among good ones.
+    let s = handle
+        .score(
+            "judge",
+            vec![ScoreRequest {
+                context: vec![1],
+                continuation: vec![2, 3],
+            }],
+        )
+        .expect("score");
+    assert_eq!(s[0].logprobs.len(), 2);
+    assert!(matches!(
+        handle.generate("nobody", vec![]),
+        Err(ModelError::InvalidRequest(_))
+    ));
+    let bad = handle
+        .submit(
+            "policy",
+            Job::Generate(vec![GenerateRequest {
+                prompt: vec![9999],
+                params: SamplingParams::greedy(2),
+            }]),
+            None,
+        )
+        .expect("submit");
+    let good = handle
+        .submit(
+            "policy",
+            Job::Generate(vec![GenerateRequest {
+                prompt: vec![5],
+                params: SamplingParams::greedy(2),
+            }]),
+            None,
+        )
+        .expect("submit");
+    assert!(bad.recv().expect("reply").is_err());
+    assert!(
+        good.recv().expect("reply").is_ok(),
+        "a bad job must not sink its batch-mates"
+    );
+}
