@@ -9,6 +9,7 @@
 //! - [`log`]: the durable, segmented event log.
 //! - [`constitution`]: principles, few-shot examples and prompt templates (`constitutions/*.toml`).
 //! - [`model`]: the model runtime (GGUF/HF loading, decoder, sampling, model worker).
+//! - [`train`]: losses and optimiser steps run by the model worker (SFT).
 //! - [`prompts`]: reading prompt sources (text, JSONL, JSON payload files).
 //! - [`paths`]: the cache of fetched models and data (`$CAIRN_HOME`).
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -20,6 +21,7 @@ pub mod model;
 pub mod paths;
 pub mod prompts;
 pub mod record;
+pub mod train;
 
 /// The version of this build, recorded in every run.
 pub fn version() -> &'static str {

@@ -1,5 +1,6 @@
 //! Command-line definitions (clap) and dispatch to one module per command group.
 
+mod bench_cmd;
 mod ingest;
 mod log_cmd;
 mod model_cmd;
@@ -35,6 +36,9 @@ pub enum Command {
     Generate(model_cmd::GenerateArgs),
     /// Log-probabilities of a continuation.
     Score(model_cmd::ScoreArgs),
+    /// Benchmarks reported against baselines measured in the same run.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCommand),
 }
 
 /// Runs a parsed command.
@@ -44,6 +48,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Ingest(args) => ingest::run(args),
         Command::Generate(args) => model_cmd::generate(args),
         Command::Score(args) => model_cmd::score(args),
+        Command::Bench(cmd) => bench_cmd::run(cmd),
     }
 }
 

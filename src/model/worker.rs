@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -18,6 +19,8 @@ use tch::Device;
 use super::ModelError;
 use super::generate::{GenerateRequest, Generation, ScoreRequest, Scored, generate, score};
 use super::llama::Llama;
+use crate::train::sft::sft_eval;
+use crate::train::{OptimConfig, SftExample, StepStats, Trainer};
 
 /// A callback run after a job's reply has been sent.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -29,6 +32,25 @@ pub enum Job {
     Generate(Vec<GenerateRequest>),
     /// Score each continuation.
     Score(Vec<ScoreRequest>),
+    /// One supervised optimiser step (AdamW; the optimiser is created on first use and kept
+    /// by the worker for that model).
+    TrainSft {
+        /// The step's examples.
+        examples: Vec<SftExample>,
+        /// Examples per forward/backward pass (gradient accumulation).
+        micro_batch: usize,
+        /// Optimiser settings for this step.
+        optim: OptimConfig,
+    },
+    /// Mean loss per target token, without training (held-out loss).
+    EvalSft {
+        /// The examples.
+        examples: Vec<SftExample>,
+        /// Examples per forward pass.
+        micro_batch: usize,
+    },
+    /// Write the model as a Hugging Face directory (`config.json`, `model.safetensors`).
+    Save(PathBuf),
 }
 
 impl Job {
@@ -42,7 +64,13 @@ impl Job {
                 .iter()
                 .map(|r| r.context.len() + r.continuation.len())
                 .sum(),
+            _ => 0,
         }
+    }
+
+    /// Whether jobs of this kind may share a model call with others.
+    fn mergeable(&self) -> bool {
+        matches!(self, Job::Generate(_) | Job::Score(_))
     }
 }
 
@@ -53,6 +81,17 @@ pub enum JobOutput {
     Generated(Vec<Generation>),
     /// One score per request, in order.
     Scored(Vec<Scored>),
+    /// What a training step did.
+    Trained(StepStats),
+    /// Mean loss per target token and the token count.
+    Evaluated {
+        /// Mean loss.
+        loss: f64,
+        /// Target tokens.
+        tokens: usize,
+    },
+    /// Files written.
+    Saved(Vec<PathBuf>),
 }
 
 /// The reply of one job.
@@ -240,6 +279,13 @@ impl WorkerHandle {
         }
     }
 
+    /// Submits a job and waits for its reply.
+    pub fn call(&self, model: &str, job: Job) -> Reply {
+        self.submit(model, job, None)?
+            .recv()
+            .map_err(|_| ModelError::WorkerGone)?
+    }
+
     /// What the worker has done so far.
     pub fn stats(&self) -> Result<WorkerStats, ModelError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -252,6 +298,7 @@ impl WorkerHandle {
 
 fn serve(models: HashMap<String, ServedModel>, rx: Receiver<Message>, opts: &WorkerOptions) {
     let mut stats = WorkerStats::default();
+    let mut trainers: HashMap<String, Trainer> = HashMap::new();
     let mut pending: Vec<Submission> = Vec::new();
     loop {
         if pending.is_empty() {
@@ -275,6 +322,10 @@ fn serve(models: HashMap<String, ServedModel>, rx: Receiver<Message>, opts: &Wor
         }
         // The oldest job decides the batch: same model, same kind, up to the budget.
         let first = pending.remove(0);
+        if !first.job.mergeable() {
+            run_alone(&models, &mut trainers, first, &mut stats);
+            continue;
+        }
         let mut batch = vec![first];
         let mut tokens = batch[0].job.tokens();
         let mut seqs = job_len(&batch[0].job);
@@ -284,6 +335,7 @@ fn serve(models: HashMap<String, ServedModel>, rx: Receiver<Message>, opts: &Wor
             let fits = tokens + s.job.tokens() <= opts.token_budget
                 && seqs + job_len(&s.job) <= opts.max_batch;
             if s.model == batch[0].model && same_kind(&s.job, &batch[0].job) && fits {
+                // (`same_kind` is false for jobs that are never merged.)
                 tokens += s.job.tokens();
                 seqs += job_len(&s.job);
                 batch.push(pending.remove(i));
@@ -299,7 +351,71 @@ fn job_len(job: &Job) -> usize {
     match job {
         Job::Generate(r) => r.len(),
         Job::Score(r) => r.len(),
+        Job::TrainSft { examples, .. } | Job::EvalSft { examples, .. } => examples.len(),
+        Job::Save(_) => 0,
     }
+}
+
+/// Training, evaluation and saving run one job at a time.
+fn run_alone(
+    models: &HashMap<String, ServedModel>,
+    trainers: &mut HashMap<String, Trainer>,
+    s: Submission,
+    stats: &mut WorkerStats,
+) {
+    let Some(served) = models.get(&s.model) else {
+        let name = s.model.clone();
+        respond(
+            s,
+            Err(ModelError::InvalidRequest(format!(
+                "no model named `{name}` on this worker"
+            ))),
+        );
+        return;
+    };
+    stats.batches += 1;
+    stats.jobs += 1;
+    stats.sequences += job_len(&s.job) as u64;
+    let outcome = catch_unwind(AssertUnwindSafe(|| -> Reply {
+        match &s.job {
+            Job::TrainSft {
+                examples,
+                micro_batch,
+                optim,
+            } => {
+                let trainer = match trainers.entry(s.model.clone()) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(Trainer::new(&served.model, optim)?)
+                    }
+                };
+                trainer
+                    .sft_step(&served.model, examples, *micro_batch, optim)
+                    .map(JobOutput::Trained)
+            }
+            Job::EvalSft {
+                examples,
+                micro_batch,
+            } => sft_eval(&served.model, examples, *micro_batch)
+                .map(|(loss, tokens)| JobOutput::Evaluated { loss, tokens }),
+            Job::Save(dir) => served.model.save_dir(dir).map(|()| {
+                JobOutput::Saved(vec![dir.join("config.json"), dir.join("model.safetensors")])
+            }),
+            Job::Generate(_) | Job::Score(_) => {
+                Err(ModelError::InvalidRequest("not a single-job kind".into()))
+            }
+        }
+    }));
+    let reply = outcome.unwrap_or_else(|panic| Err(ModelError::Panicked(panic_message(panic))));
+    respond(s, reply);
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn same_kind(a: &Job, b: &Job) -> bool {
@@ -361,7 +477,7 @@ fn run_merged(served: &ServedModel, batch: &[Submission]) -> Result<Vec<JobOutpu
                 .iter()
                 .flat_map(|s| match &s.job {
                     Job::Generate(r) => r.clone(),
-                    Job::Score(_) => Vec::new(),
+                    _ => Vec::new(),
                 })
                 .collect();
             let mut out = generate(&served.model, &served.eos, &all)?.into_iter();
@@ -375,7 +491,7 @@ fn run_merged(served: &ServedModel, batch: &[Submission]) -> Result<Vec<JobOutpu
                 .iter()
                 .flat_map(|s| match &s.job {
                     Job::Score(r) => r.clone(),
-                    Job::Generate(_) => Vec::new(),
+                    _ => Vec::new(),
                 })
                 .collect();
             let mut out = score(&served.model, &all)?.into_iter();
@@ -384,18 +500,11 @@ fn run_merged(served: &ServedModel, batch: &[Submission]) -> Result<Vec<JobOutpu
                 .map(|s| JobOutput::Scored(out.by_ref().take(job_len(&s.job)).collect()))
                 .collect())
         }
+        _ => Err(ModelError::InvalidRequest(
+            "this job kind is not batched".into(),
+        )),
     }));
-    match outcome {
-        Ok(r) => r,
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(ModelError::Panicked(msg))
-        }
-    }
+    outcome.unwrap_or_else(|panic| Err(ModelError::Panicked(panic_message(panic))))
 }
 
 fn respond(s: Submission, reply: Reply) {
