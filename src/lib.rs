@@ -16,11 +16,14 @@
 #![warn(missing_docs)]
 
 pub mod constitution;
+pub mod engine;
 pub mod log;
 pub mod model;
 pub mod paths;
 pub mod prompts;
 pub mod record;
+pub mod spec;
+pub mod stages;
 pub mod train;
 
 /// The version of this build, recorded in every run.

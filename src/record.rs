@@ -415,6 +415,129 @@ payloads! {
     Note(Note) = "note",
     /// A prompt read from a prompt source.
     Prompt(PromptRecord) = "prompt",
+    /// A model's answer to a prompt.
+    Sample(SampleRecord) = "sample",
+    /// A critique of the latest answer against one principle.
+    Critique(CritiqueRecord) = "critique",
+    /// A revised answer following a critique.
+    Revision(RevisionRecord) = "revision",
+    /// One supervised finetuning step.
+    SftStep(SftStepRecord) = "sft_step",
+    /// A held-out loss measurement.
+    SftEval(SftEvalRecord) = "sft_eval",
+    /// A model checkpoint written to disk.
+    Checkpoint(CheckpointRecord) = "checkpoint",
+    /// A record flagged by a screening stage (see `examples/custom_stage.rs`).
+    Flag(FlagRecord) = "flag",
+}
+
+/// The conversation a record belongs to: the prompt it answers, carried along so that every
+/// stage (and every export) can read a record on its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    /// Red-team or helpful.
+    pub purpose: PromptPurpose,
+    /// The user's request.
+    pub prompt: String,
+}
+
+/// The `sample` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SampleRecord {
+    /// The prompt.
+    pub conversation: Conversation,
+    /// The answer.
+    pub response: String,
+    /// Its token ids.
+    pub tokens: Vec<u32>,
+    /// Sum of the tokens' log-probabilities under the sampling model.
+    pub logprob: f32,
+    /// The generator seed.
+    pub seed: u64,
+    /// Whether generation ended on an end-of-turn token (else it hit the length limit).
+    pub stopped: bool,
+}
+
+/// The `critique` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CritiqueRecord {
+    /// The prompt.
+    pub conversation: Conversation,
+    /// Revision round, from 1.
+    pub round: u32,
+    /// Id of the principle drawn for this round.
+    pub principle: String,
+    /// The answer being critiqued.
+    pub response: String,
+    /// The critique.
+    pub critique: String,
+    /// The generator seed.
+    pub seed: u64,
+}
+
+/// The `revision` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RevisionRecord {
+    /// The prompt.
+    pub conversation: Conversation,
+    /// Revision round, from 1.
+    pub round: u32,
+    /// Id of the principle of this round.
+    pub principle: String,
+    /// The revised answer.
+    pub response: String,
+    /// The generator seed.
+    pub seed: u64,
+}
+
+/// The `sft_step` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SftStepRecord {
+    /// Step number, from 1.
+    pub step: u64,
+    /// Mean loss per target token.
+    pub loss: f64,
+    /// Target tokens.
+    pub tokens: u64,
+    /// Examples in the step.
+    pub examples: u64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// The `sft_eval` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SftEvalRecord {
+    /// Steps taken when measured.
+    pub step: u64,
+    /// Mean held-out loss per target token.
+    pub loss: f64,
+    /// Held-out target tokens.
+    pub tokens: u64,
+}
+
+/// The `checkpoint` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// Model name in the run.
+    pub model: String,
+    /// Steps included.
+    pub step: u64,
+    /// Directory holding the checkpoint.
+    pub path: String,
+    /// sha256 of `model.safetensors`.
+    pub sha256: String,
+}
+
+/// The `flag` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlagRecord {
+    /// Key of the flagged record.
+    pub flagged: Key,
+    /// Why it was flagged.
+    pub reason: String,
 }
 
 /// The `run_started` record.

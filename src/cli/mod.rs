@@ -4,6 +4,7 @@ mod bench_cmd;
 mod ingest;
 mod log_cmd;
 mod model_cmd;
+mod run_cmd;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,10 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run a dataflow spec (rerun the same command to continue an interrupted run).
+    Run(run_cmd::RunArgs),
+    /// List the stage kinds a dataflow can use.
+    Stages,
     /// Inspect, verify and repair event logs.
     #[command(subcommand)]
     Log(log_cmd::LogCommand),
@@ -44,6 +49,8 @@ pub enum Command {
 /// Runs a parsed command.
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Run(args) => run_cmd::run(args),
+        Command::Stages => run_cmd::stages(),
         Command::Log(cmd) => log_cmd::run(cmd),
         Command::Ingest(args) => ingest::run(args),
         Command::Generate(args) => model_cmd::generate(args),

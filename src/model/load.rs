@@ -40,6 +40,15 @@ pub fn load(path: &Path, device: Device) -> Result<LoadedModel, ModelError> {
     load_gguf(path, device)
 }
 
+/// Loads only the tokenizer of a GGUF file or model directory (cheap: no weights).
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, ModelError> {
+    if path.is_dir() {
+        return Tokenizer::from_dir(path);
+    }
+    let file = GgufFile::open(path).map_err(ModelError::Gguf)?;
+    Tokenizer::from_gguf(&file, path)
+}
+
 /// Loads a GGUF model.
 pub fn load_gguf(path: &Path, device: Device) -> Result<LoadedModel, ModelError> {
     let file = GgufFile::open(path).map_err(ModelError::Gguf)?;

@@ -1,0 +1,97 @@
+//! `cairn run SPEC --log DIR`: runs a dataflow; rerunning the same command on the same log
+//! continues the run. `cairn stages` lists the stage kinds.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use clap::Args;
+
+use cairn::engine::{self, RunOptions};
+use cairn::spec::Spec;
+
+/// Arguments of `cairn run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The dataflow spec (`dataflows/*.toml`).
+    spec: PathBuf,
+    /// Event log directory (default: runs/<spec name>).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Start a new run in an existing log whose settings differ.
+    #[arg(long)]
+    new_run: bool,
+}
+
+/// Runs `cairn run`.
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let spec = Spec::load(&args.spec)?;
+    let log = args
+        .log
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
+    let device = cairn::model::parse_device(&args.device)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    install_signal_handlers(&stop);
+    let started = std::time::Instant::now();
+    let summary = engine::run(
+        &spec,
+        &RunOptions {
+            log: log.clone(),
+            device,
+            new_run: args.new_run,
+            stop: Some(stop),
+        },
+    )
+    .with_context(|| format!("running {}", args.spec.display()))?;
+    println!(
+        "run {} ({} prompts) in {:.1} s",
+        summary.run_id,
+        summary.prompts,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "{:<14} {:>9} {:>9} {:>6}",
+        "stage", "computed", "replayed", "jobs"
+    );
+    for (stage, s) in &summary.stages {
+        println!(
+            "{stage:<14} {:>9} {:>9} {:>6}",
+            s.computed, s.replayed, s.jobs
+        );
+    }
+    println!("event log: {}", log.display());
+    for c in &summary.checkpoints {
+        println!("checkpoint: {c}");
+    }
+    if summary.interrupted {
+        println!("interrupted: rerun the same command to continue");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGINT/SIGTERM set `stop`: the engine stops feeding prompts, finishes what is in flight,
+/// flushes the log and returns. A second signal exits at once (the log stays consistent).
+fn install_signal_handlers(stop: &Arc<AtomicBool>) {
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(stop));
+        let _ = signal_hook::flag::register(signal, Arc::clone(stop));
+    }
+}
+
+/// Runs `cairn stages`.
+pub fn stages() -> anyhow::Result<ExitCode> {
+    for (kind, about, _) in cairn::stages::registry() {
+        println!("{kind:<10} {about}");
+    }
+    println!(
+        "{:<10} finetune a model on final revisions and helpful samples as they stream in",
+        "sft"
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,380 @@
+//! The engine: turns a dataflow spec into a timely dataflow of stage operators, feeds it the
+//! prompts epoch by epoch, and runs it to completion against the event log.
+//!
+//! - Every output is appended to the log **before** it is emitted downstream.
+//! - Before computing a task the operator asks whether its key is already logged; if so it
+//!   re-emits the logged record instead (exactly-once resume: rerunning the same command on
+//!   the same log continues where it stopped).
+//! - Model work is batched per operator activation and sent to the model worker thread; the
+//!   worker wakes the operator through a timely `SyncActivator` when the reply is ready.
+//!
+//! Adding a stage never touches this module: see `crate::stages`.
+
+mod operator;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::Probe;
+use timely::dataflow::{InputHandle, ProbeHandle};
+
+use crate::constitution::Constitution;
+use crate::log::{LogError, LogOptions, LogReader, LogWriter, SyncPolicy};
+use crate::model::worker::{ModelFactory, ServedModel};
+use crate::model::{ModelError, ModelWorker, WorkerOptions};
+use crate::prompts::{PromptSource, read_prompts};
+use crate::record::{Key, NewEvent, Payload, PromptPurpose, PromptRecord, RunId, RunStarted};
+use crate::spec::Spec;
+use crate::stages::{Rec, StageContext, StageError};
+
+pub use operator::OperatorStats;
+
+/// How to run a dataflow.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Event log directory (created if missing; continued if it holds the same run).
+    pub log: PathBuf,
+    /// Device of the model worker.
+    pub device: tch::Device,
+    /// Start a new run in an existing log even though settings changed.
+    pub new_run: bool,
+    /// Set by a signal handler: stop feeding prompts, flush and return.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct RunSummary {
+    /// The run id.
+    pub run_id: RunId,
+    /// Per stage instance: outputs computed now and outputs found in the log.
+    pub stages: BTreeMap<String, OperatorStats>,
+    /// Prompts fed.
+    pub prompts: u64,
+    /// Checkpoint directories written or found.
+    pub checkpoints: Vec<String>,
+    /// Whether the run stopped early on request.
+    pub interrupted: bool,
+}
+
+/// Errors of a run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The event log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// A model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A stage failed.
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    /// Inputs (constitution, prompts) are unusable.
+    #[error("{0}")]
+    Input(String),
+    /// The log belongs to a run with other settings.
+    #[error(
+        "{log}: this log holds a run with different settings (digest {old:032x}, now {new:032x}); \
+         use a new log directory, or pass --new-run to start a new run in this one"
+    )]
+    SettingsChanged {
+        /// The log.
+        log: PathBuf,
+        /// Digest recorded.
+        old: u128,
+        /// Digest now.
+        new: u128,
+    },
+}
+
+/// Digest of everything that changes results: the spec text, the constitution and the model
+/// files (content hashes).
+pub fn settings_digest(spec: &Spec, constitution: &Constitution) -> Result<u128, EngineError> {
+    let mut k = Key::builder("run-settings")
+        .str(&spec.text)
+        .u128(constitution.digest());
+    for m in &spec.models {
+        k = k.str(&m.name).u128(file_digest(&m.path)?);
+    }
+    Ok(k.finish().0)
+}
+
+fn file_digest(path: &Path) -> Result<u128, EngineError> {
+    let io = |e: std::io::Error| EngineError::Input(format!("{}: {e}", path.display()));
+    let mut hasher = blake3::Hasher::new();
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        entries.sort();
+        for e in entries {
+            hasher.update(
+                e.file_name()
+                    .map(|n| n.as_encoded_bytes())
+                    .unwrap_or_default(),
+            );
+            hasher
+                .update_reader(std::fs::File::open(&e).map_err(io)?)
+                .map_err(io)?;
+        }
+    } else {
+        hasher
+            .update_reader(std::fs::File::open(path).map_err(io)?)
+            .map_err(io)?;
+    }
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    Ok(u128::from_le_bytes(first))
+}
+
+/// Reads the spec's prompt sources (before the log is touched, so bad files change nothing).
+fn load_prompts(spec: &Spec) -> Result<Vec<Rec>, EngineError> {
+    let defaults = crate::paths::default_prompt_sources();
+    let mut out = Vec::new();
+    for (purpose, files, limit) in [
+        (
+            PromptPurpose::RedTeam,
+            &spec.prompts.red_team,
+            spec.prompts.red_team_limit,
+        ),
+        (
+            PromptPurpose::Helpful,
+            &spec.prompts.helpful,
+            spec.prompts.helpful_limit,
+        ),
+    ] {
+        let sources: Vec<PromptSource> = files
+            .iter()
+            .flat_map(|f| {
+                if f == "default" {
+                    defaults
+                        .iter()
+                        .filter(|s| s.purpose == purpose)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                } else {
+                    let base = spec.path.parent().unwrap_or(Path::new("."));
+                    let p = f.replace(
+                        "$CAIRN_HOME",
+                        &crate::paths::cairn_home().display().to_string(),
+                    );
+                    vec![PromptSource::new(base.join(p), purpose)]
+                }
+            })
+            .collect();
+        let mut taken = 0usize;
+        for source in sources {
+            let prompts = read_prompts(&source).map_err(|e| EngineError::Input(e.to_string()))?;
+            for p in prompts {
+                if limit.is_some_and(|l| taken >= l) {
+                    break;
+                }
+                taken += 1;
+                let key = Key::builder("prompts")
+                    .str(&p.source)
+                    .u64(p.index)
+                    .str(&p.text)
+                    .finish();
+                out.push(Rec {
+                    key,
+                    parents: Vec::new(),
+                    stage: "prompts".into(),
+                    payload: Payload::Prompt(PromptRecord {
+                        source: p.source,
+                        index: p.index,
+                        purpose: p.purpose,
+                        text: p.text,
+                    }),
+                });
+            }
+        }
+    }
+    // Interleave red-team and helpful prompts deterministically (by key) so every epoch mixes both.
+    out.sort_by_key(|r| r.key);
+    Ok(out)
+}
+
+/// Runs a dataflow spec to completion (or until `stop` is set).
+pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunSummary, EngineError> {
+    let constitution = Arc::new(
+        Constitution::load(&spec.constitution).map_err(|e| EngineError::Input(e.to_string()))?,
+    );
+    let prompts = load_prompts(spec)?;
+    let digest = settings_digest(spec, &constitution)?;
+    let mut tokenizers = HashMap::new();
+    for m in &spec.models {
+        if !m.path.exists() {
+            return Err(EngineError::Input(format!(
+                "model `{}`: {} does not exist ({})",
+                m.name,
+                m.path.display(),
+                crate::paths::SETUP_HINT
+            )));
+        }
+        tokenizers.insert(m.name.clone(), crate::model::load::load_tokenizer(&m.path)?);
+    }
+    let ctx = StageContext {
+        constitution,
+        seed: spec.seed,
+        tokenizers: Arc::new(tokenizers),
+    };
+    // Build every stage before touching the log: configuration errors change nothing.
+    let plan = operator::Plan::build(spec, &ctx)?;
+
+    // What this log already holds: the records exactly-once resume re-emits.
+    let writer = LogWriter::open(
+        &opts.log,
+        LogOptions {
+            sync: SyncPolicy::Interval(Duration::from_millis(20)),
+            ..LogOptions::default()
+        },
+    )?;
+    let mut done: HashMap<Key, Rec> = HashMap::new();
+    let mut previous: Option<(RunId, u128)> = None;
+    if writer.next_offset() > 0 {
+        for env in LogReader::open(&opts.log)?.iter_from(0) {
+            let env = env?;
+            if let Payload::RunStarted(r) = &env.payload {
+                previous = Some((env.run_id, r.settings_digest));
+            }
+            done.insert(
+                env.key,
+                Rec {
+                    key: env.key,
+                    parents: env.parents,
+                    stage: env.stage,
+                    payload: env.payload,
+                },
+            );
+        }
+    }
+    let run_id = match previous {
+        Some((id, d)) if d == digest => id,
+        Some((_, d)) if !opts.new_run => {
+            return Err(EngineError::SettingsChanged {
+                log: opts.log.clone(),
+                old: d,
+                new: digest,
+            });
+        }
+        _ => RunId(
+            Key::builder("run")
+                .u128(digest)
+                .u64(writer.next_offset())
+                .finish()
+                .0,
+        ),
+    };
+    writer.append(NewEvent::new(
+        Key::builder("run_started").u128(run_id.0).finish(),
+        run_id,
+        "run",
+        vec![],
+        0,
+        Payload::RunStarted(RunStarted {
+            cairn_version: crate::version().to_string(),
+            seed: spec.seed,
+            settings_digest: digest,
+            settings: spec.text.clone(),
+            parent_run: previous.map(|(id, _)| id).filter(|id| *id != run_id),
+        }),
+    ))?;
+
+    let factories: Vec<(String, ModelFactory)> = spec
+        .models
+        .iter()
+        .map(|m| {
+            let path = m.path.clone();
+            let factory: ModelFactory = Box::new(move |device| {
+                let loaded = crate::model::load(&path, device)?;
+                let eos = loaded.tokenizer.eos_ids().to_vec();
+                Ok(ServedModel {
+                    model: loaded.model,
+                    eos,
+                })
+            });
+            (m.name.clone(), factory)
+        })
+        .collect();
+    let worker = ModelWorker::spawn(
+        factories,
+        WorkerOptions {
+            device: opts.device,
+            ..WorkerOptions::default()
+        },
+    )?;
+    let handle = worker.handle();
+    let epoch_size = spec.prompts.epoch_size;
+    let stop = opts.stop.clone();
+    let log_dir = opts.log.clone();
+    let spec_stages = plan;
+    let writer_for_run = writer.clone();
+    let result = timely::execute_directly(move |timely_worker| {
+        let mut input: InputHandle<u64, CapacityContainerBuilder<Vec<Rec>>> = InputHandle::new();
+        let probe: ProbeHandle<u64> = ProbeHandle::new();
+        let env = operator::Env {
+            writer: writer_for_run.clone(),
+            worker: handle.clone(),
+            done: Arc::new(done),
+            run_id,
+            checkpoint_dir: log_dir.join("checkpoints"),
+            tokenizers: ctx.tokenizers.clone(),
+        };
+        let shared = operator::Shared::default();
+        let shared_in = shared.clone();
+        let (input_ref, probe_ref) = (&mut input, &probe);
+        timely_worker.dataflow::<u64, _, _>(move |scope| {
+            let stream = input_ref.to_stream(scope);
+            let out = spec_stages.attach(stream, &env, &shared_in);
+            out.probe_with(probe_ref);
+        });
+        let mut summary = RunSummary {
+            run_id,
+            ..RunSummary::default()
+        };
+        let lag = 2u64;
+        let mut fed = 0u64;
+        for (epoch, chunk) in prompts.chunks(epoch_size).enumerate() {
+            if stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+                summary.interrupted = true;
+                break;
+            }
+            let epoch = epoch as u64;
+            let events: Vec<NewEvent> = chunk
+                .iter()
+                .map(|r| NewEvent::new(r.key, run_id, "prompts", vec![], epoch, r.payload.clone()))
+                .collect();
+            writer_for_run.append_batch(events)?;
+            for rec in chunk {
+                input.send(rec.clone());
+            }
+            fed += chunk.len() as u64;
+            input.advance_to(epoch + 1);
+            // Keep at most `lag` epochs in flight: streaming with bounded memory.
+            while probe.less_than(&(epoch + 1).saturating_sub(lag)) {
+                timely_worker.step_or_park(Some(Duration::from_millis(20)));
+                shared.check()?;
+            }
+        }
+        summary.prompts = fed;
+        drop(input);
+        while !probe.done() {
+            timely_worker.step_or_park(Some(Duration::from_millis(20)));
+            shared.check()?;
+        }
+        shared.check()?;
+        summary.stages = shared.stats();
+        summary.checkpoints = shared.checkpoints();
+        Ok::<RunSummary, EngineError>(summary)
+    });
+    let summary = result?;
+    writer.close()?;
+    drop(worker);
+    Ok(summary)
+}

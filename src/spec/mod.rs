@@ -1,0 +1,349 @@
+//! Dataflow specs (`dataflows/*.toml`): the models, constitution, prompt sources, seed and
+//! the chain of stages of a run, with each stage's settings. Parsing rejects unknown keys,
+//! unknown stage kinds and wiring mistakes (a `from` naming no earlier stage), naming the file
+//! and line.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A parsed dataflow spec.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Its text (recorded in the run's first event).
+    pub text: String,
+    /// Run name.
+    pub name: String,
+    /// Master seed.
+    pub seed: u64,
+    /// Constitution file (resolved against the spec's folder).
+    pub constitution: PathBuf,
+    /// Models by name.
+    pub models: Vec<ModelSpec>,
+    /// Prompt sources.
+    pub prompts: PromptsSpec,
+    /// Stages in order.
+    pub stages: Vec<StageSpec>,
+}
+
+/// A model of the run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSpec {
+    /// Name stages refer to.
+    pub name: String,
+    /// GGUF file or model directory; `default` for the fetched default model.
+    pub path: PathBuf,
+}
+
+/// Where prompts come from.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptsSpec {
+    /// Red-team prompt files (`default`: the fetched red-team sets).
+    #[serde(default)]
+    pub red_team: Vec<String>,
+    /// Helpful prompt files (`default`: the fetched helpful sets).
+    #[serde(default)]
+    pub helpful: Vec<String>,
+    /// Use at most this many red-team prompts (in file order).
+    pub red_team_limit: Option<usize>,
+    /// Use at most this many helpful prompts.
+    pub helpful_limit: Option<usize>,
+    /// Prompts per dataflow epoch (the unit of progress and of SFT batching order).
+    #[serde(default = "default_epoch_size")]
+    pub epoch_size: usize,
+    /// Keep reading the files for appended prompts until interrupted.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+fn default_epoch_size() -> usize {
+    8
+}
+
+/// One stage instance.
+#[derive(Clone, Debug)]
+pub struct StageSpec {
+    /// Unique name.
+    pub name: String,
+    /// Stage kind (see `cairn stages`).
+    pub kind: String,
+    /// Names of the stages (or `prompts`) whose records it consumes.
+    pub from: Vec<String>,
+    /// The remaining keys: the stage's own settings.
+    pub settings: toml::Table,
+    /// Line of the `[[stage]]` entry, for messages.
+    pub line: usize,
+}
+
+/// A spec that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}:{line}: {message}")]
+pub struct SpecError {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line (0 when unknown).
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: String,
+    seed: u64,
+    constitution: String,
+    models: toml::Table,
+    prompts: PromptsSpec,
+    #[serde(rename = "stage")]
+    stages: Vec<toml::Table>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    path: String,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+impl Spec {
+    /// Reads and checks a spec file.
+    pub fn load(path: &Path) -> Result<Spec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+            path: path.to_path_buf(),
+            line: 0,
+            message: e.to_string(),
+        })?;
+        Spec::parse(&text, path)
+    }
+
+    /// Parses spec text; `path` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Spec, SpecError> {
+        let err = |line: usize, message: String| SpecError {
+            path: path.to_path_buf(),
+            line,
+            message,
+        };
+        let raw: RawSpec = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+            err(line, e.message().to_string())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let models_line = text.find("[models").map(|o| line_of(text, o)).unwrap_or(0);
+        // `[[stage]]` headers in order give each entry's line.
+        let stage_lines: Vec<usize> = text
+            .match_indices("[[stage]]")
+            .filter(|(o, _)| {
+                text[..*o]
+                    .rsplit('\n')
+                    .next()
+                    .is_some_and(|l| l.trim().is_empty())
+            })
+            .map(|(o, _)| line_of(text, o))
+            .collect();
+        let mut models = Vec::new();
+        for (name, value) in &raw.models {
+            let m: RawModel = value.clone().try_into().map_err(|e: toml::de::Error| {
+                err(models_line, format!("model `{name}`: {}", e.message()))
+            })?;
+            let path = if m.path == "default" {
+                crate::paths::default_model()
+            } else {
+                resolve(base, &m.path)
+            };
+            models.push(ModelSpec {
+                name: name.clone(),
+                path,
+            });
+        }
+        if models.is_empty() {
+            return Err(err(
+                models_line,
+                "at least one model is needed under [models]".into(),
+            ));
+        }
+        if raw.prompts.epoch_size == 0 {
+            return Err(err(0, "prompts.epoch_size must be at least 1".into()));
+        }
+        let kinds: Vec<&str> = crate::stages::registry()
+            .iter()
+            .map(|(k, _, _)| *k)
+            .chain(["sft"])
+            .collect();
+        let mut seen: HashSet<String> = HashSet::from(["prompts".to_string()]);
+        let mut stages = Vec::new();
+        for (i, mut table) in raw.stages.into_iter().enumerate() {
+            let line = stage_lines.get(i).copied().unwrap_or(0);
+            let mut take_str = |key: &str| -> Result<String, SpecError> {
+                match table.remove(key) {
+                    Some(toml::Value::String(s)) => Ok(s),
+                    Some(other) => Err(err(
+                        line,
+                        format!("stage `{key}` must be a string, found {}", other.type_str()),
+                    )),
+                    None => Err(err(line, format!("stage entry is missing `{key}`"))),
+                }
+            };
+            let name = take_str("name")?;
+            let kind = take_str("kind")?;
+            let from = match table.remove("from") {
+                Some(toml::Value::String(s)) => vec![s],
+                Some(toml::Value::Array(items)) => items
+                    .into_iter()
+                    .map(|v| match v {
+                        toml::Value::String(s) => Ok(s),
+                        other => Err(err(
+                            line,
+                            format!("`from` items must be strings, found {}", other.type_str()),
+                        )),
+                    })
+                    .collect::<Result<_, _>>()?,
+                Some(other) => {
+                    return Err(err(
+                        line,
+                        format!(
+                            "`from` must be a string or a list, found {}",
+                            other.type_str()
+                        ),
+                    ));
+                }
+                None => return Err(err(line, format!("stage `{name}` is missing `from`"))),
+            };
+            if !kinds.contains(&kind.as_str()) {
+                return Err(err(
+                    line,
+                    format!(
+                        "stage `{name}`: unknown kind `{kind}` (known: {})",
+                        kinds.join(", ")
+                    ),
+                ));
+            }
+            for f in &from {
+                if !seen.contains(f) {
+                    return Err(err(
+                        line,
+                        format!(
+                            "stage `{name}` reads from `{f}`, which is not `prompts` or an earlier stage"
+                        ),
+                    ));
+                }
+            }
+            if !seen.insert(name.clone()) {
+                return Err(err(line, format!("stage name `{name}` is used twice")));
+            }
+            stages.push(StageSpec {
+                name,
+                kind,
+                from,
+                settings: table,
+                line,
+            });
+        }
+        if stages.is_empty() {
+            return Err(err(0, "a dataflow needs at least one [[stage]]".into()));
+        }
+        Ok(Spec {
+            path: path.to_path_buf(),
+            text: text.to_string(),
+            name: raw.name,
+            seed: raw.seed,
+            constitution: resolve(base, &raw.constitution),
+            models,
+            prompts: raw.prompts,
+            stages,
+        })
+    }
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let expanded = p.replace(
+        "$CAIRN_HOME",
+        &crate::paths::cairn_home().display().to_string(),
+    );
+    let path = PathBuf::from(expanded);
+    if path.is_absolute() {
+        path
+    } else {
+        base.join(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "t"
+seed = 1
+constitution = "c.toml"
+[models.policy]
+path = "m.gguf"
+[prompts]
+red_team = ["a.txt"]
+[[stage]]
+name = "sample"
+kind = "sample"
+from = "prompts"
+max_new_tokens = 8
+[[stage]]
+name = "critique_1"
+kind = "critique"
+from = ["sample"]
+round = 1
+"#;
+
+    #[test]
+    fn a_good_spec_parses_with_stage_settings_and_lines() {
+        let spec = Spec::parse(GOOD, Path::new("/x/flow.toml")).expect("parses");
+        assert_eq!(spec.stages.len(), 2);
+        assert_eq!(
+            spec.stages[0]
+                .settings
+                .get("max_new_tokens")
+                .and_then(|v| v.as_integer()),
+            Some(8)
+        );
+        assert_eq!(spec.stages[1].line, 14);
+        assert_eq!(spec.constitution, PathBuf::from("/x/c.toml"));
+        assert_eq!(spec.models[0].path, PathBuf::from("/x/m.gguf"));
+    }
+
+    #[test]
+    fn mistakes_name_file_and_line() {
+        let unknown = GOOD.replace("seed = 1", "seed = 1\ncolour = 2");
+        let e = Spec::parse(&unknown, Path::new("f.toml")).expect_err("unknown key");
+        assert!(
+            e.to_string().starts_with("f.toml:3:") && e.to_string().contains("colour"),
+            "{e}"
+        );
+        let wiring = GOOD.replace("from = [\"sample\"]", "from = [\"samples\"]");
+        let e = Spec::parse(&wiring, Path::new("f.toml")).expect_err("wiring");
+        assert!(
+            e.to_string().starts_with("f.toml:14:") && e.to_string().contains("samples"),
+            "{e}"
+        );
+        let kind = GOOD.replace("kind = \"critique\"", "kind = \"critic\"");
+        let e = Spec::parse(&kind, Path::new("f.toml")).expect_err("kind");
+        assert!(e.to_string().contains("unknown kind `critic`"), "{e}");
+        let dup = GOOD.replace("name = \"critique_1\"", "name = \"sample\"");
+        assert!(
+            Spec::parse(&dup, Path::new("f.toml"))
+                .expect_err("dup")
+                .to_string()
+                .contains("twice")
+        );
+        let e = Spec::parse("name = 3", Path::new("f.toml")).expect_err("type");
+        assert!(e.to_string().starts_with("f.toml:1:"), "{e}");
+    }
+}

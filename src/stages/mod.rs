@@ -1,0 +1,251 @@
+//! Stages: the units of work of a CAI dataflow, one file each. A stage says which records it
+//! consumes, how each consumed record turns into tasks (with the idempotency key of each
+//! output), what model work a task needs, and how the model's reply becomes the output
+//! record. It knows nothing of timely or log files: the engine (`crate::engine`) turns each
+//! stage into an operator that batches the model work, logs every output before emitting it,
+//! and skips tasks whose keys are already logged.
+//!
+//! Adding a stage: write `src/stages/<name>.rs` implementing [`Stage`], add one line to
+//! [`registry`], and name it in a `dataflows/*.toml` spec (see `examples/custom_stage.rs`).
+
+pub mod critique;
+pub mod revise;
+pub mod sample;
+pub mod sft;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rand::SeedableRng;
+
+use crate::constitution::Constitution;
+use crate::model::{GenerateRequest, Generation, ScoreRequest, Scored, Tokenizer};
+use crate::record::{Key, Payload};
+
+/// A record flowing through the dataflow: an event's key, lineage and payload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rec {
+    /// Idempotency key of the event.
+    pub key: Key,
+    /// Keys of the records it was derived from.
+    pub parents: Vec<Key>,
+    /// The stage instance that produced it.
+    pub stage: String,
+    /// The record.
+    pub payload: Payload,
+}
+
+/// Model work a task needs.
+#[derive(Clone, Debug)]
+pub enum Work {
+    /// Generate with the named model.
+    Generate {
+        /// Model name in the run.
+        model: String,
+        /// The request.
+        request: GenerateRequest,
+    },
+    /// Score with the named model.
+    Score {
+        /// Model name in the run.
+        model: String,
+        /// The request.
+        request: ScoreRequest,
+    },
+    /// No model work: the output is known already.
+    Pure(Payload),
+}
+
+/// One output to produce.
+#[derive(Clone, Debug)]
+pub struct Task {
+    /// Key of the output event.
+    pub key: Key,
+    /// The input record.
+    pub input: Rec,
+    /// What to compute.
+    pub work: Work,
+}
+
+/// What the model answered for a task.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// For [`Work::Generate`].
+    Generated(Generation),
+    /// For [`Work::Score`].
+    Scored(Scored),
+    /// For [`Work::Pure`].
+    Pure(Payload),
+}
+
+/// Errors of stages (configuration and record handling).
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// A stage's settings are wrong.
+    #[error("stage `{stage}`: {message}")]
+    Config {
+        /// Stage instance name.
+        stage: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A record could not be processed.
+    #[error("stage `{stage}`, record {key}: {message}")]
+    Record {
+        /// Stage instance name.
+        stage: String,
+        /// The input record's key.
+        key: Key,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// What every stage may use: the constitution, the run's master seed, tokenizers by model.
+#[derive(Clone)]
+pub struct StageContext {
+    /// The run's constitution.
+    pub constitution: Arc<Constitution>,
+    /// The master seed every random draw derives from.
+    pub seed: u64,
+    /// Tokenizers of the run's models.
+    pub tokenizers: Arc<HashMap<String, Tokenizer>>,
+}
+
+impl StageContext {
+    /// The tokenizer of `model`.
+    pub fn tokenizer(&self, stage: &str, model: &str) -> Result<&Tokenizer, StageError> {
+        self.tokenizers
+            .get(model)
+            .ok_or_else(|| StageError::Config {
+                stage: stage.to_string(),
+                message: format!("no model named `{model}` in the run"),
+            })
+    }
+
+    /// A seed for one draw, derived from the master seed and what the draw is for.
+    pub fn derive_seed(&self, purpose: &str, key: Key, round: u64) -> u64 {
+        let k = Key::builder("seed")
+            .u64(self.seed)
+            .str(purpose)
+            .key(key)
+            .u64(round)
+            .finish();
+        k.0 as u64
+    }
+
+    /// A seeded generator for one draw.
+    pub fn rng(&self, purpose: &str, key: Key, round: u64) -> rand_chacha::ChaCha8Rng {
+        rand_chacha::ChaCha8Rng::seed_from_u64(self.derive_seed(purpose, key, round))
+    }
+}
+
+/// A stage of the dataflow.
+pub trait Stage: Send + Sync {
+    /// The stage instance's name (unique in a dataflow).
+    fn name(&self) -> &str;
+    /// Whether the stage consumes this record. Records it does not consume pass through
+    /// to the stages after it.
+    fn accepts(&self, rec: &Rec) -> bool;
+    /// The outputs a consumed record leads to.
+    fn plan(&self, rec: &Rec) -> Result<Vec<Task>, StageError>;
+    /// The output payload of a task, given the model's reply.
+    fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError>;
+}
+
+/// Settings of one stage instance, as written in a dataflow spec.
+pub type StageSettings = toml::Table;
+
+/// Builds a stage of the given kind from its settings.
+pub type StageBuilder = fn(
+    name: &str,
+    settings: &StageSettings,
+    ctx: &StageContext,
+) -> Result<Box<dyn Stage>, StageError>;
+
+/// Every stage kind the engine can run, by the name used in dataflow specs.
+pub fn registry() -> Vec<(&'static str, &'static str, StageBuilder)> {
+    vec![
+        (
+            "sample",
+            "answer each prompt with the policy model",
+            sample::build,
+        ),
+        (
+            "critique",
+            "critique the latest answer against a principle drawn for the round",
+            critique::build,
+        ),
+        (
+            "revise",
+            "rewrite the answer following the round's critique",
+            revise::build,
+        ),
+    ]
+}
+
+/// Reads typed settings out of a stage's table, rejecting unknown keys.
+pub fn parse_settings<T: serde::de::DeserializeOwned>(
+    name: &str,
+    settings: &StageSettings,
+) -> Result<T, StageError> {
+    toml::Value::Table(settings.clone())
+        .try_into()
+        .map_err(|e: toml::de::Error| StageError::Config {
+            stage: name.to_string(),
+            message: e.message().to_string(),
+        })
+}
+
+/// The generation settings every generating stage accepts.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSettings {
+    /// Model name in the run.
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Most new tokens.
+    #[serde(default = "default_max_new")]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[serde(default = "default_temperature")]
+    pub temperature: f32,
+    /// Nucleus mass.
+    #[serde(default = "default_top_p")]
+    pub top_p: f32,
+    /// Top-k (0: off).
+    #[serde(default)]
+    pub top_k: usize,
+}
+
+fn default_model() -> String {
+    "policy".into()
+}
+fn default_max_new() -> usize {
+    128
+}
+fn default_temperature() -> f32 {
+    0.7
+}
+fn default_top_p() -> f32 {
+    0.9
+}
+
+impl GenerationSettings {
+    /// Sampling parameters with the given seed.
+    pub fn params(&self, seed: u64) -> crate::model::SamplingParams {
+        crate::model::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            seed,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Decodes a generation into trimmed text.
+pub fn decode(tok: &Tokenizer, g: &Generation) -> String {
+    tok.decode(&g.tokens).unwrap_or_default().trim().to_string()
+}

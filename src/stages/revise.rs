@@ -1,0 +1,126 @@
+//! `revise`: rewrites the answer following the round's critique, with the revision request
+//! of the principle the critique was drawn for, after the constitution's few-shot examples.
+
+use super::critique::{critique_request, few_shot_turns, revision_request, round_settings};
+use super::sample::settings_digest;
+use super::{
+    GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work,
+};
+use crate::model::{GenerateRequest, Message, Role};
+use crate::record::{Key, Payload, RevisionRecord};
+
+/// The `revise` stage of one round.
+pub struct ReviseStage {
+    name: String,
+    round: u32,
+    few_shot: usize,
+    generation: GenerationSettings,
+    ctx: StageContext,
+    digest: u128,
+}
+
+/// Builds the stage: `round`, optional `few_shot`, and the generation keys.
+pub fn build(
+    name: &str,
+    settings: &StageSettings,
+    ctx: &StageContext,
+) -> Result<Box<dyn Stage>, StageError> {
+    let (round, few_shot, generation) = round_settings(name, settings)?;
+    ctx.tokenizer(name, &generation.model)?;
+    Ok(Box::new(ReviseStage {
+        name: name.to_string(),
+        round,
+        few_shot: few_shot.unwrap_or(usize::MAX),
+        generation,
+        ctx: ctx.clone(),
+        digest: settings_digest(settings) ^ ctx.constitution.digest(),
+    }))
+}
+
+impl Stage for ReviseStage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn accepts(&self, rec: &Rec) -> bool {
+        matches!(&rec.payload, Payload::Critique(c) if c.round == self.round)
+    }
+
+    fn plan(&self, rec: &Rec) -> Result<Vec<Task>, StageError> {
+        let Payload::Critique(c) = &rec.payload else {
+            return Ok(Vec::new());
+        };
+        let err = |message: String| StageError::Record {
+            stage: self.name.clone(),
+            key: rec.key,
+            message,
+        };
+        let principle = self
+            .ctx
+            .constitution
+            .critique_principle(&c.principle)
+            .ok_or_else(|| {
+                err(format!(
+                    "principle `{}` is not in the constitution",
+                    c.principle
+                ))
+            })?;
+        let mut messages = few_shot_turns(&self.ctx, self.few_shot).map_err(err)?;
+        messages.push(Message::new(Role::User, c.conversation.prompt.clone()));
+        messages.push(Message::new(Role::Assistant, c.response.clone()));
+        messages.push(Message::new(
+            Role::User,
+            critique_request(&self.ctx, principle).map_err(err)?,
+        ));
+        messages.push(Message::new(Role::Assistant, c.critique.clone()));
+        messages.push(Message::new(
+            Role::User,
+            revision_request(&self.ctx, principle).map_err(err)?,
+        ));
+        let tok = self.ctx.tokenizer(&self.name, &self.generation.model)?;
+        let prompt = tok.encode_chat(&messages).map_err(|e| err(e.to_string()))?;
+        let seed = self.ctx.derive_seed(&self.name, rec.key, self.round as u64);
+        let key = Key::builder(&self.name)
+            .key(rec.key)
+            .u64(self.round as u64)
+            .u64(self.ctx.seed)
+            .u128(self.digest)
+            .finish();
+        Ok(vec![Task {
+            key,
+            input: rec.clone(),
+            work: Work::Generate {
+                model: self.generation.model.clone(),
+                request: GenerateRequest {
+                    prompt,
+                    params: self.generation.params(seed),
+                },
+            },
+        }])
+    }
+
+    fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError> {
+        let (Payload::Critique(c), Reply::Generated(g), Work::Generate { request, .. }) =
+            (&task.input.payload, reply, &task.work)
+        else {
+            return Err(StageError::Record {
+                stage: self.name.clone(),
+                key: task.input.key,
+                message: "unexpected reply".into(),
+            });
+        };
+        let tok = self.ctx.tokenizer(&self.name, &self.generation.model)?;
+        let mut response = super::decode(tok, &g);
+        // An empty rewrite would teach nothing; keep the critiqued answer then.
+        if response.is_empty() {
+            response = c.response.clone();
+        }
+        Ok(Payload::Revision(RevisionRecord {
+            conversation: c.conversation.clone(),
+            round: self.round,
+            principle: c.principle.clone(),
+            response,
+            seed: request.params.seed,
+        }))
+    }
+}

@@ -1,0 +1,105 @@
+//! `sample`: the policy model's first answer to each prompt (red-team and helpful alike),
+//! through the model's chat template, with a seed derived from the run seed and the prompt.
+
+use super::{
+    GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work,
+};
+use crate::model::{GenerateRequest, Message, Role};
+use crate::record::{Conversation, Key, Payload, SampleRecord};
+
+/// The `sample` stage.
+pub struct SampleStage {
+    name: String,
+    settings: GenerationSettings,
+    ctx: StageContext,
+    digest: u128,
+}
+
+/// Builds the stage from its settings (the [`GenerationSettings`] keys).
+pub fn build(
+    name: &str,
+    settings: &StageSettings,
+    ctx: &StageContext,
+) -> Result<Box<dyn Stage>, StageError> {
+    let parsed: GenerationSettings = super::parse_settings(name, settings)?;
+    ctx.tokenizer(name, &parsed.model)?;
+    Ok(Box::new(SampleStage {
+        name: name.to_string(),
+        settings: parsed,
+        ctx: ctx.clone(),
+        digest: settings_digest(settings),
+    }))
+}
+
+/// A digest of a stage's settings, part of its output keys.
+pub fn settings_digest(settings: &StageSettings) -> u128 {
+    Key::builder("settings")
+        .str(&settings.to_string())
+        .finish()
+        .0
+}
+
+impl Stage for SampleStage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn accepts(&self, rec: &Rec) -> bool {
+        matches!(rec.payload, Payload::Prompt(_))
+    }
+
+    fn plan(&self, rec: &Rec) -> Result<Vec<Task>, StageError> {
+        let Payload::Prompt(p) = &rec.payload else {
+            return Ok(Vec::new());
+        };
+        let tok = self.ctx.tokenizer(&self.name, &self.settings.model)?;
+        let prompt = tok
+            .encode_chat(&[Message::new(Role::User, p.text.clone())])
+            .map_err(|e| StageError::Record {
+                stage: self.name.clone(),
+                key: rec.key,
+                message: e.to_string(),
+            })?;
+        let seed = self.ctx.derive_seed(&self.name, rec.key, 0);
+        let key = Key::builder(&self.name)
+            .key(rec.key)
+            .u64(self.ctx.seed)
+            .u128(self.digest)
+            .finish();
+        Ok(vec![Task {
+            key,
+            input: rec.clone(),
+            work: Work::Generate {
+                model: self.settings.model.clone(),
+                request: GenerateRequest {
+                    prompt,
+                    params: self.settings.params(seed),
+                },
+            },
+        }])
+    }
+
+    fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError> {
+        let (Payload::Prompt(p), Reply::Generated(g), Work::Generate { request, .. }) =
+            (&task.input.payload, reply, &task.work)
+        else {
+            return Err(StageError::Record {
+                stage: self.name.clone(),
+                key: task.input.key,
+                message: "unexpected reply".into(),
+            });
+        };
+        let tok = self.ctx.tokenizer(&self.name, &self.settings.model)?;
+        Ok(Payload::Sample(SampleRecord {
+            conversation: Conversation {
+                purpose: p.purpose,
+                prompt: p.text.clone(),
+            },
+            response: super::decode(tok, &g),
+            logprob: g.logprobs.iter().sum(),
+            stopped: g.finish == crate::model::Finish::Stop,
+            tokens: g.tokens,
+            seed: request.params.seed,
+        }))
+    }
+}

@@ -1,0 +1,288 @@
+//! `sft`: supervised finetuning of a model on (red-team prompt → final revision) pairs, mixed
+//! with (helpful prompt → sample) pairs at a configured ratio, as the records stream in.
+//!
+//! The stage collects the records of each dataflow epoch; when the epoch is complete it sorts
+//! them by key (so batches do not depend on arrival order), splits off a held-out share by
+//! key, and forms optimiser steps of `batch_size` examples. At the end it trains on the
+//! remainder, measures the held-out loss and writes a checkpoint. Steps are deterministic, so
+//! a resumed run that retrains them logs nothing twice (same keys).
+
+use serde::Deserialize;
+
+use super::sample::settings_digest;
+use super::{Rec, StageContext, StageError, StageSettings};
+use crate::model::{Message, Role};
+use crate::record::{Key, Payload, PromptPurpose};
+use crate::train::{OptimConfig, SftExample};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    #[serde(default = "sft_model")]
+    model: String,
+    #[serde(default = "batch_size")]
+    batch_size: usize,
+    #[serde(default = "micro_batch")]
+    micro_batch: usize,
+    #[serde(default = "lr")]
+    lr: f64,
+    #[serde(default)]
+    warmup_steps: u64,
+    #[serde(default)]
+    weight_decay: f64,
+    #[serde(default = "max_grad_norm")]
+    max_grad_norm: f64,
+    #[serde(default = "helpful_ratio")]
+    helpful_ratio: f64,
+    #[serde(default = "held_out")]
+    held_out: f64,
+}
+fn sft_model() -> String {
+    "sft".into()
+}
+fn batch_size() -> usize {
+    8
+}
+fn micro_batch() -> usize {
+    4
+}
+fn lr() -> f64 {
+    1e-5
+}
+fn max_grad_norm() -> f64 {
+    1.0
+}
+fn helpful_ratio() -> f64 {
+    1.0
+}
+fn held_out() -> f64 {
+    0.1
+}
+
+/// Work the engine runs for the stage, in order.
+#[derive(Clone, Debug)]
+pub enum SftWork {
+    /// One optimiser step.
+    Step {
+        /// Key of the `sft_step` event.
+        key: Key,
+        /// Keys of the examples' records.
+        parents: Vec<Key>,
+        /// The examples.
+        examples: Vec<SftExample>,
+        /// Examples per forward/backward pass.
+        micro_batch: usize,
+        /// This step's optimiser settings (learning rate from the schedule).
+        optim: OptimConfig,
+        /// Step number, from 1.
+        step: u64,
+    },
+    /// Held-out loss.
+    Eval {
+        /// Key of the `sft_eval` event.
+        key: Key,
+        /// Held-out examples.
+        examples: Vec<SftExample>,
+        /// Steps taken.
+        step: u64,
+    },
+    /// Write a checkpoint.
+    Checkpoint {
+        /// Key of the `checkpoint` event.
+        key: Key,
+        /// Steps included.
+        step: u64,
+    },
+}
+
+/// The `sft` stage.
+pub struct SftStage {
+    name: String,
+    settings: Settings,
+    ctx: StageContext,
+    digest: u128,
+    step: u64,
+    carry: Vec<(Key, SftExample)>,
+    held_out: Vec<(Key, SftExample)>,
+    step_keys: Vec<Key>,
+}
+
+impl SftStage {
+    /// Builds the stage from its settings.
+    pub fn build(
+        name: &str,
+        settings: &StageSettings,
+        ctx: &StageContext,
+    ) -> Result<SftStage, StageError> {
+        let parsed: Settings = super::parse_settings(name, settings)?;
+        ctx.tokenizer(name, &parsed.model)?;
+        let bad = |m: &str| StageError::Config {
+            stage: name.to_string(),
+            message: m.to_string(),
+        };
+        if parsed.batch_size == 0 || parsed.micro_batch == 0 {
+            return Err(bad("batch_size and micro_batch must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&parsed.held_out)
+            || parsed.helpful_ratio < 0.0
+            || parsed.lr.is_nan()
+            || parsed.lr <= 0.0
+        {
+            return Err(bad(
+                "held_out must be in [0, 1), helpful_ratio >= 0 and lr > 0",
+            ));
+        }
+        Ok(SftStage {
+            name: name.to_string(),
+            digest: settings_digest(settings),
+            settings: parsed,
+            ctx: ctx.clone(),
+            step: 0,
+            carry: Vec::new(),
+            held_out: Vec::new(),
+            step_keys: Vec::new(),
+        })
+    }
+
+    /// The stage instance's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The model the stage trains.
+    pub fn model(&self) -> &str {
+        &self.settings.model
+    }
+
+    /// Final revisions (the spec's `from` picks the round) and helpful samples.
+    pub fn accepts(&self, rec: &Rec) -> bool {
+        match &rec.payload {
+            Payload::Revision(_) => true,
+            Payload::Sample(s) => s.conversation.purpose == PromptPurpose::Helpful,
+            _ => false,
+        }
+    }
+
+    fn example(&self, rec: &Rec) -> Result<Option<(SftExample, bool)>, StageError> {
+        let (conversation, response, red) = match &rec.payload {
+            Payload::Revision(r) => (&r.conversation, &r.response, true),
+            Payload::Sample(s) => (&s.conversation, &s.response, false),
+            _ => return Ok(None),
+        };
+        let tok = self.ctx.tokenizer(&self.name, &self.settings.model)?;
+        let err = |e: crate::model::ModelError| StageError::Record {
+            stage: self.name.clone(),
+            key: rec.key,
+            message: e.to_string(),
+        };
+        let context = tok
+            .encode_chat(&[Message::new(Role::User, conversation.prompt.clone())])
+            .map_err(err)?;
+        let mut target = tok.encode(response).map_err(err)?;
+        // Learn to end the turn, too.
+        if let Some(&end) = tok.eos_ids().last() {
+            target.push(end);
+        }
+        Ok(Some((SftExample { context, target }, red)))
+    }
+
+    /// Takes one complete epoch's records; returns the optimiser steps now full.
+    pub fn add_epoch(&mut self, mut recs: Vec<Rec>) -> Result<Vec<SftWork>, StageError> {
+        recs.sort_by_key(|r| r.key);
+        let mut red = Vec::new();
+        let mut helpful = Vec::new();
+        for rec in &recs {
+            if let Some((ex, is_red)) = self.example(rec)? {
+                if is_red {
+                    red.push((rec.key, ex))
+                } else {
+                    helpful.push((rec.key, ex))
+                }
+            }
+        }
+        let keep_helpful = ((red.len() as f64) * self.settings.helpful_ratio).ceil() as usize;
+        helpful.truncate(if red.is_empty() {
+            helpful.len()
+        } else {
+            keep_helpful
+        });
+        let mut all: Vec<(Key, SftExample)> = red.into_iter().chain(helpful).collect();
+        all.sort_by_key(|(k, _)| *k);
+        let cut = (self.settings.held_out * 1000.0) as u128;
+        for (key, ex) in all {
+            if key.0 % 1000 < cut {
+                self.held_out.push((key, ex));
+            } else {
+                self.carry.push((key, ex));
+            }
+        }
+        let mut work = Vec::new();
+        while self.carry.len() >= self.settings.batch_size {
+            let batch: Vec<_> = self.carry.drain(..self.settings.batch_size).collect();
+            work.push(self.step_work(batch));
+        }
+        Ok(work)
+    }
+
+    /// Called when the input has ended: the last partial step, held-out loss, checkpoint.
+    pub fn finish(&mut self) -> Vec<SftWork> {
+        let mut work = Vec::new();
+        if !self.carry.is_empty() {
+            let batch = std::mem::take(&mut self.carry);
+            work.push(self.step_work(batch));
+        }
+        let mut all = Key::builder(&self.name).str("end").u128(self.digest);
+        for k in &self.step_keys {
+            all = all.key(*k);
+        }
+        let end_key = all.finish();
+        if !self.held_out.is_empty() {
+            work.push(SftWork::Eval {
+                key: Key::builder(&self.name).str("eval").key(end_key).finish(),
+                examples: self.held_out.iter().map(|(_, e)| e.clone()).collect(),
+                step: self.step,
+            });
+        }
+        if self.step > 0 {
+            work.push(SftWork::Checkpoint {
+                key: Key::builder(&self.name)
+                    .str("checkpoint")
+                    .key(end_key)
+                    .finish(),
+                step: self.step,
+            });
+        }
+        work
+    }
+
+    fn step_work(&mut self, batch: Vec<(Key, SftExample)>) -> SftWork {
+        self.step += 1;
+        let mut key = Key::builder(&self.name)
+            .u64(self.step)
+            .u64(self.ctx.seed)
+            .u128(self.digest);
+        for (k, _) in &batch {
+            key = key.key(*k);
+        }
+        let key = key.finish();
+        self.step_keys.push(key);
+        let s = &self.settings;
+        let warm = if s.warmup_steps == 0 {
+            1.0
+        } else {
+            (self.step as f64 / s.warmup_steps as f64).min(1.0)
+        };
+        SftWork::Step {
+            key,
+            parents: batch.iter().map(|(k, _)| *k).collect(),
+            examples: batch.into_iter().map(|(_, e)| e).collect(),
+            micro_batch: s.micro_batch,
+            optim: OptimConfig {
+                lr: s.lr * warm,
+                weight_decay: s.weight_decay,
+                max_grad_norm: s.max_grad_norm,
+            },
+            step: self.step,
+        }
+    }
+}
