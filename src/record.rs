@@ -207,7 +207,24 @@ struct StoredEnvelope {
     stage: String,
     parents: Vec<Key>,
     kind: String,
+    #[serde(with = "serde_bytes")]
     body: Vec<u8>,
+}
+
+/// The same layout as [`StoredEnvelope`], borrowing its fields, for encoding without copies.
+#[derive(Serialize)]
+struct StoredEnvelopeRef<'a> {
+    version: u16,
+    offset: u64,
+    key: Key,
+    run_id: RunId,
+    epoch: u64,
+    wall_ns: u64,
+    stage: &'a str,
+    parents: &'a [Key],
+    kind: &'a str,
+    #[serde(with = "serde_bytes")]
+    body: &'a [u8],
 }
 
 /// Byte range of the key inside an encoded envelope (after `version: u16, offset: u64`).
@@ -235,20 +252,29 @@ pub enum RecordError {
 impl Envelope {
     /// Encodes the envelope for the log.
     pub fn encode(&self) -> Vec<u8> {
-        let stored = StoredEnvelope {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the encoded envelope to `out` (the log writer encodes straight into its
+    /// write buffer).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let body = self.payload.encode_body();
+        let stored = StoredEnvelopeRef {
             version: ENVELOPE_VERSION,
             offset: self.offset,
             key: self.key,
             run_id: self.run_id,
             epoch: self.epoch,
             wall_ns: self.wall_ns,
-            stage: self.stage.clone(),
-            parents: self.parents.clone(),
-            kind: self.payload.kind().to_string(),
-            body: self.payload.encode_body(),
+            stage: &self.stage,
+            parents: &self.parents,
+            kind: self.payload.kind(),
+            body: &body,
         };
-        // Serialising plain owned data into a Vec cannot fail.
-        bincode::serialize(&stored).unwrap_or_default()
+        // Serialising plain data into a Vec cannot fail.
+        let _ = bincode::serialize_into(out, &stored);
     }
 
     /// Decodes an envelope; an unknown payload kind becomes [`Payload::Unknown`].

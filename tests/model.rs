@@ -2,17 +2,19 @@
 //! full recomputation, batching against one-at-a-time, seeding against batch composition,
 //! the GGUF path (llama.cpp's Q/K row order), the model worker, and bad input.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use cairn::model::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
+use cairn::model::gguf::{GgufFile, GgufWriter, MetaValue};
 use cairn::model::llama::{KvCache, Llama};
 use cairn::model::load::{load_gguf, load_hf_weights};
 use cairn::model::worker::{Job, JobOutput, ModelWorker, ServedModel, WorkerOptions};
 use cairn::model::{GenerateRequest, LlamaConfig, ModelError, SamplingParams, ScoreRequest};
 use tch::{Device, Kind, Tensor};
 
-const VOCAB: usize = 258;
+use common::VOCAB;
 
 fn tiny(seed: u64) -> Llama {
     Llama::random(LlamaConfig::tiny(VOCAB), seed, Device::Cpu).expect("random model")
@@ -215,87 +217,10 @@ fn batched_scoring_equals_one_at_a_time_and_full_forward() {
 #[test]
 fn gguf_models_load_with_llama_cpp_row_order_undone() {
     let model = tiny(6);
-    let c = model.config().clone();
-    let mut w = GgufWriter::new();
-    let u32v = |v: usize| MetaValue::U32(v as u32);
-    w.add_metadata("general.architecture", MetaValue::String("llama".into()))
-        .add_metadata("llama.context_length", u32v(c.max_position_embeddings))
-        .add_metadata("llama.embedding_length", u32v(c.hidden_size))
-        .add_metadata("llama.block_count", u32v(c.num_hidden_layers))
-        .add_metadata("llama.feed_forward_length", u32v(c.intermediate_size))
-        .add_metadata("llama.attention.head_count", u32v(c.num_attention_heads))
-        .add_metadata("llama.attention.head_count_kv", u32v(c.num_key_value_heads))
-        .add_metadata(
-            "llama.attention.layer_norm_rms_epsilon",
-            MetaValue::F32(c.rms_norm_eps as f32),
-        )
-        .add_metadata("llama.rope.freq_base", MetaValue::F32(c.rope_theta as f32))
-        .add_metadata("tokenizer.ggml.model", MetaValue::String("gpt2".into()))
-        .add_metadata("tokenizer.ggml.pre", MetaValue::String("smollm".into()));
-    let mut tokens: Vec<String> = byte_level_alphabet();
-    tokens.push("<|im_start|>".into());
-    tokens.push("<|im_end|>".into());
-    let types: Vec<MetaValue> = (0..tokens.len())
-        .map(|i| MetaValue::I32(if i >= 256 { 3 } else { 1 }))
-        .collect();
-    w.add_metadata(
-        "tokenizer.ggml.tokens",
-        MetaValue::Array(tokens.iter().cloned().map(MetaValue::String).collect()),
-    )
-    .add_metadata("tokenizer.ggml.merges", MetaValue::Array(vec![]))
-    .add_metadata("tokenizer.ggml.token_type", MetaValue::Array(types))
-    .add_metadata("tokenizer.ggml.eos_token_id", u32v(257));
-    let gguf_name = |hf: &str| -> String {
-        let map = [
-            ("model.embed_tokens.weight", "token_embd.weight"),
-            ("model.norm.weight", "output_norm.weight"),
-        ];
-        if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
-            return g.to_string();
-        }
-        let rest = hf.strip_prefix("model.layers.").expect("layer tensor");
-        let (i, part) = rest.split_once('.').expect("dot");
-        let g = match part {
-            "input_layernorm.weight" => "attn_norm.weight",
-            "post_attention_layernorm.weight" => "ffn_norm.weight",
-            "self_attn.q_proj.weight" => "attn_q.weight",
-            "self_attn.k_proj.weight" => "attn_k.weight",
-            "self_attn.v_proj.weight" => "attn_v.weight",
-            "self_attn.o_proj.weight" => "attn_output.weight",
-            "mlp.gate_proj.weight" => "ffn_gate.weight",
-            "mlp.up_proj.weight" => "ffn_up.weight",
-            "mlp.down_proj.weight" => "ffn_down.weight",
-            other => panic!("unexpected {other}"),
-        };
-        format!("blk.{i}.{g}")
-    };
-    for (name, t) in model.named_tensors() {
-        // llama.cpp's converter: rows of each head reordered to interleave the two halves.
-        let heads = if name.ends_with("q_proj.weight") {
-            Some(c.num_attention_heads as i64)
-        } else if name.ends_with("k_proj.weight") {
-            Some(c.num_key_value_heads as i64)
-        } else {
-            None
-        };
-        let t = match heads {
-            Some(h) => {
-                let size = t.size();
-                t.view([h, 2, size[0] / h / 2, size[1]])
-                    .transpose(1, 2)
-                    .reshape([size[0], size[1]])
-            }
-            None => t,
-        };
-        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        let data = Vec::<f32>::try_from(&t.flatten(0, -1)).expect("data");
-        // Norms stay F32 (as in real files); matrices as F32 here, see the quantised check below.
-        w.add_tensor_f32(gguf_name(&name), &shape, &data, GgmlType::F32)
-            .expect("add tensor");
-    }
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("tiny.gguf");
-    w.write(&path).expect("write gguf");
+    common::write_llama_gguf(&model, &path);
+
     let loaded = load_gguf(&path, Device::Cpu).expect("load gguf");
     let ids = [3u32, 99, 150, 2, 77, 31];
     let diff = max_abs_diff(
@@ -340,26 +265,6 @@ fn gguf_models_load_with_llama_cpp_row_order_undone() {
         .err()
         .expect("unsupported architecture");
     assert!(err.to_string().contains("mamba"), "{err}");
-}
-
-/// GPT-2's byte-to-character table for byte-level BPE vocabularies.
-fn byte_level_alphabet() -> Vec<String> {
-    let mut printable: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
-    let mut chars: Vec<u32> = printable.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            printable.push(b);
-            chars.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut pairs: Vec<(u32, u32)> = printable.into_iter().zip(chars).collect();
-    pairs.sort();
-    pairs
-        .into_iter()
-        .map(|(_, c)| char::from_u32(c).expect("char").to_string())
-        .collect()
 }
 
 #[test]

@@ -29,7 +29,7 @@ use crate::model::{ModelError, ModelWorker, WorkerOptions};
 use crate::prompts::{PromptSource, read_prompts};
 use crate::record::{Key, NewEvent, Payload, PromptPurpose, PromptRecord, RunId, RunStarted};
 use crate::spec::Spec;
-use crate::stages::{Rec, StageContext, StageError};
+use crate::stages::{Rec, StageContext, StageError, StageKind};
 
 pub use operator::OperatorStats;
 
@@ -200,8 +200,18 @@ fn load_prompts(spec: &Spec) -> Result<Vec<Rec>, EngineError> {
     Ok(out)
 }
 
-/// Runs a dataflow spec to completion (or until `stop` is set).
+/// Runs a dataflow spec to completion (or until `stop` is set) with the built-in stages.
 pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunSummary, EngineError> {
+    run_with(spec, opts, &crate::stages::registry())
+}
+
+/// Runs a dataflow spec with the given stage kinds (the built-in ones plus any of your own;
+/// see `examples/custom_stage.rs`).
+pub fn run_with(
+    spec: &Spec,
+    opts: &RunOptions,
+    kinds: &[StageKind],
+) -> Result<RunSummary, EngineError> {
     let constitution = Arc::new(
         Constitution::load(&spec.constitution).map_err(|e| EngineError::Input(e.to_string()))?,
     );
@@ -225,7 +235,7 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunSummary, EngineError> {
         tokenizers: Arc::new(tokenizers),
     };
     // Build every stage before touching the log: configuration errors change nothing.
-    let plan = operator::Plan::build(spec, &ctx)?;
+    let plan = operator::Plan::build(spec, &ctx, kinds)?;
 
     // What this log already holds: the records exactly-once resume re-emits.
     let writer = LogWriter::open(

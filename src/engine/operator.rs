@@ -23,7 +23,7 @@ use crate::record::{
 };
 use crate::spec::Spec;
 use crate::stages::sft::{SftStage, SftWork};
-use crate::stages::{Rec, Reply, Stage, StageContext, StageError, Task, Work, registry};
+use crate::stages::{Rec, Reply, Stage, StageContext, StageError, StageKind, Task, Work};
 
 /// Counters of one operator.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -124,8 +124,11 @@ pub struct Plan {
 
 impl Plan {
     /// Builds every stage of `spec` (configuration errors surface here, before any work).
-    pub fn build(spec: &Spec, ctx: &StageContext) -> Result<Plan, EngineError> {
-        let kinds = registry();
+    pub fn build(
+        spec: &Spec,
+        ctx: &StageContext,
+        kinds: &[StageKind],
+    ) -> Result<Plan, EngineError> {
         let mut stages = Vec::new();
         for s in &spec.stages {
             let mut settings = s.settings.clone();

@@ -99,6 +99,16 @@ pub fn encode_frame(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// Frames bytes already in `buf[start..]` (written after [`FRAME_HEADER_LEN`] reserved bytes
+/// at `start`): fills in the header. Saves copying payloads that were encoded in place.
+pub fn seal_frame_in_place(buf: &mut [u8], start: usize) {
+    let (head, payload) = buf[start..].split_at_mut(FRAME_HEADER_LEN);
+    head[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    head[4..8].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    let head_crc = crc32c::crc32c(&head[0..8]);
+    head[8..12].copy_from_slice(&head_crc.to_le_bytes());
+}
+
 /// What the scanner found at one position of a segment.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
@@ -204,5 +214,9 @@ mod tests {
         assert!(matches!(read_frame(&flipped, 0), Frame::BadHeader(_)));
         bytes.extend_from_slice(&[0; 40]);
         assert_eq!(read_frame(&bytes, full), Frame::Incomplete);
+        let mut in_place = vec![0u8; FRAME_HEADER_LEN];
+        in_place.extend_from_slice(b"hello");
+        seal_frame_in_place(&mut in_place, 0);
+        assert_eq!(in_place, bytes[..full]);
     }
 }

@@ -45,23 +45,101 @@ impl LogReader {
         &self.dir
     }
 
-    /// Decoded events from `offset` on, in order.
+    /// Calls `visit(segment, byte position, offset, payload)` for every checked frame from
+    /// `offset` on, without copying payloads; `visit` returns `false` to stop early.
+    pub fn visit_frames(
+        &self,
+        offset: u64,
+        mut visit: impl FnMut(&Path, u64, u64, &[u8]) -> Result<bool, LogError>,
+    ) -> Result<(), LogError> {
+        let list =
+            list_segments(&self.dir).map_err(|e| LogError::io(&self.dir, "list segments", e))?;
+        let start = list.iter().rposition(|(f, _)| *f <= offset).unwrap_or(0);
+        let mut expected: Option<u64> = None;
+        let mut buf = Vec::new();
+        for (i, (first, path)) in list.iter().enumerate().skip(start) {
+            let is_last = i + 1 == list.len();
+            let (next, stopped) = visit_segment(
+                path,
+                expected.unwrap_or(*first),
+                offset,
+                is_last,
+                &mut buf,
+                &mut visit,
+            )?;
+            if stopped {
+                return Ok(());
+            }
+            expected = Some(next);
+        }
+        Ok(())
+    }
+
+    /// Decoded events from `offset` on, in order (decoded a segment at a time).
     pub fn iter_from(
         &self,
         offset: u64,
     ) -> impl Iterator<Item = Result<Envelope, LogError>> + use<> {
-        let mut frames = self.frames_from(offset);
+        let listed =
+            list_segments(&self.dir).map_err(|e| LogError::io(&self.dir, "list segments", e));
+        let mut segments = Vec::new().into_iter();
+        let mut total = 0;
+        let mut failed = None;
+        match listed {
+            Ok(list) => {
+                total = list.len();
+                let start = list.iter().rposition(|(f, _)| *f <= offset).unwrap_or(0);
+                segments = list
+                    .into_iter()
+                    .enumerate()
+                    .skip(start)
+                    .collect::<Vec<_>>()
+                    .into_iter();
+            }
+            Err(e) => failed = Some(e),
+        }
+        let mut pending: std::vec::IntoIter<Envelope> = Vec::new().into_iter();
+        let mut expected: Option<u64> = None;
+        let mut buf = Vec::new();
         std::iter::from_fn(move || {
-            let (seg, pos, offset, bytes) = match frames.next()? {
-                Ok(frame) => frame,
-                Err(e) => return Some(Err(e)),
-            };
-            Some(Envelope::decode(&bytes).map_err(|e| LogError::Corrupt {
-                segment: seg,
-                pos,
-                offset,
-                reason: e.to_string(),
-            }))
+            loop {
+                if let Some(e) = failed.take() {
+                    segments = Vec::new().into_iter();
+                    return Some(Err(e));
+                }
+                if let Some(env) = pending.next() {
+                    return Some(Ok(env));
+                }
+                let (i, (first, path)) = segments.next()?;
+                let mut decoded = Vec::new();
+                let mut decode = |seg: &Path, pos: u64, off: u64, payload: &[u8]| {
+                    let env = Envelope::decode(payload).map_err(|e| LogError::Corrupt {
+                        segment: seg.to_path_buf(),
+                        pos,
+                        offset: off,
+                        reason: e.to_string(),
+                    })?;
+                    decoded.push(env);
+                    Ok(true)
+                };
+                let result = visit_segment(
+                    &path,
+                    expected.unwrap_or(first),
+                    offset,
+                    i + 1 == total,
+                    &mut buf,
+                    &mut decode,
+                );
+                // Records decoded before an error are still returned, then the error.
+                pending = decoded.into_iter();
+                match result {
+                    Ok((next, _)) => expected = Some(next),
+                    Err(e) => {
+                        failed = Some(e);
+                        segments = Vec::new().into_iter();
+                    }
+                }
+            }
         })
     }
 
@@ -89,6 +167,7 @@ impl LogReader {
         let mut total = 0;
         let mut expected: Option<u64> = None;
         let mut failed = None;
+        let mut buf = Vec::new();
         match listed {
             Ok(list) => {
                 total = list.len();
@@ -114,8 +193,20 @@ impl LogReader {
                 }
                 let (i, (first, path)) = segments.next()?;
                 let is_last = i + 1 == total;
-                match read_segment_frames(&path, expected.unwrap_or(first), offset, is_last) {
-                    Ok((frames, next)) => {
+                let mut frames = Vec::new();
+                let mut collect = |seg: &Path, pos: u64, off: u64, payload: &[u8]| {
+                    frames.push((seg.to_path_buf(), pos, off, payload.to_vec()));
+                    Ok(true)
+                };
+                match visit_segment(
+                    &path,
+                    expected.unwrap_or(first),
+                    offset,
+                    is_last,
+                    &mut buf,
+                    &mut collect,
+                ) {
+                    Ok((next, _)) => {
                         expected = Some(next);
                         pending = frames.into_iter();
                     }
@@ -154,35 +245,45 @@ impl LogReader {
     }
 }
 
-type Frames = Vec<(PathBuf, u64, u64, Vec<u8>)>;
-
-/// Reads the frames of one segment with offsets `>= from`, starting from the index entry
-/// closest to `from`. Returns them and the offset following the segment's last record.
-fn read_segment_frames(
+/// Visits the frames of one segment with offsets `>= from`, starting from the index entry
+/// closest to `from`, reading the file into `buf` (reused across segments, so a replay does
+/// not fault in fresh memory per segment). `visit` returns `false` to stop. Returns the
+/// offset following the segment's last record and whether the visitor stopped early.
+fn visit_segment(
     path: &Path,
     first: u64,
     from: u64,
     is_last: bool,
-) -> Result<(Frames, u64), LogError> {
-    let bytes = read_segment(path)?;
-    if check_header(path, &bytes, first, is_last)?.is_none() {
-        return Ok((Vec::new(), first));
+    buf: &mut Vec<u8>,
+    visit: &mut dyn FnMut(&Path, u64, u64, &[u8]) -> Result<bool, LogError>,
+) -> Result<(u64, bool), LogError> {
+    use std::io::Read;
+    buf.clear();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(buf))
+        .map_err(|e| LogError::io(path, "read segment", e))?;
+    let bytes: &[u8] = buf;
+    if check_header(path, bytes, first, is_last)?.is_none() {
+        return Ok((first, false));
     }
     let (start_offset, start_pos) =
         SparseIndex::load(&SparseIndex::path_for(path), bytes.len() as u64)
             .and_then(|idx| idx.seek(from))
             .filter(|&(o, p)| o >= first && p >= SEGMENT_HEADER_LEN)
             .unwrap_or((first, SEGMENT_HEADER_LEN));
-    let mut frames = Vec::new();
+    let mut stopped = false;
     let scan = scan_frames(
         path,
-        &bytes,
+        bytes,
         start_pos,
         start_offset,
         is_last,
         |offset, pos, payload| {
-            if offset >= from {
-                frames.push((path.to_path_buf(), pos, offset, payload.to_vec()));
+            if stopped || offset < from {
+                return Ok(());
+            }
+            if !visit(path, pos, offset, payload)? {
+                stopped = true;
             }
             Ok(())
         },
@@ -192,9 +293,10 @@ fn read_segment_frames(
         Ending::Torn { pos, bytes } => {
             tracing::warn!(segment = %path.display(), pos, bytes, "log ends in a torn record; reading stops before it");
         }
-        Ending::Corrupt(e) => return Err(e),
+        Ending::Corrupt(e) if !stopped => return Err(e),
+        Ending::Corrupt(_) => {}
     }
-    Ok((frames, scan.next_offset))
+    Ok((scan.next_offset, stopped))
 }
 
 /// Follows a log that a writer is appending to: [`Follower::poll`] returns the events

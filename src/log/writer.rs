@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
 use super::format::{
-    MAX_RECORD_BYTES, SEGMENT_HEADER_LEN, encode_frame, encode_segment_header, list_segments,
-    segment_file_name,
+    FRAME_HEADER_LEN, MAX_RECORD_BYTES, SEGMENT_HEADER_LEN, encode_segment_header, list_segments,
+    seal_frame_in_place, segment_file_name,
 };
 use super::index::SparseIndex;
 use super::scan::{Ending, check_header, read_segment, scan_frames};
@@ -77,6 +77,30 @@ struct Active {
     since_index: u32,
 }
 
+/// Keys are already uniform hashes: use their low bits instead of hashing them again.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.0 ^= v as u64;
+    }
+}
+
+type KeyMap = HashMap<Key, u64, std::hash::BuildHasherDefault<KeyHasher>>;
+
 struct State {
     active: Active,
     next_offset: u64,
@@ -86,7 +110,7 @@ struct State {
     durable: u64,
     buf: Vec<u8>,
     syncing: bool,
-    keys: HashMap<Key, u64>,
+    keys: KeyMap,
     failed: Option<String>,
     closed: bool,
 }
@@ -143,7 +167,7 @@ impl LogWriter {
         }
 
         let mut report = RecoveryReport::default();
-        let mut keys = HashMap::new();
+        let mut keys = KeyMap::default();
         let segments = list_segments(dir).map_err(|e| LogError::io(dir, "list segments", e))?;
         report.segments = segments.len();
         let mut next_offset = 0u64;
@@ -311,21 +335,25 @@ impl LogWriter {
                     wall_ns: event.wall_ns,
                     payload: event.payload,
                 };
-                let payload = envelope.encode();
-                if payload.len() > MAX_RECORD_BYTES as usize {
+                let st = &mut *st;
+                // Encode straight into the write buffer behind a reserved frame header.
+                let before = st.buf.len();
+                st.buf.resize(before + FRAME_HEADER_LEN, 0);
+                envelope.encode_into(&mut st.buf);
+                let payload_len = st.buf.len() - before - FRAME_HEADER_LEN;
+                if payload_len > MAX_RECORD_BYTES as usize {
+                    st.buf.truncate(before);
                     return Err(LogError::TooLarge {
-                        bytes: payload.len(),
+                        bytes: payload_len,
                         max: MAX_RECORD_BYTES,
                     });
                 }
-                let st = &mut *st;
+                seal_frame_in_place(&mut st.buf, before);
                 if st.active.since_index == 0 {
                     st.active.index.entries.push((offset, st.active.len));
                 }
                 st.active.since_index =
                     (st.active.since_index + 1) % self.shared.opts.index_every.max(1);
-                let before = st.buf.len();
-                encode_frame(&payload, &mut st.buf);
                 st.active.len += (st.buf.len() - before) as u64;
                 st.keys.insert(envelope.key, offset);
                 st.next_offset += 1;

@@ -163,8 +163,12 @@ pub type StageBuilder = fn(
     ctx: &StageContext,
 ) -> Result<Box<dyn Stage>, StageError>;
 
-/// Every stage kind the engine can run, by the name used in dataflow specs.
-pub fn registry() -> Vec<(&'static str, &'static str, StageBuilder)> {
+/// A stage kind: its name in specs, a one-line description, and its builder.
+pub type StageKind = (&'static str, &'static str, StageBuilder);
+
+/// Every stage kind the engine can run, by the name used in dataflow specs. (`sft` is run
+/// by its own epoch-ordered operator and is not listed here.)
+pub fn registry() -> Vec<StageKind> {
     vec![
         (
             "sample",
