@@ -245,6 +245,9 @@ impl LogReader {
     }
 }
 
+/// A frame visitor: `(segment, byte position, offset, payload)`, returning whether to go on.
+type FrameVisitor<'a> = dyn FnMut(&Path, u64, u64, &[u8]) -> Result<bool, LogError> + 'a;
+
 /// Visits the frames of one segment with offsets `>= from`, starting from the index entry
 /// closest to `from`, reading the file into `buf` (reused across segments, so a replay does
 /// not fault in fresh memory per segment). `visit` returns `false` to stop. Returns the
@@ -255,7 +258,7 @@ fn visit_segment(
     from: u64,
     is_last: bool,
     buf: &mut Vec<u8>,
-    visit: &mut dyn FnMut(&Path, u64, u64, &[u8]) -> Result<bool, LogError>,
+    visit: &mut FrameVisitor<'_>,
 ) -> Result<(u64, bool), LogError> {
     use std::io::Read;
     buf.clear();
