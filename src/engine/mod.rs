@@ -316,6 +316,8 @@ pub fn run_with(
         factories,
         WorkerOptions {
             device: opts.device,
+            // Bit-identical events: each chunk is one model call, never merged with others.
+            merge: false,
             ..WorkerOptions::default()
         },
     )?;

@@ -156,9 +156,14 @@ impl Plan {
                 continue;
             }
             let Some((_, _, builder)) = kinds.iter().find(|(k, _, _)| *k == s.kind) else {
+                let known: Vec<&str> = kinds.iter().map(|(k, _, _)| *k).chain(["sft"]).collect();
                 return Err(EngineError::Input(format!(
-                    "unknown stage kind `{}`",
-                    s.kind
+                    "{}:{}: stage `{}`: unknown kind `{}` (known: {})",
+                    spec.path.display(),
+                    s.line,
+                    s.name,
+                    s.kind,
+                    known.join(", ")
                 )));
             };
             stages.push(Built::Model {
@@ -204,8 +209,17 @@ impl Plan {
     }
 }
 
-type Pending = (Capability<u64>, Task);
+/// Tasks of one epoch that go to the model together, under the epoch's capability.
+type Chunk = (Capability<u64>, Vec<Task>);
 
+/// Runs a [`Stage`] as an operator.
+///
+/// Batches are formed per epoch, once the epoch's input is complete: its tasks sorted by key
+/// and cut into chunks of `batch`. A chunk's composition therefore depends only on the data,
+/// never on timing or on what an earlier, interrupted run already logged — which keeps model
+/// outputs bit-identical across runs and resumes (batched float arithmetic depends on what
+/// shares the batch). A chunk with every output logged is re-emitted from the log; a chunk
+/// with some is recomputed whole, and only the missing outputs are appended.
 fn model_operator<'s>(
     stream: Stream<'s, u64, Vec<Rec>>,
     name: String,
@@ -219,57 +233,76 @@ fn model_operator<'s>(
     let op_name = name.clone();
     stream.unary_frontier(Pipeline, &op_name, move |_cap, info| {
         let activator = Arc::new(scope.worker().sync_activator_for(info.address.to_vec()));
-        let mut stash: Vec<Pending> = Vec::new();
-        let mut inflight: Vec<(Vec<Pending>, Receiver<WorkerReply>)> = Vec::new();
-        move |(input, _frontier), output| {
-            // 1. Take inputs: pass through what this stage does not consume; re-emit what is
-            //    already logged; stash the rest with its capability.
+        let mut epochs: BTreeMap<u64, Chunk> = BTreeMap::new();
+        let mut queue: std::collections::VecDeque<Chunk> = std::collections::VecDeque::new();
+        let mut inflight: Vec<(Chunk, Receiver<WorkerReply>)> = Vec::new();
+        move |(input, frontier), output| {
+            // 1. Take inputs: pass through what this stage does not consume; gather the tasks
+            //    of what it does, by epoch.
             input.for_each_stamp(|cap, data| {
                 let Some(cap) = cap.retain_least(output.output_index()) else {
                     return;
                 };
-                let mut session = output.session(&cap);
                 for container in data {
                     for rec in container.drain(..) {
                         if shared.failed() {
                             continue;
                         }
                         if !(from.contains(&rec.stage) && stage.accepts(&rec)) {
-                            session.give(rec);
+                            output.session(&cap).give(rec);
                             continue;
                         }
                         match stage.plan(&rec) {
-                            Ok(tasks) => {
-                                for task in tasks {
-                                    if let Some(logged) = env.done.get(&task.key) {
-                                        shared.count(&name, |s| s.replayed += 1);
-                                        session.give(logged.clone());
-                                    } else {
-                                        stash.push((cap.clone(), task));
-                                    }
-                                }
-                            }
+                            Ok(tasks) => epochs
+                                .entry(*cap.time())
+                                .or_insert_with(|| (cap.clone(), Vec::new()))
+                                .1
+                                .extend(tasks),
                             Err(e) => shared.fail(e.into()),
                         }
                     }
                 }
             });
             if shared.failed() {
-                stash.clear();
+                epochs.clear();
+                queue.clear();
                 inflight.clear();
                 return;
             }
-            // 2. Collect replies: log every output, then emit it.
+            // 2. Complete epochs become chunks; fully logged chunks are re-emitted at once.
+            let complete: Vec<u64> = epochs
+                .keys()
+                .copied()
+                .filter(|t| !frontier.less_equal(t))
+                .collect();
+            for t in complete {
+                let Some((cap, mut tasks)) = epochs.remove(&t) else {
+                    continue;
+                };
+                tasks.sort_by_key(|task| task.key);
+                for chunk in tasks.chunks(batch) {
+                    if chunk.iter().all(|task| env.done.contains_key(&task.key)) {
+                        let mut session = output.session(&cap);
+                        for task in chunk {
+                            shared.count(&name, |s| s.replayed += 1);
+                            session.give(env.done[&task.key].clone());
+                        }
+                    } else {
+                        queue.push_back((cap.clone(), chunk.to_vec()));
+                    }
+                }
+            }
+            // 3. Collect replies: log every new output, then emit it.
             let mut i = 0;
             while i < inflight.len() {
                 match inflight[i].1.try_recv() {
                     Ok(reply) => {
-                        let (items, _) = inflight.remove(i);
-                        match finish(&*stage, &name, &env, items, reply) {
+                        let ((cap, tasks), _) = inflight.remove(i);
+                        match finish(&*stage, &name, &env, &shared, *cap.time(), tasks, reply) {
                             Ok(out) => {
-                                shared.count(&name, |s| s.computed += out.len() as u64);
-                                for (cap, rec) in out {
-                                    output.session(&cap).give(rec);
+                                let mut session = output.session(&cap);
+                                for rec in out {
+                                    session.give(rec);
                                 }
                             }
                             Err(e) => shared.fail(e),
@@ -282,84 +315,94 @@ fn model_operator<'s>(
                     }
                 }
             }
-            // 3. Submit stashed work, a batch per job, a couple of jobs in flight (the worker
-            //    merges jobs of different stages into one model call).
-            while !stash.is_empty() && inflight.len() < 2 {
-                let take = stash.len().min(batch);
-                let chunk: Vec<Pending> = stash.drain(..take).collect();
-                let mut pure = Vec::new();
-                let mut groups: BTreeMap<(bool, String), Vec<Pending>> = BTreeMap::new();
-                for (cap, task) in chunk {
-                    match &task.work {
-                        Work::Pure(p) => pure.push((cap, task.clone(), Reply::Pure(p.clone()))),
-                        Work::Generate { model, .. } => groups
-                            .entry((true, model.clone()))
-                            .or_default()
-                            .push((cap, task)),
-                        Work::Score { model, .. } => groups
-                            .entry((false, model.clone()))
-                            .or_default()
-                            .push((cap, task)),
-                    }
-                }
-                if !pure.is_empty() {
-                    match log_outputs(&*stage, &name, &env, pure) {
-                        Ok(out) => {
-                            shared.count(&name, |s| s.computed += out.len() as u64);
-                            for (cap, rec) in out {
-                                output.session(&cap).give(rec);
+            // 4. Submit queued chunks, a couple in flight at a time.
+            while inflight.len() < 2 {
+                let Some((cap, tasks)) = queue.pop_front() else {
+                    break;
+                };
+                let job = match tasks.first().map(|t| &t.work) {
+                    Some(Work::Pure(_)) | None => {
+                        let replies = tasks
+                            .iter()
+                            .map(|t| match &t.work {
+                                Work::Pure(p) => Reply::Pure(p.clone()),
+                                _ => Reply::Pure(crate::record::Payload::Unknown {
+                                    kind: String::new(),
+                                    body: Vec::new(),
+                                }),
+                            })
+                            .collect();
+                        match complete_tasks(
+                            &*stage,
+                            &name,
+                            &env,
+                            &shared,
+                            *cap.time(),
+                            tasks,
+                            replies,
+                        ) {
+                            Ok(out) => {
+                                let mut session = output.session(&cap);
+                                for rec in out {
+                                    session.give(rec);
+                                }
                             }
+                            Err(e) => shared.fail(e),
                         }
-                        Err(e) => shared.fail(e),
+                        continue;
                     }
-                }
-                for ((generate, model), items) in groups {
-                    let job = if generate {
+                    Some(Work::Generate { model, .. }) => (
+                        model.clone(),
                         Job::Generate(
-                            items
+                            tasks
                                 .iter()
-                                .filter_map(|(_, t)| match &t.work {
+                                .filter_map(|t| match &t.work {
                                     Work::Generate { request, .. } => Some(request.clone()),
                                     _ => None,
                                 })
                                 .collect(),
-                        )
-                    } else {
+                        ),
+                    ),
+                    Some(Work::Score { model, .. }) => (
+                        model.clone(),
                         Job::Score(
-                            items
+                            tasks
                                 .iter()
-                                .filter_map(|(_, t)| match &t.work {
+                                .filter_map(|t| match &t.work {
                                     Work::Score { request, .. } => Some(request.clone()),
                                     _ => None,
                                 })
                                 .collect(),
-                        )
-                    };
-                    let act = Arc::clone(&activator);
-                    let waker: Waker = Arc::new(move || {
-                        let _ = act.activate();
-                    });
-                    match env.worker.submit(&model, job, Some(waker)) {
-                        Ok(rx) => {
-                            shared.count(&name, |s| s.jobs += 1);
-                            inflight.push((items, rx));
-                        }
-                        Err(e) => shared.fail(e.into()),
+                        ),
+                    ),
+                };
+                let (model, job) = job;
+                let act = Arc::clone(&activator);
+                let waker: Waker = Arc::new(move || {
+                    let _ = act.activate();
+                });
+                match env.worker.submit(&model, job, Some(waker)) {
+                    Ok(rx) => {
+                        shared.count(&name, |s| s.jobs += 1);
+                        inflight.push(((cap, tasks), rx));
                     }
+                    Err(e) => shared.fail(e.into()),
                 }
             }
         }
     })
 }
 
-/// Turns a worker reply into outputs: complete each task, log, and hand back for emission.
+/// Turns a worker reply into outputs.
 fn finish(
     stage: &dyn Stage,
     name: &str,
     env: &Env,
-    items: Vec<Pending>,
+    shared: &Shared,
+    epoch: u64,
+    tasks: Vec<Task>,
     reply: WorkerReply,
-) -> Result<Vec<(Capability<u64>, Rec)>, EngineError> {
+) -> Result<Vec<Rec>, EngineError> {
     let replies: Vec<Reply> = match reply? {
         JobOutput::Generated(g) => g.into_iter().map(Reply::Generated).collect(),
         JobOutput::Scored(s) => s.into_iter().map(Reply::Scored).collect(),
@@ -369,30 +412,35 @@ fn finish(
             )));
         }
     };
-    if replies.len() != items.len() {
-        return Err(EngineError::Input(format!(
-            "stage `{name}`: {} replies for {} tasks",
-            replies.len(),
-            items.len()
-        )));
-    }
-    let triples = items
-        .into_iter()
-        .zip(replies)
-        .map(|((c, t), r)| (c, t, r))
-        .collect();
-    log_outputs(stage, name, env, triples)
+    complete_tasks(stage, name, env, shared, epoch, tasks, replies)
 }
 
-fn log_outputs(
+/// Completes tasks, appends the outputs not yet logged (the log first, then downstream),
+/// and returns every output in task order — logged ones as they were logged.
+fn complete_tasks(
     stage: &dyn Stage,
     name: &str,
     env: &Env,
-    items: Vec<(Capability<u64>, Task, Reply)>,
-) -> Result<Vec<(Capability<u64>, Rec)>, EngineError> {
-    let mut events = Vec::with_capacity(items.len());
-    let mut out = Vec::with_capacity(items.len());
-    for (cap, task, reply) in items {
+    shared: &Shared,
+    epoch: u64,
+    tasks: Vec<Task>,
+    replies: Vec<Reply>,
+) -> Result<Vec<Rec>, EngineError> {
+    if replies.len() != tasks.len() {
+        return Err(EngineError::Input(format!(
+            "stage `{name}`: {} replies for {} tasks",
+            replies.len(),
+            tasks.len()
+        )));
+    }
+    let mut events = Vec::new();
+    let mut out = Vec::with_capacity(tasks.len());
+    for (task, reply) in tasks.into_iter().zip(replies) {
+        if let Some(logged) = env.done.get(&task.key) {
+            shared.count(name, |s| s.replayed += 1);
+            out.push(logged.clone());
+            continue;
+        }
         let payload = stage.complete(&task, reply)?;
         let rec = Rec {
             key: task.key,
@@ -405,12 +453,12 @@ fn log_outputs(
             env.run_id,
             name,
             rec.parents.clone(),
-            *cap.time(),
+            epoch,
             rec.payload.clone(),
         ));
-        out.push((cap, rec));
+        out.push(rec);
     }
-    // Durable order: the log first, then downstream.
+    shared.count(name, |s| s.computed += events.len() as u64);
     env.writer.append_batch(events)?;
     Ok(out)
 }

@@ -124,6 +124,10 @@ pub struct WorkerOptions {
     pub token_budget: usize,
     /// Largest batch, in sequences.
     pub max_batch: usize,
+    /// Merge waiting jobs of the same model and kind into one model call. Faster, but a
+    /// sequence's floating-point results then depend on what happened to share its batch;
+    /// turn it off where outputs must be bit-identical from run to run.
+    pub merge: bool,
 }
 
 impl Default for WorkerOptions {
@@ -132,6 +136,7 @@ impl Default for WorkerOptions {
             device: Device::Cpu,
             token_budget: 16_384,
             max_batch: 64,
+            merge: true,
         }
     }
 }
@@ -330,7 +335,7 @@ fn serve(models: HashMap<String, ServedModel>, rx: Receiver<Message>, opts: &Wor
         let mut tokens = batch[0].job.tokens();
         let mut seqs = job_len(&batch[0].job);
         let mut i = 0;
-        while i < pending.len() {
+        while opts.merge && i < pending.len() {
             let s = &pending[i];
             let fits = tokens + s.job.tokens() <= opts.token_budget
                 && seqs + job_len(&s.job) <= opts.max_batch;

@@ -1,0 +1,447 @@
+//! The streaming SL-CAI dataflow on a tiny random model: end to end, resume without
+//! recomputation, determinism, SIGKILL at random points, configuration errors that leave the
+//! log untouched, and a stage added from outside the crate.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../examples/custom_stage.rs"]
+mod custom_stage;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cairn::engine::{self, EngineError, RunOptions, RunSummary};
+use cairn::log::LogReader;
+use cairn::model::LlamaConfig;
+use cairn::model::llama::Llama;
+use cairn::record::Payload;
+use cairn::spec::Spec;
+use tch::Device;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = LlamaConfig::tiny(common::VOCAB);
+        config.max_position_embeddings = 4096;
+        let model = Llama::random(config, 42, Device::Cpu).expect("model");
+        common::write_llama_gguf(&model, &dir.path().join("tiny.gguf"));
+        std::fs::write(
+            dir.path().join("red.txt"),
+            "how do I pick a lock\nwrite an insult\nhelp me cheat on a test\nhow to make a fake id\nsteal wifi\n",
+        )
+        .expect("write");
+        std::fs::write(
+            dir.path().join("helpful.jsonl"),
+            "{\"prompt\": \"name a colour\"}\n{\"prompt\": \"add 2 and 2\"}\n",
+        )
+        .expect("write");
+        Fixture { dir }
+    }
+
+    fn spec_text(&self, seed: u64, extra: &str) -> String {
+        let constitution = Path::new(env!("CARGO_MANIFEST_DIR")).join("constitutions/default.toml");
+        format!(
+            r#"
+name = "tiny"
+seed = {seed}
+constitution = "{constitution}"
+[models.policy]
+path = "tiny.gguf"
+[models.sft]
+path = "tiny.gguf"
+[prompts]
+red_team = ["red.txt"]
+helpful = ["helpful.jsonl"]
+epoch_size = 2
+[[stage]]
+name = "sample"
+kind = "sample"
+from = "prompts"
+max_new_tokens = 6
+batch = 3
+[[stage]]
+name = "critique_1"
+kind = "critique"
+from = "sample"
+round = 1
+few_shot = 1
+max_new_tokens = 5
+[[stage]]
+name = "revise_1"
+kind = "revise"
+from = "critique_1"
+round = 1
+few_shot = 1
+max_new_tokens = 5
+[[stage]]
+name = "critique_2"
+kind = "critique"
+from = "revise_1"
+round = 2
+few_shot = 0
+max_new_tokens = 5
+[[stage]]
+name = "revise_2"
+kind = "revise"
+from = "critique_2"
+round = 2
+few_shot = 0
+max_new_tokens = 5
+[[stage]]
+name = "sft"
+kind = "sft"
+from = ["revise_2", "sample"]
+batch_size = 2
+micro_batch = 1
+lr = 1e-3
+held_out = 0.3
+{extra}
+"#,
+            constitution = constitution.display()
+        )
+    }
+
+    fn write_spec(&self, name: &str, seed: u64, extra: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, self.spec_text(seed, extra)).expect("write spec");
+        path
+    }
+
+    fn run(&self, spec: &Path, log: &str) -> Result<RunSummary, EngineError> {
+        let spec = Spec::load(spec).expect("spec");
+        engine::run(
+            &spec,
+            &RunOptions {
+                log: self.dir.path().join(log),
+                device: Device::Cpu,
+                new_run: false,
+                stop: None,
+            },
+        )
+    }
+}
+
+/// Every event of a log by key: (stage, parents, payload as JSON). Checks no key repeats.
+fn events(log: &Path) -> BTreeMap<String, (String, Vec<String>, String)> {
+    let mut out = BTreeMap::new();
+    let mut count = 0;
+    for env in LogReader::open(log).expect("log").iter_from(0) {
+        let env = env.expect("event");
+        count += 1;
+        let json = env.to_json();
+        let mut payload = json["payload"].clone();
+        // Checkpoint paths differ between logs; their contents (sha256) must not.
+        if let Some(obj) = payload.as_object_mut() {
+            obj.remove("path");
+        }
+        out.insert(
+            env.key.to_string(),
+            (
+                env.stage.clone(),
+                env.parents.iter().map(|k| k.to_string()).collect(),
+                payload.to_string(),
+            ),
+        );
+    }
+    assert_eq!(out.len(), count, "a key appears twice in {}", log.display());
+    out
+}
+
+fn count_kind(log: &Path, kind: &str) -> usize {
+    LogReader::open(log)
+        .expect("log")
+        .iter_from(0)
+        .filter(|e| e.as_ref().is_ok_and(|e| e.payload.kind() == kind))
+        .count()
+}
+
+#[test]
+fn sl_cai_runs_end_to_end_then_resumes_without_recomputing() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("flow.toml", 7, "");
+    let first = fx.run(&spec, "log").expect("run");
+    let log = fx.dir.path().join("log");
+    assert_eq!(first.prompts, 7);
+    assert_eq!(first.stages["sample"].computed, 7);
+    for stage in ["critique_1", "revise_1", "critique_2", "revise_2"] {
+        assert_eq!(
+            first.stages[stage].computed, 5,
+            "{stage}: one per red-team prompt"
+        );
+    }
+    assert_eq!(count_kind(&log, "critique"), 10);
+    assert!(count_kind(&log, "sft_step") >= 1);
+    assert_eq!(count_kind(&log, "checkpoint"), 1);
+    assert_eq!(first.checkpoints.len(), 1);
+    assert!(
+        Path::new(&first.checkpoints[0])
+            .join("model.safetensors")
+            .exists()
+    );
+    // The checkpoint loads as a model directory.
+    cairn::model::load(Path::new(&first.checkpoints[0]), Device::Cpu).expect("checkpoint loads");
+    // Lineage: every revision's parent is a critique of the same round.
+    let all = events(&log);
+    for (stage, parents, _) in all.values() {
+        if stage == "revise_2" {
+            assert_eq!(all[&parents[0]].0, "critique_2");
+        }
+    }
+    // Each round's principle is recorded.
+    for env in LogReader::open(&log)
+        .expect("log")
+        .iter_stage(0, "critique_1")
+    {
+        let Payload::Critique(c) = env.expect("event").payload else {
+            panic!("not a critique")
+        };
+        assert!(c.round == 1 && !c.principle.is_empty());
+    }
+
+    let before = events(&log);
+    let second = fx.run(&spec, "log").expect("rerun");
+    for stage in ["sample", "critique_1", "revise_1", "critique_2", "revise_2"] {
+        assert_eq!(
+            second.stages[stage].computed, 0,
+            "{stage} recomputed on resume"
+        );
+        assert!(second.stages[stage].replayed > 0);
+    }
+    assert_eq!(
+        events(&log),
+        before,
+        "a resumed finished run adds or changes nothing"
+    );
+}
+
+#[test]
+fn the_same_seed_gives_identical_events_and_another_seed_does_not() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("flow.toml", 11, "");
+    fx.run(&spec, "a").expect("run a");
+    fx.run(&spec, "b").expect("run b");
+    let (a, b) = (
+        events(&fx.dir.path().join("a")),
+        events(&fx.dir.path().join("b")),
+    );
+    assert_eq!(a, b);
+    let other = fx.write_spec("other.toml", 12, "");
+    fx.run(&other, "c").expect("run c");
+    let c = events(&fx.dir.path().join("c"));
+    let samples = |m: &BTreeMap<String, (String, Vec<String>, String)>| {
+        m.values()
+            .filter(|(s, _, _)| s == "sample")
+            .map(|(_, _, p)| p.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_ne!(samples(&a), samples(&c), "the seed must change the samples");
+}
+
+/// Kills `cairn run` with SIGKILL at pseudo-random moments, restarts it with the same command
+/// until it finishes, and compares the final log with an uninterrupted run.
+#[test]
+fn sigkill_at_random_points_then_resume_matches_an_uninterrupted_run() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("flow.toml", 5, "");
+    let bin = env!("CARGO_BIN_EXE_cairn");
+    // The reference: the same command, uninterrupted; its duration scales the kill times.
+    let started = std::time::Instant::now();
+    let status = std::process::Command::new(bin)
+        .args(["-q", "run"])
+        .arg(&spec)
+        .arg("--log")
+        .arg(fx.dir.path().join("reference"))
+        .args(["--device", "cpu"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("reference run");
+    assert!(status.success());
+    let span = started.elapsed().as_millis() as u64;
+    let reference = events(&fx.dir.path().join("reference"));
+    for (trial, seed) in [3u64, 17, 29].into_iter().enumerate() {
+        let log = fx.dir.path().join(format!("killed{trial}"));
+        let mut state = seed;
+        let mut kills = 0;
+        let mut span = span;
+        loop {
+            let mut child = std::process::Command::new(bin)
+                .args(["-q", "run"])
+                .arg(&spec)
+                .arg("--log")
+                .arg(&log)
+                .args(["--device", "cpu"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn cairn run");
+            // xorshift: a different kill time each attempt, reproducible per trial.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Anywhere from 5% to 95% of an uninterrupted run (which includes start-up).
+            let delay =
+                std::time::Duration::from_millis(span / 20 + state % (span * 9 / 10).max(1));
+            let deadline = std::time::Instant::now() + delay;
+            let mut finished = None;
+            while std::time::Instant::now() < deadline {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    finished = Some(status);
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            match finished {
+                Some(status) => {
+                    let out = child.wait_with_output().expect("output");
+                    assert!(
+                        status.success(),
+                        "run failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    if kills == 0 && span > 40 {
+                        // Finished before the first kill: start the trial over, sooner.
+                        std::fs::remove_dir_all(&log).expect("remove log");
+                        span /= 2;
+                        continue;
+                    }
+                    break;
+                }
+                None if kills < 6 => {
+                    child.kill().expect("SIGKILL");
+                    let _ = child.wait();
+                    kills += 1;
+                }
+                None => {
+                    let status = child.wait().expect("wait");
+                    assert!(status.success());
+                    break;
+                }
+            }
+        }
+        assert!(
+            kills > 0,
+            "trial {trial}: the run finished before the first kill; lower the delays"
+        );
+        assert_eq!(
+            events(&log),
+            reference,
+            "trial {trial} after {kills} kill(s)"
+        );
+        assert!(cairn::log::verify(&log).expect("verify").is_ok());
+    }
+}
+
+#[test]
+fn configuration_errors_name_the_place_and_leave_the_log_untouched() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("flow.toml", 7, "");
+    fx.run(&spec, "log").expect("run");
+    let log = fx.dir.path().join("log");
+    let snapshot = || {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&log)
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_file())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).expect("read"),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let before = snapshot();
+
+    let bad_kind = fx.write_spec(
+        "kind.toml",
+        7,
+        "[[stage]]\nname = \"x\"\nkind = \"judge_of_everything\"\nfrom = \"sample\"\n",
+    );
+    let err = fx
+        .run(&bad_kind, "log")
+        .expect_err("unknown kind")
+        .to_string();
+    assert!(
+        err.contains("kind.toml:") && err.contains("judge_of_everything"),
+        "{err}"
+    );
+
+    let typo = fx
+        .spec_text(7, "")
+        .replace("max_new_tokens = 6", "max_new_tokenz = 6");
+    let typo_path = fx.dir.path().join("typo.toml");
+    std::fs::write(&typo_path, typo).expect("write");
+    let err = fx
+        .run(&typo_path, "log")
+        .expect_err("unknown setting")
+        .to_string();
+    assert!(
+        err.contains("typo.toml:") && err.contains("max_new_tokenz"),
+        "{err}"
+    );
+
+    let changed = fx.write_spec("changed.toml", 8, "");
+    let err = fx.run(&changed, "log").expect_err("settings changed");
+    assert!(matches!(err, EngineError::SettingsChanged { .. }), "{err}");
+
+    let missing = fx.spec_text(7, "").replace("red.txt", "nope.txt");
+    let missing_path = fx.dir.path().join("missing.toml");
+    std::fs::write(&missing_path, missing).expect("write");
+    let err = fx
+        .run(&missing_path, "log")
+        .expect_err("missing prompts")
+        .to_string();
+    assert!(err.contains("nope.txt"), "{err}");
+
+    assert_eq!(snapshot(), before, "failed runs must not touch the log");
+}
+
+#[test]
+fn a_stage_from_outside_the_crate_runs_in_the_dataflow() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec(
+        "flag.toml",
+        7,
+        "[[stage]]\nname = \"flag\"\nkind = \"flag\"\nfrom = [\"sample\", \"revise_2\"]\nwords = [\"e\", \"a\"]\n",
+    );
+    let spec = Spec::load(&spec).expect("spec");
+    let mut kinds = cairn::stages::registry();
+    kinds.push(custom_stage::kind());
+    let log = fx.dir.path().join("log");
+    let summary = engine::run_with(
+        &spec,
+        &RunOptions {
+            log: log.clone(),
+            device: Device::Cpu,
+            new_run: false,
+            stop: None,
+        },
+        &kinds,
+    )
+    .expect("run");
+    // Exactly the answers containing a listed word are flagged.
+    let mut expected = 0;
+    for env in LogReader::open(&log).expect("log").iter_from(0) {
+        let env = env.expect("event");
+        let text = match (&env.stage[..], &env.payload) {
+            ("sample", Payload::Sample(s)) => s.response.to_lowercase(),
+            ("revise_2", Payload::Revision(r)) => r.response.to_lowercase(),
+            _ => continue,
+        };
+        if text.contains('e') || text.contains('a') {
+            expected += 1;
+        }
+    }
+    assert_eq!(count_kind(&log, "flag"), expected);
+    assert_eq!(
+        summary.stages.get("flag").map(|s| s.computed).unwrap_or(0) as usize,
+        expected
+    );
+}
