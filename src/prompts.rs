@@ -108,6 +108,20 @@ pub fn read_prompts(source: &PromptSource) -> Result<Vec<SourcedPrompt>, PromptE
     parse_prompts(source, &bytes)
 }
 
+/// Reads the prompts of a file another process may be appending to: a final line without
+/// its newline is still being written and is left for the next read.
+pub fn read_complete_prompts(source: &PromptSource) -> Result<Vec<SourcedPrompt>, PromptError> {
+    let bytes = std::fs::read(&source.path).map_err(|e| PromptError::Io {
+        path: source.path.clone(),
+        source: e,
+    })?;
+    let complete = match source.format {
+        PromptFormat::Json => &bytes[..],
+        _ => &bytes[..bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)],
+    };
+    parse_prompts(source, complete)
+}
+
 /// Parses prompt bytes as read from `source.path`.
 pub fn parse_prompts(
     source: &PromptSource,

@@ -26,7 +26,7 @@ use crate::constitution::Constitution;
 use crate::log::{LogError, LogOptions, LogReader, LogWriter, SyncPolicy};
 use crate::model::worker::{ModelFactory, ServedModel};
 use crate::model::{ModelError, ModelWorker, WorkerOptions};
-use crate::prompts::{PromptSource, read_prompts};
+use crate::prompts::{PromptSource, read_complete_prompts, read_prompts};
 use crate::record::{Key, NewEvent, Payload, PromptPurpose, PromptRecord, RunId, RunStarted};
 use crate::spec::Spec;
 use crate::stages::{Rec, StageContext, StageError, StageKind};
@@ -135,6 +135,11 @@ fn file_digest(path: &Path) -> Result<u128, EngineError> {
 
 /// Reads the spec's prompt sources (before the log is touched, so bad files change nothing).
 fn load_prompts(spec: &Spec) -> Result<Vec<Rec>, EngineError> {
+    let read = if spec.prompts.follow {
+        read_complete_prompts
+    } else {
+        read_prompts
+    };
     let defaults = crate::paths::default_prompt_sources();
     let mut out = Vec::new();
     for (purpose, files, limit) in [
@@ -170,7 +175,7 @@ fn load_prompts(spec: &Spec) -> Result<Vec<Rec>, EngineError> {
             .collect();
         let mut taken = 0usize;
         for source in sources {
-            let prompts = read_prompts(&source).map_err(|e| EngineError::Input(e.to_string()))?;
+            let prompts = read(&source).map_err(|e| EngineError::Input(e.to_string()))?;
             for p in prompts {
                 if limit.is_some_and(|l| taken >= l) {
                     break;
@@ -326,6 +331,8 @@ pub fn run_with(
     let stop = opts.stop.clone();
     let log_dir = opts.log.clone();
     let spec_stages = plan;
+    let follow = spec.prompts.follow;
+    let follow_spec = spec.clone();
     let writer_for_run = writer.clone();
     let result = timely::execute_directly(move |timely_worker| {
         let mut input: InputHandle<u64, CapacityContainerBuilder<Vec<Rec>>> = InputHandle::new();
@@ -352,28 +359,50 @@ pub fn run_with(
         };
         let lag = 2u64;
         let mut fed = 0u64;
-        for (epoch, chunk) in prompts.chunks(epoch_size).enumerate() {
-            if stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
-                summary.interrupted = true;
+        let mut epoch = 0u64;
+        let mut fed_keys: std::collections::HashSet<Key> = std::collections::HashSet::new();
+        let stopped = || stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        let mut batch = prompts;
+        loop {
+            for chunk in batch.chunks(epoch_size) {
+                if stopped() {
+                    break;
+                }
+                let events: Vec<NewEvent> = chunk
+                    .iter()
+                    .map(|r| {
+                        NewEvent::new(r.key, run_id, "prompts", vec![], epoch, r.payload.clone())
+                    })
+                    .collect();
+                writer_for_run.append_batch(events)?;
+                for rec in chunk {
+                    fed_keys.insert(rec.key);
+                    input.send(rec.clone());
+                }
+                fed += chunk.len() as u64;
+                epoch += 1;
+                input.advance_to(epoch);
+                // Keep at most `lag` epochs in flight: streaming with bounded memory.
+                while probe.less_than(&epoch.saturating_sub(lag)) {
+                    timely_worker.step_or_park(Some(Duration::from_millis(20)));
+                    shared.check()?;
+                }
+            }
+            if !follow || stopped() {
                 break;
             }
-            let epoch = epoch as u64;
-            let events: Vec<NewEvent> = chunk
-                .iter()
-                .map(|r| NewEvent::new(r.key, run_id, "prompts", vec![], epoch, r.payload.clone()))
-                .collect();
-            writer_for_run.append_batch(events)?;
-            for rec in chunk {
-                input.send(rec.clone());
-            }
-            fed += chunk.len() as u64;
-            input.advance_to(epoch + 1);
-            // Keep at most `lag` epochs in flight: streaming with bounded memory.
-            while probe.less_than(&(epoch + 1).saturating_sub(lag)) {
-                timely_worker.step_or_park(Some(Duration::from_millis(20)));
+            // Follow mode: keep working, and pick up prompts appended to the files.
+            let deadline = std::time::Instant::now() + Duration::from_millis(500);
+            while std::time::Instant::now() < deadline && !stopped() {
+                timely_worker.step_or_park(Some(Duration::from_millis(50)));
                 shared.check()?;
             }
+            batch = load_prompts(&follow_spec)?
+                .into_iter()
+                .filter(|r| !fed_keys.contains(&r.key))
+                .collect();
         }
+        summary.interrupted = stopped();
         summary.prompts = fed;
         drop(input);
         while !probe.done() {
