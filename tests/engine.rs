@@ -203,6 +203,25 @@ fn sl_cai_runs_end_to_end_then_resumes_without_recomputing() {
         assert!(c.round == 1 && !c.principle.is_empty());
     }
 
+    // Differential aggregates counted every record that streamed through.
+    let agg = &first.aggregates;
+    assert_eq!(
+        agg.get(&("sample".to_string(), "redteam".to_string())),
+        Some(&5),
+        "{agg:?}"
+    );
+    assert_eq!(
+        agg.get(&("sample".to_string(), "helpful".to_string())),
+        Some(&2),
+        "{agg:?}"
+    );
+    let critiques: i64 = agg
+        .iter()
+        .filter(|((s, _), _)| s == "critique_1")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(critiques, 5);
+
     let before = events(&log);
     let second = fx.run(&spec, "log").expect("rerun");
     for stage in ["sample", "critique_1", "revise_1", "critique_2", "revise_2"] {

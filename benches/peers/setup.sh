@@ -8,8 +8,8 @@
 #
 # Idempotent: a stamp holding the requirements' sha256 makes a re-run a no-op; after an
 # edit of requirements.txt, or a failed install, a re-run brings the venv in line.
-# If scripts/setup already fetched the torch wheel into $CAIRN_HOME/wheels/torch, that
-# copy is used instead of downloading it again.
+# If scripts/setup already fetched the pinned torch wheel into $CAIRN_HOME/wheels/torch,
+# that copy is installed instead of downloading it again.
 #
 # The model is not fetched here: scripts/setup puts it at
 # $CAIRN_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf.
@@ -45,15 +45,23 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 rm -f "$STAMP"
 
-extra=()
-if ls "$CAIRN_HOME"/wheels/torch/torch-*.whl >/dev/null 2>&1; then
-  extra+=(--find-links "$CAIRN_HOME/wheels/torch")
+pip_install() {
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --progress-bar off \
+    --only-binary=:all: "$@"
+}
+
+# Reuse the torch wheel scripts/setup already fetched (and checked against its sha256)
+# when it is the pinned version: saves a 530 MB download.
+torch_pin="$(sed -n 's/^torch==\([^ ]*\).*/\1/p' "$REQ")"
+py_tag="cp$("$VENV/bin/python" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
+cached=$(ls "$CAIRN_HOME"/wheels/torch/torch-"$torch_pin"-"$py_tag"-*.whl 2>/dev/null | head -n 1 || true)
+if [ -n "$cached" ] && ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+  say "installing torch from $cached"
+  pip_install --no-deps "$cached" || die "installing $cached failed"
 fi
 
-say "installing pinned packages (binary wheels only; this downloads ~2.8 GB the first time)"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --progress-bar off \
-  --only-binary=:all: "${extra[@]}" -r "$REQ" \
-  || die "pip install failed; re-run to retry"
+say "installing pinned packages (binary wheels only; up to ~2.8 GB to download the first time)"
+pip_install -r "$REQ" || die "pip install failed; re-run to retry"
 
 "$VENV/bin/python" - <<'PY' || die "the installed packages do not import"
 from importlib.metadata import version

@@ -65,6 +65,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             s.computed, s.replayed, s.jobs
         );
     }
+    if !summary.aggregates.is_empty() {
+        println!("records by stage and principle / purpose / kind:");
+        for ((stage, label), n) in &summary.aggregates {
+            println!("  {stage:<14} {label:<24} {n:>6}");
+        }
+    }
     println!("event log: {}", log.display());
     for c in &summary.checkpoints {
         println!("checkpoint: {c}");

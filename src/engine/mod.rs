@@ -59,6 +59,8 @@ pub struct RunSummary {
     pub checkpoints: Vec<String>,
     /// Whether the run stopped early on request.
     pub interrupted: bool,
+    /// Records by (stage, label: principle, purpose or kind), kept by differential dataflow.
+    pub aggregates: BTreeMap<(String, String), i64>,
 }
 
 /// Errors of a run.
@@ -412,6 +414,7 @@ pub fn run_with(
         shared.check()?;
         summary.stages = shared.stats();
         summary.checkpoints = shared.checkpoints();
+        summary.aggregates = shared.aggregates();
         Ok::<RunSummary, EngineError>(summary)
     });
     let summary = result?;

@@ -45,6 +45,7 @@ struct SharedState {
     error: Option<EngineError>,
     stats: BTreeMap<String, OperatorStats>,
     checkpoints: Vec<String>,
+    aggregates: BTreeMap<(String, String), i64>,
 }
 
 impl Shared {
@@ -84,6 +85,11 @@ impl Shared {
     /// Checkpoints written or found.
     pub fn checkpoints(&self) -> Vec<String> {
         self.0.borrow().checkpoints.clone()
+    }
+
+    /// Record counts by (stage, label), as maintained by [`aggregates`].
+    pub fn aggregates(&self) -> BTreeMap<(String, String), i64> {
+        self.0.borrow().aggregates.clone()
     }
 }
 
@@ -183,33 +189,47 @@ impl Plan {
         env: &Env,
         shared: &Shared,
     ) -> Stream<'s, u64, Vec<Rec>> {
+        use timely::dataflow::operators::Concatenate;
+        use timely::dataflow::operators::vec::Filter;
+        let scope = stream.scope();
+        // Each operator's own outputs (not what it passes through), for the aggregates.
+        let mut own = vec![stream.clone().filter(|r: &Rec| r.stage == "prompts")];
         let mut stream = stream;
         for built in self.stages {
-            stream = match built {
+            let (name, next) = match built {
                 Built::Model {
                     name,
                     from,
                     stage,
                     batch,
-                } => model_operator(
-                    stream,
-                    name,
-                    from,
-                    stage,
-                    batch,
-                    env.clone(),
-                    shared.clone(),
-                ),
+                } => {
+                    let out = model_operator(
+                        stream,
+                        name.clone(),
+                        from,
+                        stage,
+                        batch,
+                        env.clone(),
+                        shared.clone(),
+                    );
+                    (name, out)
+                }
                 Built::Sft { from, stage } => {
-                    sft_operator(stream, from, stage, env.clone(), shared.clone())
+                    let name = stage.name().to_string();
+                    (
+                        name,
+                        sft_operator(stream, from, stage, env.clone(), shared.clone()),
+                    )
                 }
             };
+            own.push(next.clone().filter(move |r: &Rec| r.stage == name));
+            stream = next;
         }
+        aggregates(scope.concatenate(own), shared);
         stream
     }
 }
 
-/// Tasks of one epoch that go to the model together, under the epoch's capability.
 type Chunk = (Capability<u64>, Vec<Task>);
 
 /// Runs a [`Stage`] as an operator.
@@ -711,4 +731,49 @@ fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Live aggregates with differential dataflow: the count of records per (stage, label), where
+/// the label is the principle for critiques and revisions, the purpose for samples and the
+/// kind otherwise. The counts update incrementally as epochs stream through; the latest value
+/// of each is kept for the run summary.
+fn aggregates<'s>(stream: Stream<'s, u64, Vec<Rec>>, shared: &Shared) {
+    use differential_dataflow::AsCollection;
+    let shared = shared.clone();
+    let updates = stream.unary(Pipeline, "ToUpdates", |_cap, _info| {
+        move |input, output| {
+            input.for_each_stamp(|cap, data| {
+                let Some(cap) = cap.retain_least(output.output_index()) else {
+                    return;
+                };
+                let mut session = output.session(&cap);
+                for container in data {
+                    for rec in container.iter() {
+                        let label = match &rec.payload {
+                            Payload::Critique(c) => c.principle.clone(),
+                            Payload::Revision(r) => r.principle.clone(),
+                            Payload::Sample(s) => {
+                                format!("{:?}", s.conversation.purpose).to_lowercase()
+                            }
+                            other => other.kind().to_string(),
+                        };
+                        session.give(((rec.stage.clone(), label), *cap.time(), 1isize));
+                    }
+                }
+            });
+        }
+    });
+    updates
+        .as_collection()
+        .count()
+        .inspect(move |(((stage, label), count), _time, diff)| {
+            if *diff > 0 {
+                let mut state = shared.0.borrow_mut();
+                let entry = state
+                    .aggregates
+                    .entry((stage.clone(), label.clone()))
+                    .or_insert(0);
+                *entry = (*entry).max(*count as i64);
+            }
+        });
 }
