@@ -129,6 +129,7 @@ fn main() -> anyhow::Result<()> {
             device: tch::Device::Cpu,
             new_run: true,
             stop: None,
+            progress: None,
         },
         &kinds,
     )?;

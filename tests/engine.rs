@@ -121,6 +121,7 @@ held_out = 0.3
                 device: Device::Cpu,
                 new_run: false,
                 stop: None,
+                progress: None,
             },
         )
     }
@@ -441,6 +442,7 @@ fn a_stage_from_outside_the_crate_runs_in_the_dataflow() {
             device: Device::Cpu,
             new_run: false,
             stop: None,
+            progress: None,
         },
         &kinds,
     )

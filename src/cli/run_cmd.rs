@@ -39,6 +39,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     install_signal_handlers(&stop);
     let started = std::time::Instant::now();
+    let bars = Bars::new();
+    let progress: engine::ProgressFn = {
+        let bars = bars.clone();
+        Arc::new(move |p: &engine::Progress| bars.update(p))
+    };
     let summary = engine::run(
         &spec,
         &RunOptions {
@@ -46,9 +51,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             device,
             new_run: args.new_run,
             stop: Some(stop),
+            progress: Some(progress),
         },
     )
     .with_context(|| format!("running {}", args.spec.display()))?;
+    bars.finish();
     println!(
         "run {} ({} prompts) in {:.1} s",
         summary.run_id,
@@ -79,6 +86,73 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         println!("interrupted: rerun the same command to continue");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Progress bars on stderr (hidden when it is not a terminal): prompts fed with an ETA, and a
+/// line per stage with outputs computed, replayed from the log, and the rate.
+#[derive(Clone)]
+struct Bars {
+    multi: indicatif::MultiProgress,
+    prompts: indicatif::ProgressBar,
+    stages: Arc<std::sync::Mutex<std::collections::BTreeMap<String, indicatif::ProgressBar>>>,
+}
+
+impl Bars {
+    fn new() -> Bars {
+        let multi = indicatif::MultiProgress::with_draw_target(
+            indicatif::ProgressDrawTarget::stderr_with_hz(4),
+        );
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix:>12} {bar:30} {pos}/{len} prompts  {per_sec}  eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let prompts = multi.add(
+            indicatif::ProgressBar::new(0)
+                .with_style(style)
+                .with_prefix("prompts"),
+        );
+        Bars {
+            multi,
+            prompts,
+            stages: Arc::default(),
+        }
+    }
+
+    fn update(&self, p: &engine::Progress) {
+        self.prompts.set_length(p.prompts_known);
+        self.prompts.set_position(p.prompts_fed);
+        let mut stages = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, s) in &p.stages {
+            let bar = stages.entry(name.clone()).or_insert_with(|| {
+                let style = indicatif::ProgressStyle::with_template(
+                    "{prefix:>12} {pos:>6} outputs  {per_sec}  {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+                self.multi.add(
+                    indicatif::ProgressBar::new_spinner()
+                        .with_style(style)
+                        .with_prefix(name.clone()),
+                )
+            });
+            bar.set_position(s.computed + s.replayed);
+            bar.set_message(format!(
+                "({} replayed from the log, {} model jobs)",
+                s.replayed, s.jobs
+            ));
+        }
+    }
+
+    fn finish(&self) {
+        self.prompts.finish_and_clear();
+        for bar in self
+            .stages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// SIGINT/SIGTERM set `stop`: the engine stops feeding prompts, finishes what is in flight,

@@ -34,7 +34,7 @@ use crate::stages::{Rec, StageContext, StageError, StageKind};
 pub use operator::OperatorStats;
 
 /// How to run a dataflow.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RunOptions {
     /// Event log directory (created if missing; continued if it holds the same run).
     pub log: PathBuf,
@@ -44,6 +44,22 @@ pub struct RunOptions {
     pub new_run: bool,
     /// Set by a signal handler: stop feeding prompts, flush and return.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Called a few times a second with the run's progress (for progress bars).
+    pub progress: Option<ProgressFn>,
+}
+
+/// Receives [`Progress`] snapshots.
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// A snapshot of a running dataflow.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// Prompts fed so far.
+    pub prompts_fed: u64,
+    /// Prompts known (grows in follow mode).
+    pub prompts_known: u64,
+    /// Per stage instance counters.
+    pub stages: BTreeMap<String, OperatorStats>,
 }
 
 /// What a run did.
@@ -334,6 +350,7 @@ pub fn run_with(
     let log_dir = opts.log.clone();
     let spec_stages = plan;
     let follow = spec.prompts.follow;
+    let progress = opts.progress.clone();
     let follow_spec = spec.clone();
     let writer_for_run = writer.clone();
     let result = timely::execute_directly(move |timely_worker| {
@@ -364,6 +381,20 @@ pub fn run_with(
         let mut epoch = 0u64;
         let mut fed_keys: std::collections::HashSet<Key> = std::collections::HashSet::new();
         let stopped = || stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        let mut known = prompts.len() as u64;
+        let mut last_report = std::time::Instant::now();
+        let mut report = |fed: u64, known: u64, force: bool| {
+            if let Some(cb) = &progress
+                && (force || last_report.elapsed() >= Duration::from_millis(200))
+            {
+                last_report = std::time::Instant::now();
+                cb(&Progress {
+                    prompts_fed: fed,
+                    prompts_known: known,
+                    stages: shared.stats(),
+                });
+            }
+        };
         let mut batch = prompts;
         loop {
             for chunk in batch.chunks(epoch_size) {
@@ -388,6 +419,7 @@ pub fn run_with(
                 while probe.less_than(&epoch.saturating_sub(lag)) {
                     timely_worker.step_or_park(Some(Duration::from_millis(20)));
                     shared.check()?;
+                    report(fed, known, false);
                 }
             }
             if !follow || stopped() {
@@ -398,11 +430,13 @@ pub fn run_with(
             while std::time::Instant::now() < deadline && !stopped() {
                 timely_worker.step_or_park(Some(Duration::from_millis(50)));
                 shared.check()?;
+                report(fed, known, false);
             }
             batch = load_prompts(&follow_spec)?
                 .into_iter()
                 .filter(|r| !fed_keys.contains(&r.key))
                 .collect();
+            known += batch.len() as u64;
         }
         summary.interrupted = stopped();
         summary.prompts = fed;
@@ -410,7 +444,9 @@ pub fn run_with(
         while !probe.done() {
             timely_worker.step_or_park(Some(Duration::from_millis(20)));
             shared.check()?;
+            report(fed, known, false);
         }
+        report(fed, known, true);
         shared.check()?;
         summary.stages = shared.stats();
         summary.checkpoints = shared.checkpoints();
