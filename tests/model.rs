@@ -333,10 +333,10 @@ fn bad_requests_are_errors_not_panics() {
 fn the_worker_batches_concurrent_jobs_and_wakes_callers() {
     let factory = |seed: u64| -> cairn::model::worker::ModelFactory {
         Box::new(move |device| {
-            Ok(ServedModel {
-                model: Llama::random(LlamaConfig::tiny(VOCAB), seed, device)?,
-                eos: vec![],
-            })
+            Ok(ServedModel::llama(
+                Llama::random(LlamaConfig::tiny(VOCAB), seed, device)?,
+                vec![],
+            ))
         })
     };
     let worker = ModelWorker::spawn(
@@ -462,10 +462,10 @@ fn sft_steps_through_the_worker_lower_the_loss_and_accumulation_matches_one_batc
             vec![(
                 "policy".into(),
                 Box::new(|device| {
-                    Ok(ServedModel {
-                        model: Llama::random(LlamaConfig::tiny(VOCAB), 11, device)?,
-                        eos: vec![],
-                    })
+                    Ok(ServedModel::llama(
+                        Llama::random(LlamaConfig::tiny(VOCAB), 11, device)?,
+                        vec![],
+                    ))
                 }) as cairn::model::worker::ModelFactory,
             )],
             WorkerOptions::default(),

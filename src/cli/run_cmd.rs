@@ -72,6 +72,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             s.computed, s.replayed, s.jobs
         );
     }
+    println!(
+        "model calls {:.1} s of {:.1} s dataflow wall time ({:.1}% outside model calls)",
+        summary.model_seconds,
+        summary.wall_seconds,
+        100.0 * summary.share_outside_model()
+    );
     if !summary.aggregates.is_empty() {
         println!("records by stage and principle / purpose / kind:");
         for ((stage, label), n) in &summary.aggregates {

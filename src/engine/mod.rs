@@ -77,6 +77,21 @@ pub struct RunSummary {
     pub interrupted: bool,
     /// Records by (stage, label: principle, purpose or kind), kept by differential dataflow.
     pub aggregates: BTreeMap<(String, String), i64>,
+    /// Wall-clock seconds of the dataflow (models loaded before it starts).
+    pub wall_seconds: f64,
+    /// Seconds the model worker spent in model calls meanwhile.
+    pub model_seconds: f64,
+}
+
+impl RunSummary {
+    /// Share of the dataflow's wall time not spent in model calls (engine overhead, logging,
+    /// waiting); 0 when nothing ran.
+    pub fn share_outside_model(&self) -> f64 {
+        if self.wall_seconds <= 0.0 {
+            return 0.0;
+        }
+        (1.0 - self.model_seconds / self.wall_seconds).max(0.0)
+    }
 }
 
 /// Errors of a run.
@@ -324,13 +339,14 @@ pub fn run_with(
         .iter()
         .map(|m| {
             let path = m.path.clone();
+            let instant = m.instant;
             let factory: ModelFactory = Box::new(move |device| {
+                if instant {
+                    return Ok(ServedModel::instant());
+                }
                 let loaded = crate::model::load(&path, device)?;
                 let eos = loaded.tokenizer.eos_ids().to_vec();
-                Ok(ServedModel {
-                    model: loaded.model,
-                    eos,
-                })
+                Ok(ServedModel::llama(loaded.model, eos))
             });
             (m.name.clone(), factory)
         })
@@ -353,6 +369,9 @@ pub fn run_with(
     let progress = opts.progress.clone();
     let follow_spec = spec.clone();
     let writer_for_run = writer.clone();
+    let busy_before = handle.stats()?.busy_ns;
+    let wall = std::time::Instant::now();
+    let stats_handle = handle.clone();
     let result = timely::execute_directly(move |timely_worker| {
         let mut input: InputHandle<u64, CapacityContainerBuilder<Vec<Rec>>> = InputHandle::new();
         let probe: ProbeHandle<u64> = ProbeHandle::new();
@@ -453,7 +472,9 @@ pub fn run_with(
         summary.aggregates = shared.aggregates();
         Ok::<RunSummary, EngineError>(summary)
     });
-    let summary = result?;
+    let mut summary = result?;
+    summary.wall_seconds = wall.elapsed().as_secs_f64();
+    summary.model_seconds = (stats_handle.stats()?.busy_ns - busy_before) as f64 / 1e9;
     writer.close()?;
     drop(worker);
     Ok(summary)

@@ -106,10 +106,79 @@ struct Submission {
 
 /// A model served by the worker, with the tokens that end its turns.
 pub struct ServedModel {
-    /// The decoder.
-    pub model: Llama,
+    /// What computes.
+    pub backend: Backend,
     /// End-of-turn token ids.
     pub eos: Vec<u32>,
+}
+
+/// What answers a model's jobs.
+pub enum Backend {
+    /// A real decoder.
+    Llama(Llama),
+    /// Answers at once without computing (echoes the prompt's last tokens, log-probabilities
+    /// 0): for measuring the engine's own overhead.
+    Instant,
+}
+
+impl ServedModel {
+    /// A decoder.
+    pub fn llama(model: Llama, eos: Vec<u32>) -> ServedModel {
+        ServedModel {
+            backend: Backend::Llama(model),
+            eos,
+        }
+    }
+
+    /// The instant stand-in model.
+    pub fn instant() -> ServedModel {
+        ServedModel {
+            backend: Backend::Instant,
+            eos: Vec::new(),
+        }
+    }
+}
+
+/// The instant model's answers.
+fn instant_reply(job: &Job) -> Reply {
+    Ok(match job {
+        Job::Generate(r) => JobOutput::Generated(
+            r.iter()
+                .map(|r| {
+                    let n = r.params.max_new_tokens.min(r.prompt.len()).min(8);
+                    Generation {
+                        tokens: r.prompt[r.prompt.len() - n..].to_vec(),
+                        logprobs: vec![0.0; n],
+                        finish: super::Finish::Length,
+                    }
+                })
+                .collect(),
+        ),
+        Job::Score(r) => JobOutput::Scored(
+            r.iter()
+                .map(|r| Scored {
+                    logprobs: vec![0.0; r.continuation.len()],
+                    total: 0.0,
+                    value: None,
+                })
+                .collect(),
+        ),
+        Job::TrainSft { examples, .. } => JobOutput::Trained(StepStats {
+            loss: 0.0,
+            tokens: examples.iter().map(|e| e.target.len()).sum(),
+            grad_norm: 0.0,
+            step: 0,
+        }),
+        Job::EvalSft { examples, .. } => JobOutput::Evaluated {
+            loss: 0.0,
+            tokens: examples.iter().map(|e| e.target.len()).sum(),
+        },
+        Job::Save(_) => {
+            return Err(ModelError::InvalidRequest(
+                "the instant model has no weights to save".into(),
+            ));
+        }
+    })
 }
 
 /// Builds a model on the worker thread (tensors belong to the thread that made them).
@@ -150,6 +219,8 @@ pub struct WorkerStats {
     pub batches: u64,
     /// Sequences processed.
     pub sequences: u64,
+    /// Time spent in model calls, in nanoseconds.
+    pub busy_ns: u64,
 }
 
 /// A cheap, cloneable handle for submitting jobs.
@@ -381,6 +452,16 @@ fn run_alone(
     stats.batches += 1;
     stats.jobs += 1;
     stats.sequences += job_len(&s.job) as u64;
+    let started = std::time::Instant::now();
+    let model = match &served.backend {
+        Backend::Llama(m) => m,
+        Backend::Instant => {
+            let reply = instant_reply(&s.job);
+            stats.busy_ns += started.elapsed().as_nanos() as u64;
+            respond(s, reply);
+            return;
+        }
+    };
     let outcome = catch_unwind(AssertUnwindSafe(|| -> Reply {
         match &s.job {
             Job::TrainSft {
@@ -391,19 +472,19 @@ fn run_alone(
                 let trainer = match trainers.entry(s.model.clone()) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(Trainer::new(&served.model, optim)?)
+                        v.insert(Trainer::new(model, optim)?)
                     }
                 };
                 trainer
-                    .sft_step(&served.model, examples, *micro_batch, optim)
+                    .sft_step(model, examples, *micro_batch, optim)
                     .map(JobOutput::Trained)
             }
             Job::EvalSft {
                 examples,
                 micro_batch,
-            } => sft_eval(&served.model, examples, *micro_batch)
+            } => sft_eval(model, examples, *micro_batch)
                 .map(|(loss, tokens)| JobOutput::Evaluated { loss, tokens }),
-            Job::Save(dir) => served.model.save_dir(dir).map(|()| {
+            Job::Save(dir) => model.save_dir(dir).map(|()| {
                 JobOutput::Saved(vec![dir.join("config.json"), dir.join("model.safetensors")])
             }),
             Job::Generate(_) | Job::Score(_) => {
@@ -412,6 +493,7 @@ fn run_alone(
         }
     }));
     let reply = outcome.unwrap_or_else(|panic| Err(ModelError::Panicked(panic_message(panic))));
+    stats.busy_ns += started.elapsed().as_nanos() as u64;
     respond(s, reply);
 }
 
@@ -453,7 +535,9 @@ fn run_batch(
     stats.jobs += batch.len() as u64;
     // A failing request must not sink the others that rode with it: on error, retry each job
     // alone so the error reaches only the job that caused it.
+    let started = std::time::Instant::now();
     let result = run_merged(served, &batch);
+    stats.busy_ns += started.elapsed().as_nanos() as u64;
     match result {
         Ok(outputs) => {
             for (s, out) in batch.into_iter().zip(outputs) {
@@ -476,6 +560,10 @@ fn run_batch(
 
 /// Runs the jobs as one model call and splits the outputs back per job.
 fn run_merged(served: &ServedModel, batch: &[Submission]) -> Result<Vec<JobOutput>, ModelError> {
+    let model = match &served.backend {
+        Backend::Llama(m) => m,
+        Backend::Instant => return batch.iter().map(|s| instant_reply(&s.job)).collect(),
+    };
     let outcome = catch_unwind(AssertUnwindSafe(|| match &batch[0].job {
         Job::Generate(_) => {
             let all: Vec<GenerateRequest> = batch
@@ -485,7 +573,7 @@ fn run_merged(served: &ServedModel, batch: &[Submission]) -> Result<Vec<JobOutpu
                     _ => Vec::new(),
                 })
                 .collect();
-            let mut out = generate(&served.model, &served.eos, &all)?.into_iter();
+            let mut out = generate(model, &served.eos, &all)?.into_iter();
             Ok(batch
                 .iter()
                 .map(|s| JobOutput::Generated(out.by_ref().take(job_len(&s.job)).collect()))
@@ -499,7 +587,7 @@ fn run_merged(served: &ServedModel, batch: &[Submission]) -> Result<Vec<JobOutpu
                     _ => Vec::new(),
                 })
                 .collect();
-            let mut out = score(&served.model, &all)?.into_iter();
+            let mut out = score(model, &all)?.into_iter();
             Ok(batch
                 .iter()
                 .map(|s| JobOutput::Scored(out.by_ref().take(job_len(&s.job)).collect()))

@@ -36,6 +36,9 @@ pub struct ModelSpec {
     pub name: String,
     /// GGUF file or model directory; `default` for the fetched default model.
     pub path: PathBuf,
+    /// Serve an instant stand-in (no computation; the file gives only the tokenizer): for
+    /// measuring the engine's own overhead.
+    pub instant: bool,
 }
 
 /// Where prompts come from.
@@ -107,6 +110,8 @@ struct RawSpec {
 #[serde(deny_unknown_fields)]
 struct RawModel {
     path: String,
+    #[serde(default)]
+    instant: bool,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -165,6 +170,7 @@ impl Spec {
             models.push(ModelSpec {
                 name: name.clone(),
                 path,
+                instant: m.instant,
             });
         }
         if models.is_empty() {
