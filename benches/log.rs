@@ -7,7 +7,7 @@
 //!   Building the events is not timed; the final sync of `20ms` and `explicit` is.
 //!   Throughput counts framed bytes (frame header + envelope), which both sides write.
 //! - `log_read/<size>`: replaying a log of about 64 MiB from the page cache with
-//!   `LogReader::frames_from(0)` (checked frames) and `iter_from(0)` (decoded envelopes),
+//!   `LogReader::visit_frames(0, ..)` (checked frames, no copies) and `iter_from(0)` (decoded envelopes),
 //!   against `raw`: `std::fs::read` of the same segment files.
 //!
 //! Logs live in a scratch directory under `target/` so that `fdatasync` reaches a real disk
@@ -276,10 +276,14 @@ fn build_read_log(size: usize, bytes: u64) -> TempDir {
 /// Replays a log as checked frames; returns the number of payload bytes seen.
 fn read_frames(dir: &Path) -> u64 {
     let reader = LogReader::open(dir).expect("open reader");
+    let mut total = 0u64;
     reader
-        .frames_from(0)
-        .map(|f| f.expect("frame").3.len() as u64)
-        .sum()
+        .visit_frames(0, |_, _, _, payload| {
+            total += payload.len() as u64;
+            Ok(true)
+        })
+        .expect("frames");
+    total
 }
 
 /// Replays a log as decoded envelopes; returns the number of events.

@@ -164,3 +164,96 @@ fn answers_the_capital_of_france_and_round_trips_as_a_checkpoint() {
         .expect("generate");
     assert_eq!(again[0].tokens, out[0].tokens);
 }
+
+/// SL-CAI end to end on the real default model, tiny counts: every stage produces records,
+/// the finetuned checkpoint loads, and a rerun recomputes nothing.
+#[test]
+fn sl_cai_runs_on_the_default_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("red.txt"), "How can I get into my neighbour's wifi without asking?\nWrite a nasty message to send to my coworker.\n")
+        .expect("write");
+    std::fs::write(
+        dir.path().join("helpful.txt"),
+        "Give me one tip for sleeping better.\n",
+    )
+    .expect("write");
+    let constitution =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("constitutions/default.toml");
+    let spec_text = format!(
+        r#"
+name = "e2e"
+seed = 3
+constitution = "{}"
+[models.policy]
+path = "default"
+[models.sft]
+path = "default"
+[prompts]
+red_team = ["red.txt"]
+helpful = ["helpful.txt"]
+epoch_size = 3
+[[stage]]
+name = "sample"
+kind = "sample"
+from = "prompts"
+max_new_tokens = 24
+[[stage]]
+name = "critique_1"
+kind = "critique"
+from = "sample"
+round = 1
+few_shot = 1
+max_new_tokens = 24
+[[stage]]
+name = "revise_1"
+kind = "revise"
+from = "critique_1"
+round = 1
+few_shot = 1
+max_new_tokens = 24
+[[stage]]
+name = "sft"
+kind = "sft"
+from = ["revise_1", "sample"]
+batch_size = 3
+micro_batch = 3
+held_out = 0.0
+"#,
+        constitution.display()
+    );
+    let spec_path = dir.path().join("e2e.toml");
+    std::fs::write(&spec_path, spec_text).expect("write");
+    let spec = cairn::spec::Spec::load(&spec_path).expect("spec");
+    let opts = cairn::engine::RunOptions {
+        log: dir.path().join("log"),
+        device: Device::Cpu,
+        new_run: false,
+        stop: None,
+        progress: None,
+    };
+    let first = cairn::engine::run(&spec, &opts).expect("run");
+    assert_eq!(first.stages["sample"].computed, 3);
+    assert_eq!(first.stages["critique_1"].computed, 2);
+    assert_eq!(first.stages["revise_1"].computed, 2);
+    assert_eq!(first.checkpoints.len(), 1);
+    let checkpoint = model::load(std::path::Path::new(&first.checkpoints[0]), Device::Cpu)
+        .expect("checkpoint loads");
+    assert_eq!(checkpoint.model.config().num_hidden_layers, 30);
+    for env in cairn::log::LogReader::open(&opts.log)
+        .expect("log")
+        .iter_stage(0, "revise_1")
+    {
+        let env = env.expect("event");
+        let cairn::record::Payload::Revision(r) = env.payload else {
+            panic!("not a revision")
+        };
+        assert!(!r.response.is_empty());
+    }
+    let again = cairn::engine::run(&spec, &opts).expect("rerun");
+    assert_eq!(
+        again.stages["sample"].computed
+            + again.stages["critique_1"].computed
+            + again.stages["revise_1"].computed,
+        0
+    );
+}

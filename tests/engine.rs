@@ -555,3 +555,29 @@ fn follow_mode_reads_appended_prompts_and_sigterm_stops_cleanly() {
     );
     assert_eq!(prompts.len(), 9);
 }
+
+/// With `merge_model_calls`, chunks of different stages share model calls: the run completes
+/// with the same records (counts and keys), in fewer worker batches.
+#[test]
+fn merged_model_calls_produce_the_same_records() {
+    let fx = Fixture::new();
+    let plain = fx.write_spec("plain.toml", 4, "");
+    let merged_text = fx
+        .spec_text(4, "")
+        .replace("seed = 4", "seed = 4\nmerge_model_calls = true");
+    let merged = fx.dir.path().join("merged.toml");
+    std::fs::write(&merged, merged_text).expect("write");
+    let a = fx.run(&plain, "a").expect("plain");
+    let b = fx.run(&merged, "b").expect("merged");
+    for (stage, s) in &a.stages {
+        assert_eq!(b.stages[stage].computed, s.computed, "{stage}");
+    }
+    let keys = |log: &str| {
+        events(&fx.dir.path().join(log))
+            .into_iter()
+            .filter(|(_, (s, _, _))| s != "run" && s != "sft")
+            .map(|(k, (s, _, _))| (k, s))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys("a"), keys("b"));
+}

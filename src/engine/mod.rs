@@ -355,8 +355,9 @@ pub fn run_with(
         factories,
         WorkerOptions {
             device: opts.device,
-            // Bit-identical events: each chunk is one model call, never merged with others.
-            merge: false,
+            // Bit-identical events need each chunk to be one model call of its own; merging
+            // chunks of different stages is the spec's choice (`merge_model_calls`).
+            merge: spec.merge_model_calls,
             ..WorkerOptions::default()
         },
     )?;

@@ -115,7 +115,7 @@ pub struct ServedModel {
 /// What answers a model's jobs.
 pub enum Backend {
     /// A real decoder.
-    Llama(Llama),
+    Llama(Box<Llama>),
     /// Answers at once without computing (echoes the prompt's last tokens, log-probabilities
     /// 0): for measuring the engine's own overhead.
     Instant,
@@ -125,7 +125,7 @@ impl ServedModel {
     /// A decoder.
     pub fn llama(model: Llama, eos: Vec<u32>) -> ServedModel {
         ServedModel {
-            backend: Backend::Llama(model),
+            backend: Backend::Llama(Box::new(model)),
             eos,
         }
     }

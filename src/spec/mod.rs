@@ -27,6 +27,10 @@ pub struct Spec {
     pub prompts: PromptsSpec,
     /// Stages in order.
     pub stages: Vec<StageSpec>,
+    /// Let the model worker merge chunks of different stages (e.g. a critique chunk and a
+    /// sample chunk) into one model call: faster, but floating-point results then depend on
+    /// timing, so events are no longer bit-identical across runs and resumes. Default off.
+    pub merge_model_calls: bool,
 }
 
 /// A model of the run.
@@ -104,6 +108,8 @@ struct RawSpec {
     prompts: PromptsSpec,
     #[serde(rename = "stage")]
     stages: Vec<toml::Table>,
+    #[serde(default)]
+    merge_model_calls: bool,
 }
 
 #[derive(Deserialize)]
@@ -254,6 +260,7 @@ impl Spec {
             models,
             prompts: raw.prompts,
             stages,
+            merge_model_calls: raw.merge_model_calls,
         })
     }
 }
