@@ -111,6 +111,58 @@ fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>, ModelError> {
     Vec::<f32>::try_from(&flat).map_err(ModelError::Torch)
 }
 
+/// One decode step's logits, reduced on the device: the log-normaliser and the argmax of
+/// every row come from batched tensor ops; rows are copied to the host only when some
+/// sequence samples (greedy sequences need just the argmax and its log-probability).
+struct StepLogits {
+    log_z: Vec<f32>,
+    argmax: Vec<i64>,
+    max_logit: Vec<f32>,
+    rows: Option<Vec<f32>>,
+}
+
+impl StepLogits {
+    fn new(
+        logits: &Tensor,
+        active: &[usize],
+        samplers: &[Sampler],
+    ) -> Result<StepLogits, ModelError> {
+        let logits = logits.to_kind(Kind::Float);
+        let log_z = to_vec_f32(&logits.logsumexp([-1i64].as_slice(), false))?;
+        let (max_logit, argmax) = logits.max_dim(-1, false);
+        let argmax =
+            Vec::<i64>::try_from(&argmax.to_device(Device::Cpu)).map_err(ModelError::Torch)?;
+        let max_logit = to_vec_f32(&max_logit)?;
+        let sampling = active
+            .iter()
+            .any(|&r| samplers[r].params().temperature > 0.0);
+        let rows = if sampling {
+            Some(to_vec_f32(&logits)?)
+        } else {
+            None
+        };
+        Ok(StepLogits {
+            log_z,
+            argmax,
+            max_logit,
+            rows,
+        })
+    }
+
+    fn draw(&self, sampler: &mut Sampler, row: usize, vocab: usize) -> super::sampling::Draw {
+        match &self.rows {
+            Some(rows) if sampler.params().temperature > 0.0 => sampler.sample_with_log_z(
+                &rows[row * vocab..(row + 1) * vocab],
+                self.log_z[row] as f64,
+            ),
+            _ => super::sampling::Draw {
+                token: self.argmax[row] as u32,
+                logprob: self.max_logit[row] - self.log_z[row],
+            },
+        }
+    }
+}
+
 /// Generates a continuation for every request, batched.
 pub fn generate(
     model: &Llama,
@@ -168,7 +220,11 @@ pub fn generate(
         device,
     );
     let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
-    let mut logits = to_vec_f32(&model.logits(&hidden.select(1, len - 1)))?;
+    let mut step = StepLogits::new(
+        &model.logits(&hidden.select(1, len - 1)),
+        &active,
+        &samplers,
+    )?;
     loop {
         let mut still = Vec::with_capacity(active.len());
         let mut keep_rows = Vec::with_capacity(active.len());
@@ -178,7 +234,7 @@ pub fn generate(
             if params.max_new_tokens == 0 {
                 continue;
             }
-            let draw = samplers[req].sample(&logits[row * vocab..(row + 1) * vocab]);
+            let draw = step.draw(&mut samplers[req], row, vocab);
             let out = &mut outputs[req];
             out.tokens.push(draw.token);
             out.logprobs.push(draw.logprob);
@@ -211,7 +267,7 @@ pub fn generate(
         let positions = Tensor::from_slice(&step_pos).view([b, 1]).to_device(device);
         let valid = Tensor::ones([b, 1], (Kind::Bool, device));
         let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
-        logits = to_vec_f32(&model.logits(&hidden.select(1, 0)))?;
+        step = StepLogits::new(&model.logits(&hidden.select(1, 0)), &active, &samplers)?;
     }
     Ok(outputs)
 }

@@ -300,6 +300,14 @@ impl Llama {
             .logical_or(&own.unsqueeze(0))
             .unsqueeze(1);
 
+        // Query rows are grouped per kv head (see the attention below): one mask row per
+        // (head in group, position).
+        let group = nh / nkv;
+        let rows_mask = if group > 1 {
+            mask.repeat([1, 1, group, 1])
+        } else {
+            mask.shallow_clone()
+        };
         let cos = self
             .rope_cos
             .index_select(0, &positions.flatten(0, 1))
@@ -341,17 +349,25 @@ impl Llama {
                 }
                 None => (k, v),
             };
+            // Grouped-query attention without copying keys/values per query head: the query
+            // heads that share a kv head become extra query rows of that kv head.
+            let q_rows = if group > 1 {
+                q.reshape([b, nkv, group * t, hd])
+            } else {
+                q.shallow_clone()
+            };
             let attn = Tensor::f_scaled_dot_product_attention(
-                &q,
+                &q_rows,
                 &keys,
                 &values,
-                Some(&mask),
+                Some(&rows_mask),
                 0.0,
                 false,
                 None::<f64>,
-                nkv != nh,
+                false,
             )
-            .map_err(ModelError::Torch)?;
+            .map_err(ModelError::Torch)?
+            .reshape([b, nh, t, hd]);
             let attn = attn.transpose(1, 2).reshape([b, t, nh * hd]);
             x = x + attn.matmul(&blk.wo.tr());
             let hidden = x.rms_norm([c.hidden_size as i64], Some(&blk.ffn_norm), c.rms_norm_eps);

@@ -102,6 +102,13 @@ impl Sampler {
             .sum::<f64>())
         .ln()
             + max as f64;
+        self.sample_with_log_z(logits, log_z)
+    }
+
+    /// [`Sampler::sample`] with the row's log-normaliser already known (computed for the
+    /// whole batch at once by the caller).
+    pub fn sample_with_log_z(&mut self, logits: &[f32], log_z: f64) -> Draw {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let logprob = |t: usize| (logits[t] as f64 - log_z) as f32;
         let p = &self.params;
         if p.temperature == 0.0 || logits.len() == 1 {
