@@ -245,44 +245,32 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
         let n = args.new_tokens.to_string();
         let reps = args.repeats.to_string();
         let model_arg = path.display().to_string();
-        for (name, script, batch) in [
-            (
-                "transformers",
-                "benches/peers/hf_generate.py",
-                batches.as_str(),
-            ),
-            ("llama.cpp", "benches/peers/llamacpp_generate.py", "1"),
-        ] {
+        let hf_args = ["--batch", batches.as_str()];
+        let peers_to_run: [(&str, &str, &[&str]); 2] = [
+            ("transformers", "benches/peers/hf_generate.py", &hf_args),
+            // llama.cpp is measured at batch 1 only.
+            ("llama.cpp", "benches/peers/llamacpp_generate.py", &[]),
+        ];
+        for (name, script, extra) in peers_to_run {
             eprintln!("running peer {name} …");
             let out = Command::new(&python)
-                .args([
-                    script,
-                    "--model",
-                    &model_arg,
-                    "--batch",
-                    batch,
-                    "--new-tokens",
-                    &n,
-                    "--repeats",
-                    &reps,
-                ])
+                .args([script, "--model", &model_arg, "--new-tokens", &n, "--repeats", &reps])
+                .args(extra)
                 .output()
-                .with_context(|| {
-                    format!(
-                        "running {} {script} (run benches/peers/setup.sh first)",
-                        python.display()
-                    )
-                })?;
-            anyhow::ensure!(
-                out.status.success(),
-                "peer {name} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+                .with_context(|| format!("running {} {script} (run benches/peers/setup.sh first)", python.display()))?;
+            // A failing peer is reported, not fatal: the measurements already taken stand.
+            if !out.status.success() {
+                eprintln!("peer {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+                continue;
+            }
             let text = String::from_utf8_lossy(&out.stdout);
             let last = text.lines().last().unwrap_or_default();
-            let value: serde_json::Value = serde_json::from_str(last)
-                .with_context(|| format!("peer {name} printed no JSON: {text}"))?;
-            peers.insert(name.to_string(), value);
+            match serde_json::from_str::<serde_json::Value>(last) {
+                Ok(value) => {
+                    peers.insert(name.to_string(), value);
+                }
+                Err(_) => eprintln!("peer {name} printed no JSON: {text}"),
+            }
         }
         for row in &mut rows {
             let b = row["batch"].as_u64().unwrap_or(0).to_string();
