@@ -211,9 +211,9 @@ struct StoredEnvelope {
     body: Vec<u8>,
 }
 
-/// The same layout as [`StoredEnvelope`], borrowing its fields, for encoding without copies.
+/// [`StoredEnvelope`]'s fields before the body, borrowed, for encoding without copies.
 #[derive(Serialize)]
-struct StoredEnvelopeRef<'a> {
+struct StoredEnvelopeHead<'a> {
     version: u16,
     offset: u64,
     key: Key,
@@ -223,8 +223,6 @@ struct StoredEnvelopeRef<'a> {
     stage: &'a str,
     parents: &'a [Key],
     kind: &'a str,
-    #[serde(with = "serde_bytes")]
-    body: &'a [u8],
 }
 
 /// Byte range of the key inside an encoded envelope (after `version: u16, offset: u64`).
@@ -260,8 +258,7 @@ impl Envelope {
     /// Appends the encoded envelope to `out` (the log writer encodes straight into its
     /// write buffer).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let body = self.payload.encode_body();
-        let stored = StoredEnvelopeRef {
+        let head = StoredEnvelopeHead {
             version: ENVELOPE_VERSION,
             offset: self.offset,
             key: self.key,
@@ -271,10 +268,16 @@ impl Envelope {
             stage: &self.stage,
             parents: &self.parents,
             kind: self.payload.kind(),
-            body: &body,
         };
         // Serialising plain data into a Vec cannot fail.
-        let _ = bincode::serialize_into(out, &stored);
+        let _ = bincode::serialize_into(&mut *out, &head);
+        // The body, as bincode writes a byte string (u64 length, bytes), serialised in place:
+        // the same bytes as `StoredEnvelope` without a temporary buffer.
+        let len_at = out.len();
+        out.extend_from_slice(&[0; 8]);
+        self.payload.encode_body_into(out);
+        let len = (out.len() - len_at - 8) as u64;
+        out[len_at..len_at + 8].copy_from_slice(&len.to_le_bytes());
     }
 
     /// Decodes an envelope; an unknown payload kind becomes [`Payload::Unknown`].
@@ -384,6 +387,14 @@ macro_rules! payloads {
                 match self {
                     $( Payload::$variant(_) => $kind, )*
                     Payload::Unknown { kind, .. } => kind,
+                }
+            }
+
+            /// Appends the bincode of the record body to `out`.
+            pub fn encode_body_into(&self, out: &mut Vec<u8>) {
+                match self {
+                    $( Payload::$variant(v) => { let _ = bincode::serialize_into(&mut *out, v); } )*
+                    Payload::Unknown { body, .. } => out.extend_from_slice(body),
                 }
             }
 

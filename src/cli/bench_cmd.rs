@@ -254,13 +254,29 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
         for (name, script, extra) in peers_to_run {
             eprintln!("running peer {name} …");
             let out = Command::new(&python)
-                .args([script, "--model", &model_arg, "--new-tokens", &n, "--repeats", &reps])
+                .args([
+                    script,
+                    "--model",
+                    &model_arg,
+                    "--new-tokens",
+                    &n,
+                    "--repeats",
+                    &reps,
+                ])
                 .args(extra)
                 .output()
-                .with_context(|| format!("running {} {script} (run benches/peers/setup.sh first)", python.display()))?;
+                .with_context(|| {
+                    format!(
+                        "running {} {script} (run benches/peers/setup.sh first)",
+                        python.display()
+                    )
+                })?;
             // A failing peer is reported, not fatal: the measurements already taken stand.
             if !out.status.success() {
-                eprintln!("peer {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+                eprintln!(
+                    "peer {name} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 continue;
             }
             let text = String::from_utf8_lossy(&out.stdout);
