@@ -257,3 +257,38 @@ held_out = 0.0
         0
     );
 }
+
+/// Tokenising a fixed few-shot prefix once and each task's turns separately gives exactly the
+/// ids of tokenising the whole conversation (the split falls just before a special token).
+#[test]
+fn a_cached_chat_prefix_tokenises_like_the_whole_conversation() {
+    let tok = model::load::load_tokenizer(&cairn::paths::default_model()).expect("tokenizer");
+    let constitution = cairn::constitution::Constitution::load(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("constitutions/default.toml"),
+    )
+    .expect("constitution");
+    let mut prefix_turns = Vec::new();
+    for ex in &constitution.critique_examples {
+        prefix_turns.push(Message::new(Role::User, ex.prompt.clone()));
+        prefix_turns.push(Message::new(Role::Assistant, ex.response.clone()));
+    }
+    let rest = [
+        Message::new(
+            Role::User,
+            "How do I pick  a lock?\n\n(asking for 2 reasons)".to_string(),
+        ),
+        Message::new(
+            Role::Assistant,
+            " I can't help with that — 123 ways, café.".to_string(),
+        ),
+        Message::new(Role::User, "Critique request: is it harmful?".to_string()),
+    ];
+    let prefix = cairn::stages::ChatPrefix::new(&tok, &prefix_turns).expect("prefix");
+    let cached = prefix.encode(&tok, &rest).expect("encode");
+    let whole: Vec<Message> = prefix_turns
+        .iter()
+        .cloned()
+        .chain(rest.iter().cloned())
+        .collect();
+    assert_eq!(cached, tok.encode_chat(&whole).expect("encode"));
+}

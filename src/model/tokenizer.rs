@@ -93,6 +93,15 @@ impl ChatFormat {
         {
             push_turn(&mut out, "system", system);
         }
+        out.push_str(&self.render_turns(messages, add_generation_prompt));
+        out
+    }
+
+    /// Renders turns that continue a conversation already rendered (no default system
+    /// message is added). Text rendered before a turn ends just before a special token, so
+    /// encoding the two parts separately gives the same ids as encoding them together.
+    pub fn render_turns(&self, messages: &[Message], add_generation_prompt: bool) -> String {
+        let mut out = String::new();
         for m in messages {
             push_turn(&mut out, m.role.as_str(), &m.content);
         }

@@ -8,10 +8,11 @@ use serde::Deserialize;
 
 use super::sample::settings_digest;
 use super::{
-    GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work,
+    ChatPrefix, GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings,
+    Task, Work, generate_task,
 };
 use crate::constitution::{CritiquePrinciple, render};
-use crate::model::{GenerateRequest, Message, Role};
+use crate::model::{Message, Role};
 use crate::record::{Conversation, CritiqueRecord, Key, Payload, PromptPurpose};
 
 #[derive(Deserialize)]
@@ -83,10 +84,10 @@ pub(crate) fn round_settings(
 pub struct CritiqueStage {
     name: String,
     round: u32,
-    few_shot: usize,
     generation: GenerationSettings,
     ctx: StageContext,
     digest: u128,
+    prefix: ChatPrefix,
 }
 
 /// Builds the stage: `round`, optional `few_shot`, and the generation keys.
@@ -96,15 +97,31 @@ pub fn build(
     ctx: &StageContext,
 ) -> Result<Box<dyn Stage>, StageError> {
     let (round, few_shot, generation) = round_settings(name, settings)?;
-    ctx.tokenizer(name, &generation.model)?;
+    let prefix = few_shot_prefix(name, ctx, &generation, few_shot.unwrap_or(usize::MAX))?;
     Ok(Box::new(CritiqueStage {
         name: name.to_string(),
         round,
-        few_shot: few_shot.unwrap_or(usize::MAX),
         generation,
         ctx: ctx.clone(),
         digest: settings_digest(settings) ^ ctx.constitution.digest(),
+        prefix,
     }))
+}
+
+/// The tokenised few-shot opening shared by every prompt of a critique or revise stage.
+pub(crate) fn few_shot_prefix(
+    name: &str,
+    ctx: &StageContext,
+    generation: &GenerationSettings,
+    few_shot: usize,
+) -> Result<ChatPrefix, StageError> {
+    let tok = ctx.tokenizer(name, &generation.model)?;
+    let config = |message: String| StageError::Config {
+        stage: name.to_string(),
+        message,
+    };
+    let turns = few_shot_turns(ctx, few_shot).map_err(config)?;
+    ChatPrefix::new(tok, &turns).map_err(|e| config(e.to_string()))
 }
 
 /// The few-shot turns: for each example, the prompt, the flawed answer, the critique request
@@ -151,6 +168,17 @@ pub(crate) fn revision_request(
     .map_err(|e| e.to_string())
 }
 
+/// The output key of a round stage: its name, the input, the round, the run seed and the
+/// digest of its settings and constitution.
+pub(crate) fn round_key(name: &str, input: Key, round: u32, seed: u64, digest: u128) -> Key {
+    Key::builder(name)
+        .key(input)
+        .u64(round as u64)
+        .u64(seed)
+        .u128(digest)
+        .finish()
+}
+
 impl CritiqueStage {
     /// The latest answer and conversation of a record this round consumes.
     fn latest<'a>(&self, rec: &'a Rec) -> Option<(&'a Conversation, &'a str)> {
@@ -192,33 +220,28 @@ impl Stage for CritiqueStage {
             .rng("critique-principle", rec.key, self.round as u64)
             .gen_range(0..principles.len());
         let principle = &principles[drawn];
-        let mut messages = few_shot_turns(&self.ctx, self.few_shot).map_err(err)?;
-        messages.push(Message::new(Role::User, conversation.prompt.clone()));
-        messages.push(Message::new(Role::Assistant, response.to_string()));
-        messages.push(Message::new(
-            Role::User,
-            critique_request(&self.ctx, principle).map_err(err)?,
-        ));
+        let turns = [
+            Message::new(Role::User, conversation.prompt.clone()),
+            Message::new(Role::Assistant, response.to_string()),
+            Message::new(
+                Role::User,
+                critique_request(&self.ctx, principle).map_err(err)?,
+            ),
+        ];
         let tok = self.ctx.tokenizer(&self.name, &self.generation.model)?;
-        let prompt = tok.encode_chat(&messages).map_err(|e| err(e.to_string()))?;
+        let prompt = self
+            .prefix
+            .encode(tok, &turns)
+            .map_err(|e| err(e.to_string()))?;
         let seed = self.ctx.derive_seed(&self.name, rec.key, self.round as u64);
-        let key = Key::builder(&self.name)
-            .key(rec.key)
-            .u64(self.round as u64)
-            .u64(self.ctx.seed)
-            .u128(self.digest)
-            .finish();
-        Ok(vec![Task {
+        let key = round_key(&self.name, rec.key, self.round, self.ctx.seed, self.digest);
+        Ok(vec![generate_task(
+            rec,
             key,
-            input: rec.clone(),
-            work: Work::Generate {
-                model: self.generation.model.clone(),
-                request: GenerateRequest {
-                    prompt,
-                    params: self.generation.params(seed),
-                },
-            },
-        }])
+            &self.generation,
+            prompt,
+            seed,
+        )])
     }
 
     fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError> {

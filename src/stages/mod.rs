@@ -249,6 +249,57 @@ impl GenerationSettings {
     }
 }
 
+/// The fixed opening turns of a stage's prompts (system message and few-shot examples),
+/// tokenised once; each task then tokenises only its own turns.
+pub struct ChatPrefix {
+    ids: Vec<u32>,
+}
+
+impl ChatPrefix {
+    /// Tokenises `turns` (rendered with the model's default system message).
+    pub fn new(
+        tok: &Tokenizer,
+        turns: &[crate::model::Message],
+    ) -> Result<ChatPrefix, crate::model::ModelError> {
+        Ok(ChatPrefix {
+            ids: tok.encode(&tok.chat().render(turns, false))?,
+        })
+    }
+
+    /// The ids of the prefix followed by `rest` and an open assistant turn — the same ids
+    /// as encoding the whole conversation at once.
+    pub fn encode(
+        &self,
+        tok: &Tokenizer,
+        rest: &[crate::model::Message],
+    ) -> Result<Vec<u32>, crate::model::ModelError> {
+        let mut ids = self.ids.clone();
+        ids.extend(tok.encode(&tok.chat().render_turns(rest, true))?);
+        Ok(ids)
+    }
+}
+
+/// A generation task for `rec` with output key `key`.
+pub fn generate_task(
+    rec: &Rec,
+    key: Key,
+    settings: &GenerationSettings,
+    prompt: Vec<u32>,
+    seed: u64,
+) -> Task {
+    Task {
+        key,
+        input: rec.clone(),
+        work: Work::Generate {
+            model: settings.model.clone(),
+            request: GenerateRequest {
+                prompt,
+                params: settings.params(seed),
+            },
+        },
+    }
+}
+
 /// Decodes a generation into trimmed text.
 pub fn decode(tok: &Tokenizer, g: &Generation) -> String {
     tok.decode(&g.tokens).unwrap_or_default().trim().to_string()

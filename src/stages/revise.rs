@@ -1,22 +1,25 @@
 //! `revise`: rewrites the answer following the round's critique, with the revision request
 //! of the principle the critique was drawn for, after the constitution's few-shot examples.
 
-use super::critique::{critique_request, few_shot_turns, revision_request, round_settings};
+use super::critique::{
+    critique_request, few_shot_prefix, revision_request, round_key, round_settings,
+};
 use super::sample::settings_digest;
 use super::{
-    GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work,
+    ChatPrefix, GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings,
+    Task, Work, generate_task,
 };
-use crate::model::{GenerateRequest, Message, Role};
-use crate::record::{Key, Payload, RevisionRecord};
+use crate::model::{Message, Role};
+use crate::record::{Payload, RevisionRecord};
 
 /// The `revise` stage of one round.
 pub struct ReviseStage {
     name: String,
     round: u32,
-    few_shot: usize,
     generation: GenerationSettings,
     ctx: StageContext,
     digest: u128,
+    prefix: ChatPrefix,
 }
 
 /// Builds the stage: `round`, optional `few_shot`, and the generation keys.
@@ -26,14 +29,14 @@ pub fn build(
     ctx: &StageContext,
 ) -> Result<Box<dyn Stage>, StageError> {
     let (round, few_shot, generation) = round_settings(name, settings)?;
-    ctx.tokenizer(name, &generation.model)?;
+    let prefix = few_shot_prefix(name, ctx, &generation, few_shot.unwrap_or(usize::MAX))?;
     Ok(Box::new(ReviseStage {
         name: name.to_string(),
         round,
-        few_shot: few_shot.unwrap_or(usize::MAX),
         generation,
         ctx: ctx.clone(),
         digest: settings_digest(settings) ^ ctx.constitution.digest(),
+        prefix,
     }))
 }
 
@@ -65,38 +68,33 @@ impl Stage for ReviseStage {
                     c.principle
                 ))
             })?;
-        let mut messages = few_shot_turns(&self.ctx, self.few_shot).map_err(err)?;
-        messages.push(Message::new(Role::User, c.conversation.prompt.clone()));
-        messages.push(Message::new(Role::Assistant, c.response.clone()));
-        messages.push(Message::new(
-            Role::User,
-            critique_request(&self.ctx, principle).map_err(err)?,
-        ));
-        messages.push(Message::new(Role::Assistant, c.critique.clone()));
-        messages.push(Message::new(
-            Role::User,
-            revision_request(&self.ctx, principle).map_err(err)?,
-        ));
+        let turns = [
+            Message::new(Role::User, c.conversation.prompt.clone()),
+            Message::new(Role::Assistant, c.response.clone()),
+            Message::new(
+                Role::User,
+                critique_request(&self.ctx, principle).map_err(err)?,
+            ),
+            Message::new(Role::Assistant, c.critique.clone()),
+            Message::new(
+                Role::User,
+                revision_request(&self.ctx, principle).map_err(err)?,
+            ),
+        ];
         let tok = self.ctx.tokenizer(&self.name, &self.generation.model)?;
-        let prompt = tok.encode_chat(&messages).map_err(|e| err(e.to_string()))?;
+        let prompt = self
+            .prefix
+            .encode(tok, &turns)
+            .map_err(|e| err(e.to_string()))?;
         let seed = self.ctx.derive_seed(&self.name, rec.key, self.round as u64);
-        let key = Key::builder(&self.name)
-            .key(rec.key)
-            .u64(self.round as u64)
-            .u64(self.ctx.seed)
-            .u128(self.digest)
-            .finish();
-        Ok(vec![Task {
+        let key = round_key(&self.name, rec.key, self.round, self.ctx.seed, self.digest);
+        Ok(vec![generate_task(
+            rec,
             key,
-            input: rec.clone(),
-            work: Work::Generate {
-                model: self.generation.model.clone(),
-                request: GenerateRequest {
-                    prompt,
-                    params: self.generation.params(seed),
-                },
-            },
-        }])
+            &self.generation,
+            prompt,
+            seed,
+        )])
     }
 
     fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError> {
