@@ -581,3 +581,80 @@ fn merged_model_calls_produce_the_same_records() {
     };
     assert_eq!(keys("a"), keys("b"));
 }
+
+/// `cairn export --what sft` writes exactly the examples the SFT steps trained on, and
+/// `cairn log trace` walks a final revision back to its prompt through every round.
+#[test]
+fn export_and_trace_read_a_finished_run() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("flow.toml", 7, "");
+    fx.run(&spec, "log").expect("run");
+    let log = fx.dir.path().join("log");
+    let bin = env!("CARGO_BIN_EXE_cairn");
+    let out = fx.dir.path().join("sft.jsonl");
+    let status = std::process::Command::new(bin)
+        .args(["-q", "export"])
+        .arg(&log)
+        .args(["--what", "sft", "--out"])
+        .arg(&out)
+        .status()
+        .expect("export");
+    assert!(status.success());
+    let trained: u64 = LogReader::open(&log)
+        .expect("log")
+        .iter_from(0)
+        .filter_map(|e| match e.expect("event").payload {
+            Payload::SftStep(s) => Some(s.examples),
+            _ => None,
+        })
+        .sum();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .expect("read")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len() as u64, trained);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["messages"][0]["role"] == "user" && l["messages"][1]["role"] == "assistant")
+    );
+
+    let revision = LogReader::open(&log)
+        .expect("log")
+        .iter_stage(0, "revise_2")
+        .next()
+        .expect("a revision")
+        .expect("event");
+    let trace = std::process::Command::new(bin)
+        .args(["-q", "log", "trace"])
+        .arg(&log)
+        .arg(revision.key.to_string())
+        .output()
+        .expect("trace");
+    assert!(trace.status.success());
+    let text = String::from_utf8_lossy(&trace.stdout);
+    let stages: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "prompts",
+            "sample",
+            "critique_1",
+            "revise_1",
+            "critique_2",
+            "revise_2"
+        ],
+        "{text}"
+    );
+    let bad = std::process::Command::new(bin)
+        .args(["-q", "log", "trace"])
+        .arg(&log)
+        .arg("nothex")
+        .output()
+        .expect("trace");
+    assert!(!bad.status.success());
+}

@@ -31,6 +31,13 @@ pub enum LogCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the lineage of one record: its ancestors back to the prompt, oldest first.
+    Trace {
+        /// Log directory.
+        dir: PathBuf,
+        /// The record's key (32 hex digits, as `log cat` prints it).
+        key: String,
+    },
     /// Print events as JSON, one per line.
     Cat {
         /// Log directory.
@@ -140,6 +147,47 @@ pub fn run(cmd: LogCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        LogCommand::Trace { dir, key } => {
+            let key = cairn::record::Key::parse_hex(&key)
+                .with_context(|| format!("`{key}` is not a record key (32 hex digits)"))?;
+            let reader =
+                LogReader::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
+            let mut by_key = std::collections::HashMap::new();
+            for env in reader.iter_from(0) {
+                let env = env?;
+                by_key.insert(env.key, env);
+            }
+            anyhow::ensure!(
+                by_key.contains_key(&key),
+                "{}: no record with key {key}",
+                dir.display()
+            );
+            // Ancestors, each once, oldest first (depth-first from the record, then reversed).
+            let mut order = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut stack = vec![key];
+            while let Some(k) = stack.pop() {
+                if !seen.insert(k) {
+                    continue;
+                }
+                if let Some(env) = by_key.get(&k) {
+                    order.push(env);
+                    stack.extend(env.parents.iter().copied());
+                }
+            }
+            order.sort_by_key(|e| e.offset);
+            for env in order {
+                println!(
+                    "{:>8}  {:<12} {:<10} {}  {}",
+                    env.offset,
+                    env.stage,
+                    env.payload.kind(),
+                    env.key,
+                    summary(&env.payload)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         LogCommand::Cat {
             dir,
             stage,
@@ -178,4 +226,40 @@ pub fn run(cmd: LogCommand) -> anyhow::Result<ExitCode> {
 fn fmt_time(ns: u64) -> String {
     let secs = ns / 1_000_000_000;
     format!("{secs}.{:03}", (ns % 1_000_000_000) / 1_000_000)
+}
+
+/// One line describing a record, for `log trace`.
+fn summary(payload: &cairn::record::Payload) -> String {
+    use cairn::record::Payload;
+    let short = |t: &str| {
+        let t = t.replace('\n', " ");
+        if t.chars().count() > 90 {
+            format!("{}…", t.chars().take(90).collect::<String>())
+        } else {
+            t
+        }
+    };
+    match payload {
+        Payload::Prompt(p) => format!("[{:?}] {}", p.purpose, short(&p.text)),
+        Payload::Sample(s) => short(&s.response),
+        Payload::Critique(c) => format!(
+            "round {} `{}`: {}",
+            c.round,
+            c.principle,
+            short(&c.critique)
+        ),
+        Payload::Revision(r) => format!(
+            "round {} `{}`: {}",
+            r.round,
+            r.principle,
+            short(&r.response)
+        ),
+        Payload::SftStep(s) => format!(
+            "step {} loss {:.4} ({} examples)",
+            s.step, s.loss, s.examples
+        ),
+        Payload::SftEval(e) => format!("held-out loss {:.4} at step {}", e.loss, e.step),
+        Payload::Checkpoint(c) => format!("{} (sha256 {})", c.path, c.sha256),
+        other => short(&other.to_json().to_string()),
+    }
 }

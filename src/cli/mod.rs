@@ -1,6 +1,7 @@
 //! Command-line definitions (clap) and dispatch to one module per command group.
 
 mod bench_cmd;
+mod export_cmd;
 mod ingest;
 mod log_cmd;
 mod model_cmd;
@@ -35,6 +36,8 @@ pub enum Command {
     /// Inspect, verify and repair event logs.
     #[command(subcommand)]
     Log(log_cmd::LogCommand),
+    /// Export datasets derived from a run's events (JSON Lines).
+    Export(export_cmd::ExportArgs),
     /// Read prompt sources into an event log as `prompt` events (idempotent).
     Ingest(ingest::IngestArgs),
     /// Generate a reply to one prompt.
@@ -53,6 +56,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Stages => run_cmd::stages(),
         Command::Log(cmd) => log_cmd::run(cmd),
         Command::Ingest(args) => ingest::run(args),
+        Command::Export(args) => export_cmd::run(args),
         Command::Generate(args) => model_cmd::generate(args),
         Command::Score(args) => model_cmd::score(args),
         Command::Bench(cmd) => bench_cmd::run(cmd),
