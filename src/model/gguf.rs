@@ -1830,12 +1830,12 @@ mod tests {
             s
         }
         fn u32(&mut self) -> u32 {
-            u32::from_le_bytes(self.take(4).try_into().unwrap())
+            u32::from_le_bytes(self.take(4).try_into().expect("test fixture"))
         }
         fn f32s(&mut self, n: usize) -> Vec<f32> {
             self.take(4 * n)
                 .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .map(|c| f32::from_le_bytes(c.try_into().expect("test fixture")))
                 .collect()
         }
     }
@@ -1895,7 +1895,7 @@ mod tests {
                 g.to_bits(),
                 e.to_bits(),
                 "{ty}: element {i} (block {}): got {g:e}, expected {e:e}",
-                i / ty.block_size().unwrap()
+                i / ty.block_size().expect("test fixture")
             );
         }
     }
@@ -1910,12 +1910,15 @@ mod tests {
                 expected,
             } = v
             {
-                let got = dequantize_bytes(ty, &bytes, expected.len()).unwrap();
+                let got = dequantize_bytes(ty, &bytes, expected.len()).expect("test fixture");
                 assert_bits_eq(ty, &got, &expected);
                 // Block by block gives the same values as the whole run.
-                let (bs, ts) = (ty.block_size().unwrap(), ty.type_size().unwrap());
+                let (bs, ts) = (
+                    ty.block_size().expect("test fixture"),
+                    ty.type_size().expect("test fixture"),
+                );
                 for (i, block) in bytes.chunks(ts).enumerate() {
-                    let one = dequantize_bytes(ty, block, bs).unwrap();
+                    let one = dequantize_bytes(ty, block, bs).expect("test fixture");
                     assert_bits_eq(ty, &one, &expected[i * bs..(i + 1) * bs]);
                 }
                 seen.push(ty);
@@ -1964,14 +1967,15 @@ mod tests {
             {
                 let name = format!("t{i}.{}", ty.name());
                 w.add_tensor_raw(&name, &[expected.len()], ty, bytes)
-                    .unwrap();
+                    .expect("test fixture");
                 expect.push((name, ty, expected));
             }
         }
-        let f = GgufFile::from_bytes(w.to_bytes().unwrap(), "vectors.gguf").unwrap();
+        let f = GgufFile::from_bytes(w.to_bytes().expect("test fixture"), "vectors.gguf")
+            .expect("test fixture");
         for (name, ty, expected) in expect {
-            assert_eq!(f.tensor_info(&name).unwrap().ggml_type, ty);
-            assert_bits_eq(ty, &f.dequantize(&name).unwrap(), &expected);
+            assert_eq!(f.tensor_info(&name).expect("test fixture").ggml_type, ty);
+            assert_bits_eq(ty, &f.dequantize(&name).expect("test fixture"), &expected);
         }
     }
 
@@ -1979,9 +1983,11 @@ mod tests {
     fn f16_nan_is_quieted_like_ggml() {
         // ggml widens f16 with hardware or an arithmetic trick that both quiet a
         // signalling NaN while keeping its payload; numpy keeps it signalling.
-        let got = dequantize_bytes(GgmlType::F16, &0x7C01u16.to_le_bytes(), 1).unwrap();
+        let got =
+            dequantize_bytes(GgmlType::F16, &0x7C01u16.to_le_bytes(), 1).expect("test fixture");
         assert_eq!(got[0].to_bits(), 0x7FC0_2000);
-        let got = dequantize_bytes(GgmlType::F16, &0xFE00u16.to_le_bytes(), 1).unwrap();
+        let got =
+            dequantize_bytes(GgmlType::F16, &0xFE00u16.to_le_bytes(), 1).expect("test fixture");
         assert_eq!(got[0].to_bits(), 0xFFC0_0000);
     }
 
@@ -2002,12 +2008,12 @@ mod tests {
         let err = dequantize_bytes(GgmlType::from_id(6), &[0; 22], 32).unwrap_err();
         assert!(err.to_string().contains("Q5_0 (id 6)"), "{err}");
         assert_eq!(
-            dequantize_bytes(GgmlType::Q6_K, &[], 0).unwrap(),
+            dequantize_bytes(GgmlType::Q6_K, &[], 0).expect("test fixture"),
             Vec::<f32>::new()
         );
         // A non-canonical spelling of a supported type still decodes.
         assert_eq!(
-            dequantize_bytes(GgmlType::Other(0), &1.5f32.to_le_bytes(), 1).unwrap(),
+            dequantize_bytes(GgmlType::Other(0), &1.5f32.to_le_bytes(), 1).expect("test fixture"),
             vec![1.5]
         );
     }
@@ -2060,13 +2066,13 @@ mod tests {
             );
         let data: Vec<f32> = (0..64 * 3).map(|i| (i as f32 * 0.37).sin()).collect();
         w.add_tensor_f32("a.f32", &[3, 64], &data, GgmlType::F32)
-            .unwrap();
+            .expect("test fixture");
         w.add_tensor_f32("a.f16", &[64, 3], &data, GgmlType::F16)
-            .unwrap();
+            .expect("test fixture");
         w.add_tensor_f32("a.q8", &[6, 32], &data, GgmlType::Q8_0)
-            .unwrap();
+            .expect("test fixture");
         w.add_tensor_f32("a.vec", &[5], &data[..5], GgmlType::F32)
-            .unwrap();
+            .expect("test fixture");
         let raw = |n: usize, seed: u8| -> Vec<u8> {
             (0..n)
                 .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -2087,63 +2093,76 @@ mod tests {
             GgmlType::Q4_0,
             fix(raw(36, 1), 18, &[0]),
         )
-        .unwrap();
+        .expect("test fixture");
         w.add_tensor_raw(
             "q.q4_1",
             &[32],
             GgmlType::Q4_1,
             fix(raw(20, 2), 20, &[0, 2]),
         )
-        .unwrap();
+        .expect("test fixture");
         w.add_tensor_raw(
             "q.q4_k",
             &[256],
             GgmlType::Q4_K,
             fix(raw(144, 3), 144, &[0, 2]),
         )
-        .unwrap();
+        .expect("test fixture");
         w.add_tensor_raw(
             "q.q5_k",
             &[256],
             GgmlType::Q5_K,
             fix(raw(176, 4), 176, &[0, 2]),
         )
-        .unwrap();
+        .expect("test fixture");
         w.add_tensor_raw(
             "q.q6_k",
             &[256],
             GgmlType::Q6_K,
             fix(raw(210, 5), 210, &[208]),
         )
-        .unwrap();
+        .expect("test fixture");
         w.add_tensor_raw("q.bf16", &[2, 2], GgmlType::BF16, raw(8, 6))
-            .unwrap();
+            .expect("test fixture");
         w.add_tensor_raw("q.q5_0", &[32], GgmlType::from_id(6), raw(22, 7))
-            .unwrap();
+            .expect("test fixture");
         w
     }
 
     fn sample_bytes() -> Vec<u8> {
-        sample_writer().to_bytes().unwrap()
+        sample_writer().to_bytes().expect("test fixture")
     }
 
     #[test]
     fn reads_what_the_writer_wrote() {
-        let f = GgufFile::from_bytes(sample_bytes(), "sample.gguf").unwrap();
+        let f = GgufFile::from_bytes(sample_bytes(), "sample.gguf").expect("test fixture");
         assert_eq!(f.version(), 3);
         assert_eq!(f.alignment(), 32);
         assert_eq!(f.data_offset() % 32, 0);
-        assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
-        assert_eq!(f.get_u64("llama.block_count").unwrap(), 2);
-        assert_eq!(f.get_u32("llama.embedding_length").unwrap(), 64);
-        assert_eq!(f.get_f32("llama.rope.freq_base").unwrap(), 10000.0);
-        assert_eq!(f.get_f32("test.eps").unwrap(), 1e-5f64 as f32);
-        assert!(f.get_bool("test.flag").unwrap());
         assert_eq!(
-            f.get_str_array("tokenizer.ggml.tokens").unwrap(),
+            f.get_str("general.architecture").expect("test fixture"),
+            "llama"
+        );
+        assert_eq!(f.get_u64("llama.block_count").expect("test fixture"), 2);
+        assert_eq!(
+            f.get_u32("llama.embedding_length").expect("test fixture"),
+            64
+        );
+        assert_eq!(
+            f.get_f32("llama.rope.freq_base").expect("test fixture"),
+            10000.0
+        );
+        assert_eq!(f.get_f32("test.eps").expect("test fixture"), 1e-5f64 as f32);
+        assert!(f.get_bool("test.flag").expect("test fixture"));
+        assert_eq!(
+            f.get_str_array("tokenizer.ggml.tokens")
+                .expect("test fixture"),
             vec!["<s>", "hé", ""]
         );
-        assert_eq!(f.get_f32_array("test.scores").unwrap(), vec![0.5, -1.0]);
+        assert_eq!(
+            f.get_f32_array("test.scores").expect("test fixture"),
+            vec![0.5, -1.0]
+        );
         assert_eq!(
             f.get_i64_array("test.nested").unwrap_err().to_string(),
             "sample.gguf: metadata key 'test.nested' holds array of array of i16, expected array of integers"
@@ -2184,20 +2203,26 @@ mod tests {
         // Tensors.
         let names: Vec<&str> = f.tensors().iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names[..4], ["a.f32", "a.f16", "a.q8", "a.vec"]);
-        let t = f.tensor_info("a.f32").unwrap();
+        let t = f.tensor_info("a.f32").expect("test fixture");
         assert_eq!(t.dims, vec![64, 3]);
         assert_eq!(t.shape(), vec![3, 64]);
         assert_eq!(t.n_elements(), 192);
-        assert_eq!(t.n_bytes().unwrap(), 768);
-        assert_eq!(f.tensor_info("a.q8").unwrap().n_bytes().unwrap(), 6 * 34);
+        assert_eq!(t.n_bytes().expect("test fixture"), 768);
+        assert_eq!(
+            f.tensor_info("a.q8")
+                .expect("test fixture")
+                .n_bytes()
+                .expect("test fixture"),
+            6 * 34
+        );
         let data: Vec<f32> = (0..64 * 3).map(|i| (i as f32 * 0.37).sin()).collect();
-        assert_eq!(f.dequantize("a.f32").unwrap(), data);
-        assert_eq!(f.dequantize("a.vec").unwrap(), data[..5]);
-        let h = f.dequantize("a.f16").unwrap();
+        assert_eq!(f.dequantize("a.f32").expect("test fixture"), data);
+        assert_eq!(f.dequantize("a.vec").expect("test fixture"), data[..5]);
+        let h = f.dequantize("a.f16").expect("test fixture");
         for (x, y) in data.iter().zip(&h) {
             assert_eq!(f16::from_f32(*x).to_f32(), *y);
         }
-        let q = f.dequantize("a.q8").unwrap();
+        let q = f.dequantize("a.q8").expect("test fixture");
         for (block, got) in data.chunks(32).zip(q.chunks(32)) {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (x, y) in block.iter().zip(got) {
@@ -2206,14 +2231,14 @@ mod tests {
         }
         for t in f.tensors() {
             if t.ggml_type.is_supported() {
-                let v = f.dequantize(&t.name).unwrap();
+                let v = f.dequantize(&t.name).expect("test fixture");
                 assert_eq!(v.len() as u64, t.n_elements());
                 assert!(v.iter().all(|x| x.is_finite()) || t.ggml_type == GgmlType::BF16);
             }
         }
 
         // Unsupported types: header and bytes work, dequantising fails with the name.
-        assert_eq!(f.tensor_bytes("q.q5_0").unwrap().len(), 22);
+        assert_eq!(f.tensor_bytes("q.q5_0").expect("test fixture").len(), 22);
         let e = f.dequantize("q.q5_0").unwrap_err();
         assert!(
             matches!(e, GgufError::UnsupportedType { type_id: 6, .. }),
@@ -2233,13 +2258,13 @@ mod tests {
 
     #[test]
     fn open_maps_a_file_and_reports_io_errors() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test fixture");
         let path = dir.path().join("m.gguf");
-        sample_writer().write(&path).unwrap();
-        let f = GgufFile::open(&path).unwrap();
+        sample_writer().write(&path).expect("test fixture");
+        let f = GgufFile::open(&path).expect("test fixture");
         assert_eq!(f.label(), path.display().to_string());
         assert_eq!(f.tensors().len(), 11);
-        assert_eq!(f.dequantize("a.vec").unwrap().len(), 5);
+        assert_eq!(f.dequantize("a.vec").expect("test fixture").len(), 5);
 
         let missing = dir.path().join("nope.gguf");
         let e = GgufFile::open(&missing).unwrap_err();
@@ -2250,7 +2275,7 @@ mod tests {
         );
 
         let empty = dir.path().join("empty.gguf");
-        std::fs::write(&empty, b"").unwrap();
+        std::fs::write(&empty, b"").expect("test fixture");
         let e = GgufFile::open(&empty).unwrap_err();
         assert!(matches!(e, GgufError::Truncated { .. }), "{e}");
     }
@@ -2283,7 +2308,8 @@ mod tests {
             w.add_tensor_raw("x", &[4], GgmlType::Other(5), vec![0; 4])
                 .is_err()
         );
-        w.add_tensor_f32("x", &[1], &[1.0], GgmlType::F32).unwrap();
+        w.add_tensor_f32("x", &[1], &[1.0], GgmlType::F32)
+            .expect("test fixture");
         assert!(w.add_tensor_f32("x", &[1], &[1.0], GgmlType::F32).is_err());
         w.add_metadata(
             "mixed",
@@ -2294,10 +2320,11 @@ mod tests {
         w.add_metadata(ALIGNMENT_KEY, MetaValue::U32(24));
         assert!(w.to_bytes().is_err());
         w.add_metadata(ALIGNMENT_KEY, MetaValue::U32(64));
-        let f = GgufFile::from_bytes(w.to_bytes().unwrap(), "a64").unwrap();
+        let f =
+            GgufFile::from_bytes(w.to_bytes().expect("test fixture"), "a64").expect("test fixture");
         assert_eq!(f.alignment(), 64);
         assert_eq!(f.data_offset() % 64, 0);
-        assert_eq!(f.dequantize("x").unwrap(), vec![1.0]);
+        assert_eq!(f.dequantize("x").expect("test fixture"), vec![1.0]);
     }
 
     // ---- malformed input ---------------------------------------------------------------
@@ -2413,7 +2440,12 @@ mod tests {
         write_string(&mut b, ALIGNMENT_KEY);
         b.extend_from_slice(&VT_U32.to_le_bytes());
         b.extend_from_slice(&64u32.to_le_bytes());
-        assert_eq!(GgufFile::from_bytes(b, "a").unwrap().alignment(), 64);
+        assert_eq!(
+            GgufFile::from_bytes(b, "a")
+                .expect("test fixture")
+                .alignment(),
+            64
+        );
     }
 
     /// Builds a file with one tensor descriptor whose fields are given directly.
@@ -2460,7 +2492,7 @@ mod tests {
             "{e}"
         );
         // Unknown type ids parse; only their bytes/dequantisation fail.
-        let f = GgufFile::from_bytes(one_tensor(&[4], 1234, 0, 0), "odd").unwrap();
+        let f = GgufFile::from_bytes(one_tensor(&[4], 1234, 0, 0), "odd").expect("test fixture");
         assert_eq!(f.tensors()[0].ggml_type, GgmlType::Other(1234));
         assert!(matches!(
             f.tensor_bytes("t"),
@@ -2471,7 +2503,7 @@ mod tests {
             Err(GgufError::UnsupportedType { .. })
         ));
         // A known-but-undecodable type whose data lies past the end.
-        let f = GgufFile::from_bytes(one_tensor(&[32], 6, 0, 10), "q5").unwrap();
+        let f = GgufFile::from_bytes(one_tensor(&[32], 6, 0, 10), "q5").expect("test fixture");
         assert!(matches!(
             f.tensor_bytes("t"),
             Err(GgufError::Invalid { .. })
@@ -2491,8 +2523,8 @@ mod tests {
         let e = parse_err(b);
         assert!(e.to_string().contains("duplicate tensor name 't'"), "{e}");
         // Scalars (no dimensions) have one element.
-        let f = GgufFile::from_bytes(one_tensor(&[], 0, 0, 4), "s").unwrap();
-        assert_eq!(f.dequantize("t").unwrap(), vec![0.0]);
+        let f = GgufFile::from_bytes(one_tensor(&[], 0, 0, 4), "s").expect("test fixture");
+        assert_eq!(f.dequantize("t").expect("test fixture"), vec![0.0]);
     }
 
     // ---- property tests ----------------------------------------------------------------
@@ -2522,11 +2554,11 @@ mod tests {
     /// counts, then every u64 whose value is a plausible small length or count.
     fn length_fields(bytes: &[u8]) -> Vec<usize> {
         let end = GgufFile::from_bytes(bytes.to_vec(), "s")
-            .unwrap()
+            .expect("test fixture")
             .data_offset() as usize;
         (8..end.saturating_sub(8))
             .filter(|&i| {
-                let v = u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap());
+                let v = u64::from_le_bytes(bytes[i..i + 8].try_into().expect("test fixture"));
                 i == 8 || i == 16 || (1..=4096).contains(&v)
             })
             .collect()
@@ -2559,7 +2591,7 @@ mod tests {
         #[test]
         fn truncation_never_panics(cut in any::<prop::sample::Index>()) {
             let mut bytes = sample_bytes();
-            let data_offset = GgufFile::from_bytes(bytes.clone(), "s").unwrap().data_offset();
+            let data_offset = GgufFile::from_bytes(bytes.clone(), "s").expect("test fixture").data_offset();
             let n = cut.index(bytes.len());
             bytes.truncate(n);
             if (n as u64) < data_offset {
@@ -2670,29 +2702,29 @@ mod tests {
                 }
             }
             for (i, (shape, ty, data)) in tensors.iter().enumerate() {
-                w.add_tensor_f32(format!("t{i}"), shape, data, *ty).unwrap();
+                w.add_tensor_f32(format!("t{i}"), shape, data, *ty).expect("test fixture");
             }
-            let mut bytes = w.to_bytes().unwrap();
+            let mut bytes = w.to_bytes().expect("test fixture");
             if version2 {
                 bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
             }
-            let f = GgufFile::from_bytes(bytes, "rt.gguf").unwrap();
+            let f = GgufFile::from_bytes(bytes, "rt.gguf").expect("test fixture");
             prop_assert_eq!(f.version(), if version2 { 2 } else { 3 });
             let expected_keys = meta.keys().filter(|k| *k != ALIGNMENT_KEY).count();
             prop_assert_eq!(f.metadata().len(), expected_keys);
             for (k, v) in &meta {
                 if k != ALIGNMENT_KEY {
-                    prop_assert!(same(f.get(k).unwrap(), v), "{k}: {:?} vs {v:?}", f.get(k));
+                    prop_assert!(same(f.get(k).expect("test fixture"), v), "{k}: {:?} vs {v:?}", f.get(k));
                 }
             }
             prop_assert_eq!(f.tensors().len(), tensors.len());
             for (i, (shape, ty, data)) in tensors.iter().enumerate() {
                 let name = format!("t{i}");
-                let info = f.tensor_info(&name).unwrap();
+                let info = f.tensor_info(&name).expect("test fixture");
                 prop_assert_eq!(&info.shape(), shape);
                 prop_assert_eq!(info.ggml_type, *ty);
                 prop_assert_eq!(info.offset % 32, 0);
-                let got = f.dequantize(&name).unwrap();
+                let got = f.dequantize(&name).expect("test fixture");
                 prop_assert_eq!(got.len(), data.len());
                 match ty {
                     GgmlType::F32 => prop_assert_eq!(&got, data),
@@ -2749,30 +2781,45 @@ mod tests {
             );
             return;
         }
-        let f = GgufFile::open(&path).unwrap();
+        let f = GgufFile::open(&path).expect("test fixture");
         assert_eq!(f.version(), 3);
-        assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
-        assert_eq!(f.get_u64("llama.block_count").unwrap(), 30);
-        assert_eq!(f.get_u64("llama.embedding_length").unwrap(), 576);
-        assert_eq!(f.get_f32("llama.rope.freq_base").unwrap(), 100000.0);
         assert_eq!(
-            f.get_str_array("tokenizer.ggml.tokens").unwrap().len(),
+            f.get_str("general.architecture").expect("test fixture"),
+            "llama"
+        );
+        assert_eq!(f.get_u64("llama.block_count").expect("test fixture"), 30);
+        assert_eq!(
+            f.get_u64("llama.embedding_length").expect("test fixture"),
+            576
+        );
+        assert_eq!(
+            f.get_f32("llama.rope.freq_base").expect("test fixture"),
+            100000.0
+        );
+        assert_eq!(
+            f.get_str_array("tokenizer.ggml.tokens")
+                .expect("test fixture")
+                .len(),
             49152
         );
         assert_eq!(
-            f.get_str_array("tokenizer.ggml.merges").unwrap().len(),
+            f.get_str_array("tokenizer.ggml.merges")
+                .expect("test fixture")
+                .len(),
             48900
         );
         assert_eq!(
-            f.get_i64_array("tokenizer.ggml.token_type").unwrap().len(),
+            f.get_i64_array("tokenizer.ggml.token_type")
+                .expect("test fixture")
+                .len(),
             49152
         );
         assert_eq!(f.tensors().len(), 272);
 
-        let emb = f.tensor_info("token_embd.weight").unwrap();
+        let emb = f.tensor_info("token_embd.weight").expect("test fixture");
         assert_eq!(emb.ggml_type, GgmlType::Q8_0);
         assert_eq!(emb.shape(), vec![49152, 576]);
-        let q = f.tensor_info("blk.0.attn_q.weight").unwrap();
+        let q = f.tensor_info("blk.0.attn_q.weight").expect("test fixture");
         assert_eq!(q.ggml_type, GgmlType::Q4_1);
         assert_eq!(q.shape(), vec![576, 576]);
 
@@ -2807,7 +2854,7 @@ mod tests {
             ),
         ];
         for (name, points, sums) in cases {
-            let v = f.dequantize(name).unwrap();
+            let v = f.dequantize(name).expect("test fixture");
             assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite value");
             for &(i, bits) in points {
                 assert_eq!(v[i].to_bits(), bits, "{name}[{i}] = {}", v[i]);
@@ -2815,7 +2862,9 @@ mod tests {
             assert_eq!(checksum(&v), sums, "{name}: checksum");
         }
         assert_eq!(
-            f.dequantize("blk.0.attn_norm.weight").unwrap()[0].to_bits(),
+            f.dequantize("blk.0.attn_norm.weight")
+                .expect("test fixture")[0]
+                .to_bits(),
             0x3c650000
         );
 
@@ -2824,7 +2873,7 @@ mod tests {
         let mut total = 0u64;
         let mut n = 0usize;
         for t in f.tensors() {
-            let v = f.dequantize(&t.name).unwrap();
+            let v = f.dequantize(&t.name).expect("test fixture");
             n += v.len();
             total = total.wrapping_add(checksum(&v).1);
         }

@@ -127,7 +127,7 @@ pub enum ModelError {
 ///
 /// ```
 /// use cairn::model::parse_device;
-/// assert_eq!(parse_device("cpu").unwrap(), tch::Device::Cpu);
+/// assert_eq!(parse_device("cpu").ok(), Some(tch::Device::Cpu));
 /// assert!(parse_device("tpu").is_err());
 /// ```
 pub fn parse_device(text: &str) -> Result<Device, ModelError> {
