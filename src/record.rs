@@ -398,14 +398,6 @@ macro_rules! payloads {
                 }
             }
 
-            /// bincode of the record body.
-            pub fn encode_body(&self) -> Vec<u8> {
-                match self {
-                    $( Payload::$variant(v) => bincode::serialize(v).unwrap_or_default(), )*
-                    Payload::Unknown { body, .. } => body.clone(),
-                }
-            }
-
             /// Decodes a body stored under `kind`.
             pub fn decode(kind: &str, body: Vec<u8>) -> Result<Payload, RecordError> {
                 match kind {

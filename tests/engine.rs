@@ -658,3 +658,113 @@ fn export_and_trace_read_a_finished_run() {
         .expect("trace");
     assert!(!bad.status.success());
 }
+
+/// A stage whose tasks need different kinds of work (pure and model calls) gets each kind
+/// in chunks of its own: every task is completed with its own kind of reply.
+#[test]
+fn a_stage_mixing_pure_and_model_work_completes_every_task() {
+    use cairn::model::{GenerateRequest, SamplingParams};
+    use cairn::record::{FlagRecord, Key};
+    use cairn::stages::{Reply, Stage, StageContext, StageError, StageSettings, Task, Work};
+    struct Mixed;
+    impl Stage for Mixed {
+        fn name(&self) -> &str {
+            "mixed"
+        }
+        fn accepts(&self, rec: &cairn::stages::Rec) -> bool {
+            matches!(rec.payload, Payload::Sample(_))
+        }
+        fn plan(&self, rec: &cairn::stages::Rec) -> Result<Vec<Task>, StageError> {
+            let flag = |reason: &str| {
+                Payload::Flag(FlagRecord {
+                    flagged: rec.key,
+                    reason: reason.into(),
+                })
+            };
+            Ok(vec![
+                Task {
+                    key: Key::builder("mixed").key(rec.key).u64(0).finish(),
+                    input: rec.clone(),
+                    work: Work::Pure(flag("pure")),
+                },
+                Task {
+                    key: Key::builder("mixed").key(rec.key).u64(1).finish(),
+                    input: rec.clone(),
+                    work: Work::Generate {
+                        model: "policy".into(),
+                        request: GenerateRequest {
+                            prompt: vec![1, 65, 66],
+                            params: SamplingParams::greedy(2),
+                        },
+                    },
+                },
+            ])
+        }
+        fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError> {
+            let reason = match (&task.work, reply) {
+                (Work::Pure(_), Reply::Pure(_)) => "pure".to_string(),
+                (Work::Generate { .. }, Reply::Generated(g)) => {
+                    format!("generated {}", g.tokens.len())
+                }
+                _ => {
+                    return Err(StageError::Config {
+                        stage: "mixed".into(),
+                        message: "reply of the wrong kind".into(),
+                    });
+                }
+            };
+            Ok(Payload::Flag(FlagRecord {
+                flagged: task.input.key,
+                reason,
+            }))
+        }
+    }
+    fn build(_: &str, _: &StageSettings, _: &StageContext) -> Result<Box<dyn Stage>, StageError> {
+        Ok(Box::new(Mixed))
+    }
+    let fx = Fixture::new();
+    // Right after `sample`, so that it sees every sample (it consumes them).
+    let text = fx.spec_text(7, "").replace(
+        "[[stage]]\nname = \"critique_1\"",
+        "[[stage]]\nname = \"mixed\"\nkind = \"mixed\"\nfrom = \"sample\"\n[[stage]]\nname = \"critique_1\"",
+    );
+    let path = fx.dir.path().join("mixed.toml");
+    std::fs::write(&path, text).expect("write");
+    let spec = Spec::load(&path).expect("spec");
+    let mut kinds = cairn::stages::registry();
+    kinds.push(("mixed", "pure and model work together", build));
+    let log = fx.dir.path().join("log");
+    engine::run_with(
+        &spec,
+        &RunOptions {
+            log: log.clone(),
+            device: Device::Cpu,
+            new_run: false,
+            stop: None,
+            progress: None,
+        },
+        &kinds,
+    )
+    .expect("run");
+    let reasons: Vec<String> = LogReader::open(&log)
+        .expect("log")
+        .iter_stage(0, "mixed")
+        .filter_map(|e| match e.expect("event").payload {
+            Payload::Flag(f) => Some(f.reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "pure").count(),
+        7,
+        "{reasons:?}"
+    );
+    // Greedy generation of up to 2 tokens (it may stop early on an end-of-turn token).
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.starts_with("generated ") && *r != "generated 0")
+            .count(),
+        7
+    );
+}

@@ -300,7 +300,12 @@ fn model_operator<'s>(
                     continue;
                 };
                 tasks.sort_by_key(|task| task.key);
-                for chunk in tasks.chunks(batch) {
+                // A chunk is one model call, so it never mixes kinds of work or models.
+                let mut groups: BTreeMap<(u8, String), Vec<Task>> = BTreeMap::new();
+                for task in tasks {
+                    groups.entry(work_group(&task.work)).or_default().push(task);
+                }
+                for chunk in groups.values().flat_map(|g| g.chunks(batch)) {
                     if chunk.iter().all(|task| env.done.contains_key(&task.key)) {
                         let mut session = output.session(&cap);
                         for task in chunk {
@@ -340,63 +345,27 @@ fn model_operator<'s>(
                 let Some((cap, tasks)) = queue.pop_front() else {
                     break;
                 };
-                let job = match tasks.first().map(|t| &t.work) {
-                    Some(Work::Pure(_)) | None => {
-                        let replies = tasks
-                            .iter()
-                            .map(|t| match &t.work {
-                                Work::Pure(p) => Reply::Pure(p.clone()),
-                                _ => Reply::Pure(crate::record::Payload::Unknown {
-                                    kind: String::new(),
-                                    body: Vec::new(),
-                                }),
-                            })
-                            .collect();
-                        match complete_tasks(
-                            &*stage,
-                            &name,
-                            &env,
-                            &shared,
-                            *cap.time(),
-                            tasks,
-                            replies,
-                        ) {
-                            Ok(out) => {
-                                let mut session = output.session(&cap);
-                                for rec in out {
-                                    session.give(rec);
-                                }
+                let Some((model, job)) = model_job(&tasks) else {
+                    // Pure work: the outputs are known; complete, log and emit them now.
+                    let replies = tasks
+                        .iter()
+                        .filter_map(|t| match &t.work {
+                            Work::Pure(p) => Some(Reply::Pure(p.clone())),
+                            _ => None,
+                        })
+                        .collect();
+                    match complete_tasks(&*stage, &name, &env, &shared, *cap.time(), tasks, replies)
+                    {
+                        Ok(out) => {
+                            let mut session = output.session(&cap);
+                            for rec in out {
+                                session.give(rec);
                             }
-                            Err(e) => shared.fail(e),
                         }
-                        continue;
+                        Err(e) => shared.fail(e),
                     }
-                    Some(Work::Generate { model, .. }) => (
-                        model.clone(),
-                        Job::Generate(
-                            tasks
-                                .iter()
-                                .filter_map(|t| match &t.work {
-                                    Work::Generate { request, .. } => Some(request.clone()),
-                                    _ => None,
-                                })
-                                .collect(),
-                        ),
-                    ),
-                    Some(Work::Score { model, .. }) => (
-                        model.clone(),
-                        Job::Score(
-                            tasks
-                                .iter()
-                                .filter_map(|t| match &t.work {
-                                    Work::Score { request, .. } => Some(request.clone()),
-                                    _ => None,
-                                })
-                                .collect(),
-                        ),
-                    ),
+                    continue;
                 };
-                let (model, job) = job;
                 let act = Arc::clone(&activator);
                 let waker: Waker = Arc::new(move || {
                     let _ = act.activate();
@@ -411,6 +380,46 @@ fn model_operator<'s>(
             }
         }
     })
+}
+
+/// Which model call a task needs; chunks never mix groups.
+fn work_group(work: &Work) -> (u8, String) {
+    match work {
+        Work::Pure(_) => (0, String::new()),
+        Work::Generate { model, .. } => (1, model.clone()),
+        Work::Score { model, .. } => (2, model.clone()),
+    }
+}
+
+/// The model and job for a chunk of generate or score tasks (`None` for pure work).
+fn model_job(tasks: &[Task]) -> Option<(String, Job)> {
+    match &tasks.first()?.work {
+        Work::Pure(_) => None,
+        Work::Generate { model, .. } => Some((
+            model.clone(),
+            Job::Generate(
+                tasks
+                    .iter()
+                    .filter_map(|t| match &t.work {
+                        Work::Generate { request, .. } => Some(request.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+        )),
+        Work::Score { model, .. } => Some((
+            model.clone(),
+            Job::Score(
+                tasks
+                    .iter()
+                    .filter_map(|t| match &t.work {
+                        Work::Score { request, .. } => Some(request.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+        )),
+    }
 }
 
 /// Turns a worker reply into outputs.

@@ -52,16 +52,12 @@ impl LogReader {
         offset: u64,
         mut visit: impl FnMut(&Path, u64, u64, &[u8]) -> Result<bool, LogError>,
     ) -> Result<(), LogError> {
-        let list =
-            list_segments(&self.dir).map_err(|e| LogError::io(&self.dir, "list segments", e))?;
-        let start = list.iter().rposition(|(f, _)| *f <= offset).unwrap_or(0);
         let mut expected: Option<u64> = None;
         let mut buf = Vec::new();
-        for (i, (first, path)) in list.iter().enumerate().skip(start) {
-            let is_last = i + 1 == list.len();
+        for (first, path, is_last) in segments_from(&self.dir, offset)? {
             let (next, stopped) = visit_segment(
-                path,
-                expected.unwrap_or(*first),
+                &path,
+                expected.unwrap_or(first),
                 offset,
                 is_last,
                 &mut buf,
@@ -80,24 +76,10 @@ impl LogReader {
         &self,
         offset: u64,
     ) -> impl Iterator<Item = Result<Envelope, LogError>> + use<> {
-        let listed =
-            list_segments(&self.dir).map_err(|e| LogError::io(&self.dir, "list segments", e));
-        let mut segments = Vec::new().into_iter();
-        let mut total = 0;
-        let mut failed = None;
-        match listed {
-            Ok(list) => {
-                total = list.len();
-                let start = list.iter().rposition(|(f, _)| *f <= offset).unwrap_or(0);
-                segments = list
-                    .into_iter()
-                    .enumerate()
-                    .skip(start)
-                    .collect::<Vec<_>>()
-                    .into_iter();
-            }
-            Err(e) => failed = Some(e),
-        }
+        let (mut segments, mut failed) = match segments_from(&self.dir, offset) {
+            Ok(list) => (list.into_iter(), None),
+            Err(e) => (Vec::new().into_iter(), Some(e)),
+        };
         let mut pending: std::vec::IntoIter<Envelope> = Vec::new().into_iter();
         let mut expected: Option<u64> = None;
         let mut buf = Vec::new();
@@ -110,7 +92,7 @@ impl LogReader {
                 if let Some(env) = pending.next() {
                     return Some(Ok(env));
                 }
-                let (i, (first, path)) = segments.next()?;
+                let (first, path, is_last) = segments.next()?;
                 let mut decoded = Vec::new();
                 let mut decode = |seg: &Path, pos: u64, off: u64, payload: &[u8]| {
                     let env = Envelope::decode(payload).map_err(|e| LogError::Corrupt {
@@ -126,7 +108,7 @@ impl LogReader {
                     &path,
                     expected.unwrap_or(first),
                     offset,
-                    i + 1 == total,
+                    is_last,
                     &mut buf,
                     &mut decode,
                 );
@@ -154,85 +136,24 @@ impl LogReader {
             .filter(move |e| e.as_ref().map(|e| e.stage == stage).unwrap_or(true))
     }
 
-    /// Raw checked frames from `offset` on: `(segment, byte position, offset, payload)`.
-    /// Holds one segment in memory at a time.
-    pub fn frames_from(
-        &self,
-        offset: u64,
-    ) -> impl Iterator<Item = Result<(PathBuf, u64, u64, Vec<u8>), LogError>> + use<> {
-        let listed =
-            list_segments(&self.dir).map_err(|e| LogError::io(&self.dir, "list segments", e));
-        let mut pending: std::vec::IntoIter<(PathBuf, u64, u64, Vec<u8>)> = Vec::new().into_iter();
-        let mut segments = Vec::new().into_iter();
-        let mut total = 0;
-        let mut expected: Option<u64> = None;
-        let mut failed = None;
-        let mut buf = Vec::new();
-        match listed {
-            Ok(list) => {
-                total = list.len();
-                // Start at the last segment whose first offset is not beyond `offset`.
-                let start = list.iter().rposition(|(f, _)| *f <= offset).unwrap_or(0);
-                segments = list
-                    .into_iter()
-                    .enumerate()
-                    .skip(start)
-                    .collect::<Vec<_>>()
-                    .into_iter();
-            }
-            Err(e) => failed = Some(e),
-        }
-        std::iter::from_fn(move || {
-            loop {
-                if let Some(e) = failed.take() {
-                    segments = Vec::new().into_iter();
-                    return Some(Err(e));
-                }
-                if let Some(item) = pending.next() {
-                    return Some(Ok(item));
-                }
-                let (i, (first, path)) = segments.next()?;
-                let is_last = i + 1 == total;
-                let mut frames = Vec::new();
-                let mut collect = |seg: &Path, pos: u64, off: u64, payload: &[u8]| {
-                    frames.push((seg.to_path_buf(), pos, off, payload.to_vec()));
-                    Ok(true)
-                };
-                match visit_segment(
-                    &path,
-                    expected.unwrap_or(first),
-                    offset,
-                    is_last,
-                    &mut buf,
-                    &mut collect,
-                ) {
-                    Ok((next, _)) => {
-                        expected = Some(next);
-                        pending = frames.into_iter();
-                    }
-                    Err(e) => failed = Some(e),
-                }
-            }
-        })
-    }
-
     /// Finds the event logged under `key` by scanning (the writer keeps an in-memory map;
     /// this is for tools that only read).
     pub fn find_key(&self, key: Key) -> Result<Option<Envelope>, LogError> {
-        for frame in self.frames_from(0) {
-            let (seg, pos, offset, bytes) = frame?;
-            if Envelope::peek_offset_key(&bytes).map(|(_, k)| k) == Some(key) {
-                return Envelope::decode(&bytes)
-                    .map(Some)
-                    .map_err(|e| LogError::Corrupt {
-                        segment: seg,
-                        pos,
-                        offset,
-                        reason: e.to_string(),
-                    });
+        let mut found = None;
+        self.visit_frames(0, |seg, pos, offset, bytes| {
+            if Envelope::peek_offset_key(bytes).map(|(_, k)| k) != Some(key) {
+                return Ok(true);
             }
-        }
-        Ok(None)
+            let env = Envelope::decode(bytes).map_err(|e| LogError::Corrupt {
+                segment: seg.to_path_buf(),
+                pos,
+                offset,
+                reason: e.to_string(),
+            })?;
+            found = Some(env);
+            Ok(false)
+        })?;
+        Ok(found)
     }
 
     /// A follower that yields events from `offset` on and then waits for new ones.
@@ -243,6 +164,20 @@ impl LogReader {
             segment: None,
         }
     }
+}
+
+/// The segments holding offsets from `offset` on, as `(first offset, path, is last)`:
+/// from the last segment whose first offset is not beyond `offset`.
+fn segments_from(dir: &Path, offset: u64) -> Result<Vec<(u64, PathBuf, bool)>, LogError> {
+    let list = list_segments(dir).map_err(|e| LogError::io(dir, "list segments", e))?;
+    let start = list.iter().rposition(|(f, _)| *f <= offset).unwrap_or(0);
+    let total = list.len();
+    Ok(list
+        .into_iter()
+        .enumerate()
+        .skip(start)
+        .map(|(i, (first, path))| (first, path, i + 1 == total))
+        .collect())
 }
 
 /// A frame visitor: `(segment, byte position, offset, payload)`, returning whether to go on.

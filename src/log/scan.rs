@@ -30,8 +30,6 @@ pub enum Ending {
 /// The result of scanning one segment.
 #[derive(Debug)]
 pub struct SegmentScan {
-    /// First offset of the segment (from its header).
-    pub first_offset: u64,
     /// Offset following the last good record.
     pub next_offset: u64,
     /// Byte position after the last good record.
@@ -136,7 +134,6 @@ pub fn scan_frames(
         }
     };
     Ok(SegmentScan {
-        first_offset: start_offset,
         next_offset: offset,
         end_pos: pos as u64,
         ending,
