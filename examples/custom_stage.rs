@@ -89,6 +89,7 @@ impl Stage for FlagStage {
         Ok(vec![Task {
             key: Key::builder(&self.name).key(rec.key).str(word).finish(),
             input: rec.clone(),
+            history: Vec::new(),
             work: Work::Pure(Payload::Flag(FlagRecord {
                 flagged: rec.key,
                 reason: format!("contains `{word}`"),

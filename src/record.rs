@@ -458,6 +458,18 @@ payloads! {
     Checkpoint(CheckpointRecord) = "checkpoint",
     /// A record flagged by a screening stage (see `examples/custom_stage.rs`).
     Flag(FlagRecord) = "flag",
+    /// Two answers to one prompt, for AI feedback.
+    Pair(PairRecord) = "pair",
+    /// The feedback model's soft preference label for a pair.
+    Judgement(JudgementRecord) = "judgement",
+    /// One preference-model optimiser step.
+    PmStep(PmStepRecord) = "pm_step",
+    /// Held-out accuracy and calibration of the preference model.
+    PmEval(PmEvalRecord) = "pm_eval",
+    /// A policy sample scored by the preference model and the reference model.
+    Rollout(RolloutRecord) = "rollout",
+    /// One PPO update: a new policy version.
+    PpoUpdate(PpoUpdateRecord) = "ppo_update",
 }
 
 /// The conversation a record belongs to: the prompt it answers, carried along so that every
@@ -567,6 +579,146 @@ pub struct FlagRecord {
     pub flagged: Key,
     /// Why it was flagged.
     pub reason: String,
+}
+
+/// The `pair` record: two answers to one prompt from the same model, with distinct seeds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PairRecord {
+    /// The prompt.
+    pub conversation: Conversation,
+    /// The first answer (shown as (A) in the first order).
+    pub response_a: String,
+    /// The second answer.
+    pub response_b: String,
+    /// Token ids of the first answer.
+    pub tokens_a: Vec<u32>,
+    /// Token ids of the second answer.
+    pub tokens_b: Vec<u32>,
+    /// Generator seeds of the two answers.
+    pub seeds: [u64; 2],
+}
+
+/// One multiple-choice question put to the feedback model: one principle, one order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Vote {
+    /// Comparison principle id.
+    pub principle: String,
+    /// Whether the pair was shown swapped (the record's `response_b` as option (A)).
+    pub swapped: bool,
+    /// Log-probability of answering `(A)`.
+    pub logprob_a: f32,
+    /// Log-probability of answering `(B)`.
+    pub logprob_b: f32,
+    /// Probability that the record's `response_a` is better, from this question alone
+    /// (after the chain-of-thought clamp, when it applies).
+    pub p_first: f64,
+    /// The feedback model's reasoning (chain-of-thought mode).
+    pub reasoning: Option<String>,
+}
+
+/// The `judgement` record: a soft preference label from AI feedback.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JudgementRecord {
+    /// The prompt.
+    pub conversation: Conversation,
+    /// The first answer.
+    pub response_a: String,
+    /// The second answer.
+    pub response_b: String,
+    /// Principles drawn for this comparison (the ensemble).
+    pub principles: Vec<String>,
+    /// Whether the feedback model reasoned first (labels clamped).
+    pub cot: bool,
+    /// Every question asked: each principle in both orders.
+    pub votes: Vec<Vote>,
+    /// The soft label: probability that `response_a` is preferred.
+    pub p_a: f64,
+    /// Seed of the principle draw (and of the reasoning samples).
+    pub seed: u64,
+}
+
+/// The `pm_step` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PmStepRecord {
+    /// Step number, from 1.
+    pub step: u64,
+    /// Mean soft-target cross-entropy.
+    pub loss: f64,
+    /// Share of comparisons whose preferred side the model ranks higher.
+    pub accuracy: f64,
+    /// Comparisons in the step.
+    pub examples: u64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// The `pm_eval` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PmEvalRecord {
+    /// Steps taken when measured.
+    pub step: u64,
+    /// Mean soft-target cross-entropy on held-out comparisons.
+    pub loss: f64,
+    /// Share of held-out comparisons ranked the way their label leans.
+    pub accuracy: f64,
+    /// Mean squared error between predicted and labelled probabilities.
+    pub brier: f64,
+    /// Expected calibration error (10 equal-width bins of the predicted probability).
+    pub ece: f64,
+    /// Held-out comparisons.
+    pub examples: u64,
+}
+
+/// The `rollout` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    /// The prompt.
+    pub conversation: Conversation,
+    /// The policy version that sampled it (PPO updates before it).
+    pub policy_version: u64,
+    /// The answer.
+    pub response: String,
+    /// Its token ids.
+    pub tokens: Vec<u32>,
+    /// The prompt's token ids as the policy saw them.
+    pub context: Vec<u32>,
+    /// The preference model's score of the answer.
+    pub score: f32,
+    /// Per-token log-probabilities under the reference model.
+    pub ref_logprobs: Vec<f32>,
+    /// The generator seed.
+    pub seed: u64,
+}
+
+/// The `ppo_update` record: what one PPO update did; its `version` names the new policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PpoUpdateRecord {
+    /// Policy version after this update (from 1).
+    pub version: u64,
+    /// Rollouts used.
+    pub rollouts: u64,
+    /// Mean preference-model score of the rollouts.
+    pub mean_score: f64,
+    /// Mean total reward (score minus the KL penalty).
+    pub mean_reward: f64,
+    /// Mean per-sequence KL(policy ‖ reference), summed over tokens.
+    pub kl: f64,
+    /// Mean per-token entropy of the policy.
+    pub entropy: f64,
+    /// Mean response length in tokens.
+    pub response_length: f64,
+    /// Share of token ratios clipped.
+    pub clip_fraction: f64,
+    /// Mean value loss.
+    pub value_loss: f64,
+    /// Mean clipped policy loss.
+    pub policy_loss: f64,
+    /// Share of repeated token 3-grams in the responses (a boilerplate signal).
+    pub repetition: f64,
+    /// Set when reward keeps rising while length, repetition or KL blow up.
+    pub over_optimisation: Option<String>,
 }
 
 /// The `run_started` record.

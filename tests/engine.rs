@@ -685,11 +685,13 @@ fn a_stage_mixing_pure_and_model_work_completes_every_task() {
                 Task {
                     key: Key::builder("mixed").key(rec.key).u64(0).finish(),
                     input: rec.clone(),
+                    history: Vec::new(),
                     work: Work::Pure(flag("pure")),
                 },
                 Task {
                     key: Key::builder("mixed").key(rec.key).u64(1).finish(),
                     input: rec.clone(),
+                    history: Vec::new(),
                     work: Work::Generate {
                         model: "policy".into(),
                         request: GenerateRequest {

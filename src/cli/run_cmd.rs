@@ -26,11 +26,30 @@ pub struct RunArgs {
     /// Start a new run in an existing log whose settings differ.
     #[arg(long)]
     new_run: bool,
+    /// Load model NAME from PATH instead of the spec's path (repeatable), e.g.
+    /// `--model policy=runs/sl-cai/checkpoints/sft-step3` to start RL-CAI from an SL-CAI
+    /// checkpoint.
+    #[arg(long = "model", value_name = "NAME=PATH")]
+    models: Vec<String>,
 }
 
 /// Runs `cairn run`.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let spec = Spec::load(&args.spec)?;
+    let mut spec = Spec::load(&args.spec)?;
+    for m in &args.models {
+        let (name, path) = m
+            .split_once('=')
+            .with_context(|| format!("--model `{m}`: expected NAME=PATH"))?;
+        let Some(model) = spec.models.iter_mut().find(|x| x.name == name) else {
+            let known: Vec<&str> = spec.models.iter().map(|x| x.name.as_str()).collect();
+            anyhow::bail!(
+                "--model `{m}`: {} has no model `{name}` (it has: {})",
+                args.spec.display(),
+                known.join(", ")
+            );
+        };
+        model.path = PathBuf::from(path);
+    }
     let log = args
         .log
         .clone()
@@ -175,9 +194,8 @@ pub fn stages() -> anyhow::Result<ExitCode> {
     for (kind, about, _) in cairn::stages::registry() {
         println!("{kind:<10} {about}");
     }
-    println!(
-        "{:<10} finetune a model on final revisions and helpful samples as they stream in",
-        "sft"
-    );
+    for (kind, about, _) in cairn::stages::training_registry() {
+        println!("{kind:<10} {about}");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -340,11 +340,15 @@ pub fn run_with(
         .map(|m| {
             let path = m.path.clone();
             let instant = m.instant;
+            let score_head = m.score_head;
             let factory: ModelFactory = Box::new(move |device| {
                 if instant {
                     return Ok(ServedModel::instant());
                 }
-                let loaded = crate::model::load(&path, device)?;
+                let mut loaded = crate::model::load(&path, device)?;
+                if score_head {
+                    loaded.model.ensure_score_head();
+                }
                 let eos = loaded.tokenizer.eos_ids().to_vec();
                 Ok(ServedModel::llama(loaded.model, eos))
             });
@@ -376,6 +380,9 @@ pub fn run_with(
     let result = timely::execute_directly(move |timely_worker| {
         let mut input: InputHandle<u64, CapacityContainerBuilder<Vec<Rec>>> = InputHandle::new();
         let probe: ProbeHandle<u64> = ProbeHandle::new();
+        // Where the lag is measured: before the first gated stage (which holds its inputs
+        // until an earlier stage finishes), or at the end.
+        let lag_probe: ProbeHandle<u64> = ProbeHandle::new();
         let env = operator::Env {
             writer: writer_for_run.clone(),
             worker: handle.clone(),
@@ -386,11 +393,12 @@ pub fn run_with(
         };
         let shared = operator::Shared::default();
         let shared_in = shared.clone();
-        let (input_ref, probe_ref) = (&mut input, &probe);
+        let (input_ref, probe_ref, lag_ref) = (&mut input, &probe, &lag_probe);
         timely_worker.dataflow::<u64, _, _>(move |scope| {
             let stream = input_ref.to_stream(scope);
-            let out = spec_stages.attach(stream, &env, &shared_in);
+            let (out, lag_point) = spec_stages.attach(stream, &env, &shared_in);
             out.probe_with(probe_ref);
+            lag_point.probe_with(lag_ref);
         });
         let mut summary = RunSummary {
             run_id,
@@ -436,7 +444,7 @@ pub fn run_with(
                 epoch += 1;
                 input.advance_to(epoch);
                 // Keep at most `lag` epochs in flight: streaming with bounded memory.
-                while probe.less_than(&epoch.saturating_sub(lag)) {
+                while lag_probe.less_than(&epoch.saturating_sub(lag)) {
                     timely_worker.step_or_park(Some(Duration::from_millis(20)));
                     shared.check()?;
                     report(fed, known, false);

@@ -1,6 +1,14 @@
 //! Stage operators: the generic timely operator that runs any [`Stage`] (stash inputs under
 //! capabilities, skip keys already logged, batch model work to the worker, wake on replies,
-//! log then emit), and the epoch-ordered operator of the `sft` stage.
+//! log then emit), and the epoch-ordered operator of training stages (`sft`, `pm`, `ppo`).
+//!
+//! Two wiring features beyond a straight chain:
+//! - a **gate** (`after = "STAGE"` in a stage's settings): the operator holds its inputs
+//!   until STAGE has written its checkpoint (or the input has ended), e.g. RL sampling waits
+//!   for the SL-CAI model;
+//! - a **feedback loop**: a `ppo` stage's `ppo_update` records go back (one epoch later) to
+//!   the `rollout` stage it consumes from, which plans epoch `e` only once every update of
+//!   earlier epochs has arrived — rollouts → update → new policy version → rollouts.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -18,12 +26,12 @@ use super::EngineError;
 use crate::log::LogWriter;
 use crate::model::worker::{Job, JobOutput, Reply as WorkerReply, Waker};
 use crate::model::{Tokenizer, WorkerHandle};
-use crate::record::{
-    CheckpointRecord, Key, NewEvent, Payload, RunId, SftEvalRecord, SftStepRecord,
-};
+use crate::record::{CheckpointRecord, Key, NewEvent, Payload, RunId};
 use crate::spec::Spec;
-use crate::stages::sft::{SftStage, SftWork};
-use crate::stages::{Rec, Reply, Stage, StageContext, StageError, StageKind, Task, Work};
+use crate::stages::{
+    Rec, Reply, Stage, StageContext, StageError, StageKind, Task, TrainJob, TrainWork,
+    TrainingStage, Work,
+};
 
 /// Counters of one operator.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -116,10 +124,14 @@ enum Built {
         from: Vec<String>,
         stage: Box<dyn Stage + Send + Sync>,
         batch: usize,
+        after: Option<String>,
     },
-    Sft {
+    Training {
+        name: String,
+        kind: String,
         from: Vec<String>,
-        stage: SftStage,
+        stage: Box<dyn TrainingStage>,
+        after: Option<String>,
     },
 }
 
@@ -135,39 +147,60 @@ impl Plan {
         ctx: &StageContext,
         kinds: &[StageKind],
     ) -> Result<Plan, EngineError> {
+        let training = crate::stages::training_registry();
         let mut stages = Vec::new();
+        let mut earlier: Vec<&str> = Vec::new();
         for s in &spec.stages {
+            let at = |message: String| {
+                EngineError::Input(format!(
+                    "{}:{}: stage `{}`: {message}",
+                    spec.path.display(),
+                    s.line,
+                    s.name
+                ))
+            };
             let mut settings = s.settings.clone();
-            // `batch` is the engine's: tasks per model job.
+            // `batch` and `after` are the engine's: tasks per model job, and the gate.
             let batch = match settings.remove("batch") {
                 None => 16,
                 Some(toml::Value::Integer(n)) if n > 0 => n as usize,
                 Some(other) => {
-                    return Err(EngineError::Input(format!(
-                        "{}:{}: stage `{}`: `batch` must be a positive integer, found {other}",
-                        spec.path.display(),
-                        s.line,
-                        s.name
+                    return Err(at(format!(
+                        "`batch` must be a positive integer, found {other}"
                     )));
                 }
             };
+            let after = match settings.remove("after") {
+                None => None,
+                Some(toml::Value::String(a)) if earlier.contains(&a.as_str()) => Some(a),
+                Some(other) => {
+                    return Err(at(format!(
+                        "`after` must name an earlier stage, found {other}"
+                    )));
+                }
+            };
+            earlier.push(&s.name);
             let located = |e: StageError| {
                 EngineError::Input(format!("{}:{}: {e}", spec.path.display(), s.line))
             };
-            if s.kind == "sft" {
-                stages.push(Built::Sft {
+            if let Some((_, _, builder)) = training.iter().find(|(k, _, _)| *k == s.kind) {
+                stages.push(Built::Training {
+                    name: s.name.clone(),
+                    kind: s.kind.clone(),
                     from: s.from.clone(),
-                    stage: SftStage::build(&s.name, &settings, ctx).map_err(located)?,
+                    stage: builder(&s.name, &settings, ctx).map_err(located)?,
+                    after,
                 });
                 continue;
             }
             let Some((_, _, builder)) = kinds.iter().find(|(k, _, _)| *k == s.kind) else {
-                let known: Vec<&str> = kinds.iter().map(|(k, _, _)| *k).chain(["sft"]).collect();
-                return Err(EngineError::Input(format!(
-                    "{}:{}: stage `{}`: unknown kind `{}` (known: {})",
-                    spec.path.display(),
-                    s.line,
-                    s.name,
+                let known: Vec<&str> = kinds
+                    .iter()
+                    .map(|(k, _, _)| *k)
+                    .chain(training.iter().map(|(k, _, _)| *k))
+                    .collect();
+                return Err(at(format!(
+                    "unknown kind `{}` (known: {})",
                     s.kind,
                     known.join(", ")
                 )));
@@ -177,88 +210,182 @@ impl Plan {
                 from: s.from.clone(),
                 stage: builder(&s.name, &settings, ctx).map_err(located)?,
                 batch,
+                after,
             });
         }
         Ok(Plan { stages })
     }
 
-    /// Chains the operators after `stream`.
+    /// Whether any stage waits for another to finish (then only the stages before the first
+    /// such stage stream with bounded lag; the engine measures progress there).
+    pub fn first_gated(&self) -> Option<usize> {
+        self.stages.iter().position(|b| match b {
+            Built::Model { after, .. } | Built::Training { after, .. } => after.is_some(),
+        })
+    }
+
+    /// Chains the operators after `stream`. Returns the final stream and the stream entering
+    /// the first gated stage (the point the engine's lag is measured at).
     pub fn attach<'s>(
         self,
         stream: Stream<'s, u64, Vec<Rec>>,
         env: &Env,
         shared: &Shared,
-    ) -> Stream<'s, u64, Vec<Rec>> {
-        use timely::dataflow::operators::Concatenate;
+    ) -> (Stream<'s, u64, Vec<Rec>>, Stream<'s, u64, Vec<Rec>>) {
         use timely::dataflow::operators::vec::Filter;
+        use timely::dataflow::operators::{Concatenate, ConnectLoop, Feedback};
         let scope = stream.scope();
+        let first_gated = self.first_gated();
+        // A feedback edge into every stage that a `ppo` stage consumes from.
+        let looped: Vec<String> = self
+            .stages
+            .iter()
+            .filter_map(|b| match b {
+                Built::Training { kind, from, .. } if kind == "ppo" => Some(from.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let mut loops: HashMap<
+            String,
+            timely::dataflow::operators::feedback::Handle<'s, u64, Vec<Rec>>,
+        > = HashMap::new();
         // Each operator's own outputs (not what it passes through), for the aggregates.
         let mut own = vec![stream.clone().filter(|r: &Rec| r.stage == "prompts")];
         let mut stream = stream;
-        for built in self.stages {
+        let mut lag_point = None;
+        for (i, built) in self.stages.into_iter().enumerate() {
+            if Some(i) == first_gated {
+                lag_point = Some(stream.clone());
+            }
             let (name, next) = match built {
                 Built::Model {
                     name,
                     from,
                     stage,
                     batch,
+                    after,
                 } => {
+                    let back = if looped.contains(&name) {
+                        let (handle, back) = scope.feedback::<Vec<Rec>>(1);
+                        loops.insert(name.clone(), handle);
+                        back
+                    } else {
+                        timely::dataflow::operators::generic::operator::empty(scope)
+                    };
                     let out = model_operator(
                         stream,
-                        name.clone(),
-                        from,
-                        stage,
-                        batch,
+                        back,
+                        ModelOp {
+                            name: name.clone(),
+                            from,
+                            stage,
+                            batch,
+                            after,
+                        },
                         env.clone(),
                         shared.clone(),
                     );
                     (name, out)
                 }
-                Built::Sft { from, stage } => {
-                    let name = stage.name().to_string();
-                    (
-                        name,
-                        sft_operator(stream, from, stage, env.clone(), shared.clone()),
-                    )
+                Built::Training {
+                    name,
+                    kind,
+                    from,
+                    stage,
+                    after,
+                } => {
+                    let is_ppo = kind == "ppo";
+                    let out = training_operator(
+                        stream,
+                        from.clone(),
+                        stage,
+                        after,
+                        env.clone(),
+                        shared.clone(),
+                    );
+                    if is_ppo {
+                        for f in &from {
+                            if let Some(handle) = loops.remove(f) {
+                                let me = name.clone();
+                                out.clone()
+                                    .filter(move |r: &Rec| {
+                                        r.stage == me && matches!(r.payload, Payload::PpoUpdate(_))
+                                    })
+                                    .connect_loop(handle);
+                            }
+                        }
+                    }
+                    (name, out)
                 }
             };
             own.push(next.clone().filter(move |r: &Rec| r.stage == name));
             stream = next;
         }
+        // A loop whose consumer came earlier than its source cannot be closed; feed it
+        // nothing (the handle must be connected for the dataflow to be well-formed).
+        for (_, handle) in loops {
+            timely::dataflow::operators::generic::operator::empty::<u64, Vec<Rec>>(scope)
+                .connect_loop(handle);
+        }
         aggregates(scope.concatenate(own), shared);
-        stream
+        let lag_point = lag_point.unwrap_or_else(|| stream.clone());
+        (stream, lag_point)
     }
 }
 
 type Chunk = (Capability<u64>, Vec<Task>);
 
-/// Runs a [`Stage`] as an operator.
-///
-/// Batches are formed per epoch, once the epoch's input is complete: its tasks sorted by key
-/// and cut into chunks of `batch`. A chunk's composition therefore depends only on the data,
-/// never on timing or on what an earlier, interrupted run already logged — which keeps model
-/// outputs bit-identical across runs and resumes (batched float arithmetic depends on what
-/// shares the batch). A chunk with every output logged is re-emitted from the log; a chunk
-/// with some is recomputed whole, and only the missing outputs are appended.
-fn model_operator<'s>(
-    stream: Stream<'s, u64, Vec<Rec>>,
+/// A model stage and its engine settings.
+struct ModelOp {
     name: String,
     from: Vec<String>,
     stage: Box<dyn Stage + Send + Sync>,
     batch: usize,
+    after: Option<String>,
+}
+
+/// Runs a [`Stage`] as an operator.
+///
+/// An epoch is planned once its input is complete (and the gate is open, and — for a stage
+/// in a feedback loop — every record fed back from earlier epochs has arrived): its tasks are
+/// sorted by key and cut into chunks of `batch`. A chunk's composition therefore depends only
+/// on the data, never on timing or on what an earlier, interrupted run already logged — which
+/// keeps model outputs bit-identical across runs and resumes (batched float arithmetic
+/// depends on what shares the batch). A chunk with every output logged is re-emitted from the
+/// log; a chunk with some is recomputed whole, and only the missing outputs are appended.
+fn model_operator<'s>(
+    stream: Stream<'s, u64, Vec<Rec>>,
+    back: Stream<'s, u64, Vec<Rec>>,
+    op: ModelOp,
     env: Env,
     shared: Shared,
 ) -> Stream<'s, u64, Vec<Rec>> {
     let scope = stream.scope();
+    let ModelOp {
+        name,
+        from,
+        stage,
+        batch,
+        after,
+    } = op;
     let op_name = name.clone();
-    stream.unary_frontier(Pipeline, &op_name, move |_cap, info| {
+    with_side_input(stream, back, &op_name, move |_cap, info| {
         let activator = Arc::new(scope.worker().sync_activator_for(info.address.to_vec()));
-        let mut epochs: BTreeMap<u64, Chunk> = BTreeMap::new();
+        let mut epochs: BTreeMap<u64, (Capability<u64>, Vec<Rec>)> = BTreeMap::new();
         let mut queue: std::collections::VecDeque<Chunk> = std::collections::VecDeque::new();
         let mut inflight: Vec<(Chunk, Receiver<WorkerReply>)> = Vec::new();
-        move |(input, frontier), output| {
-            // 1. Take inputs: pass through what this stage does not consume; gather the tasks
-            //    of what it does, by epoch.
+        let mut gate_open = after.is_none();
+        let mut setup_done = false;
+        move |(input, frontier), (looped, loop_frontier), output| {
+            // 1. Records fed back around a loop update the stage (e.g. the policy version).
+            looped.for_each(|_cap, data| {
+                for rec in data.drain(..) {
+                    stage.feedback(&rec);
+                }
+            });
+            // 2. Take inputs: everything flows on; stash what this stage consumes
+            //    by epoch.
             input.for_each_stamp(|cap, data| {
                 let Some(cap) = cap.retain_least(output.output_index()) else {
                     return;
@@ -268,18 +395,21 @@ fn model_operator<'s>(
                         if shared.failed() {
                             continue;
                         }
-                        if !(from.contains(&rec.stage) && stage.accepts(&rec)) {
-                            output.session(&cap).give(rec);
-                            continue;
+                        if after.as_deref() == Some(rec.stage.as_str())
+                            && matches!(rec.payload, Payload::Checkpoint(_))
+                        {
+                            gate_open = true;
                         }
-                        match stage.plan(&rec) {
-                            Ok(tasks) => epochs
+                        // Every record also flows on: a later stage may read the same
+                        // source (e.g. RL's `pairs` reads `prompts` like `sample` does).
+                        if from.contains(&rec.stage) && stage.accepts(&rec) {
+                            epochs
                                 .entry(*cap.time())
                                 .or_insert_with(|| (cap.clone(), Vec::new()))
                                 .1
-                                .extend(tasks),
-                            Err(e) => shared.fail(e.into()),
+                                .push(rec.clone());
                         }
+                        output.session(&cap).give(rec);
                     }
                 }
             });
@@ -289,45 +419,67 @@ fn model_operator<'s>(
                 inflight.clear();
                 return;
             }
-            // 2. Complete epochs become chunks; fully logged chunks are re-emitted at once.
-            let complete: Vec<u64> = epochs
-                .keys()
-                .copied()
-                .filter(|t| !frontier.less_equal(t))
-                .collect();
-            for t in complete {
-                let Some((cap, mut tasks)) = epochs.remove(&t) else {
-                    continue;
+            if frontier.is_empty() {
+                // Everything upstream has finished: nothing left to wait for.
+                gate_open = true;
+            }
+            // 3. Plan ready epochs, in time order; fully logged chunks are re-emitted at once.
+            while gate_open {
+                let Some(&t) = epochs.keys().next() else {
+                    break;
                 };
-                tasks.sort_by_key(|task| task.key);
-                // A chunk is one model call, so it never mixes kinds of work or models.
-                let mut groups: BTreeMap<(u8, String), Vec<Task>> = BTreeMap::new();
-                for task in tasks {
-                    groups.entry(work_group(&task.work)).or_default().push(task);
+                if frontier.less_equal(&t) || loop_frontier.less_equal(&t) {
+                    break;
                 }
-                for chunk in groups.values().flat_map(|g| g.chunks(batch)) {
+                if !setup_done {
+                    setup_done = true;
+                    for (model, job) in stage.setup() {
+                        if let Err(e) = env.worker.call(&model, job) {
+                            shared.fail(e.into());
+                        }
+                    }
+                }
+                let Some((cap, recs)) = epochs.remove(&t) else {
+                    break;
+                };
+                let mut tasks = Vec::new();
+                for rec in &recs {
+                    match stage.plan(rec) {
+                        Ok(t) => tasks.extend(t),
+                        Err(e) => shared.fail(e.into()),
+                    }
+                }
+                tasks.sort_by_key(|task| task.key);
+                for chunk in chunks(tasks, batch) {
                     if chunk.iter().all(|task| env.done.contains_key(&task.key)) {
                         let mut session = output.session(&cap);
-                        for task in chunk {
+                        for task in &chunk {
                             shared.count(&name, |s| s.replayed += 1);
                             session.give(env.done[&task.key].clone());
                         }
                     } else {
-                        queue.push_back((cap.clone(), chunk.to_vec()));
+                        queue.push_back((cap.clone(), chunk));
                     }
                 }
             }
-            // 3. Collect replies: log every new output, then emit it.
+            // 4. Collect replies: a task with more calls to make goes on (its chunk together);
+            //    the others log every new output, then emit it.
             let mut i = 0;
             while i < inflight.len() {
                 match inflight[i].1.try_recv() {
                     Ok(reply) => {
                         let ((cap, tasks), _) = inflight.remove(i);
-                        match finish(&*stage, &name, &env, &shared, *cap.time(), tasks, reply) {
-                            Ok(out) => {
+                        let result = split_reply(&name, &tasks, reply).and_then(|replies| {
+                            advance(&*stage, &name, &env, &shared, &cap, tasks, replies, batch)
+                        });
+                        match result {
+                            Ok((out, next)) => {
                                 let mut session = output.session(&cap);
                                 for rec in out {
                                     session.give(rec);
+                                }
+                                for chunk in next.into_iter().rev() {
+                                    queue.push_front(chunk);
                                 }
                             }
                             Err(e) => shared.fail(e),
@@ -340,7 +492,7 @@ fn model_operator<'s>(
                     }
                 }
             }
-            // 4. Submit queued chunks, a couple in flight at a time.
+            // 5. Submit queued chunks, a couple in flight at a time.
             while inflight.len() < 2 {
                 let Some((cap, tasks)) = queue.pop_front() else {
                     break;
@@ -382,66 +534,211 @@ fn model_operator<'s>(
     })
 }
 
+type RecInput = timely::dataflow::operators::generic::InputHandleCore<
+    u64,
+    Vec<Rec>,
+    <Pipeline as timely::dataflow::channels::pact::ParallelizationContract<u64, Vec<Rec>>>::Puller,
+>;
+type RecOutput<'a> = timely::dataflow::operators::generic::OutputBuilderSession<
+    'a,
+    u64,
+    timely::container::CapacityContainerBuilder<Vec<Rec>>,
+>;
+
+/// Like timely's `binary_frontier`, except that the second input is a *side input*: it is not
+/// connected to the output in progress tracking (outputs are made only under capabilities of
+/// the first input). A feedback loop into the side input therefore forms no cycle of
+/// capabilities: an operator holding a capability downstream would otherwise see its own
+/// capability come back around the loop, one epoch later, and chase it forever.
+fn with_side_input<'s, B, L>(
+    stream: Stream<'s, u64, Vec<Rec>>,
+    side: Stream<'s, u64, Vec<Rec>>,
+    name: &str,
+    constructor: B,
+) -> Stream<'s, u64, Vec<Rec>>
+where
+    B: FnOnce(Capability<u64>, timely::dataflow::operators::generic::OperatorInfo) -> L,
+    L: FnMut(
+            (
+                &mut RecInput,
+                &timely::progress::frontier::MutableAntichain<u64>,
+            ),
+            (
+                &mut RecInput,
+                &timely::progress::frontier::MutableAntichain<u64>,
+            ),
+            &mut RecOutput<'_>,
+        ) + 'static,
+{
+    use timely::dataflow::operators::generic::OutputBuilder;
+    use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+    let mut builder = OperatorBuilder::new(name.to_owned(), stream.scope());
+    let info = builder.operator_info();
+    let mut main = builder.new_input(stream, Pipeline);
+    // The output is connected to the inputs that exist when it is made: only `main`.
+    let (output, out_stream) = builder.new_output();
+    let mut side_in = builder.new_input_connection(side, Pipeline, []);
+    let mut output: OutputBuilder<u64, timely::container::CapacityContainerBuilder<Vec<Rec>>> =
+        OutputBuilder::from(output);
+    builder.build(move |mut capabilities| {
+        let mut logic = match capabilities.pop() {
+            Some(cap) => Some(constructor(cap, info)),
+            None => None,
+        };
+        move |frontiers| {
+            let mut session = output.activate();
+            if let Some(logic) = logic.as_mut() {
+                logic(
+                    (&mut main, &frontiers[0]),
+                    (&mut side_in, &frontiers[1]),
+                    &mut session,
+                );
+            }
+        }
+    });
+    out_stream
+}
+
+/// Cuts key-sorted tasks into chunks of at most `batch`; a chunk is one model call, so it
+/// never mixes kinds of work or models.
+fn chunks(tasks: Vec<Task>, batch: usize) -> Vec<Vec<Task>> {
+    let mut groups: BTreeMap<(u8, String), Vec<Task>> = BTreeMap::new();
+    for task in tasks {
+        groups.entry(work_group(&task.work)).or_default().push(task);
+    }
+    groups
+        .into_values()
+        .flat_map(|g| g.chunks(batch).map(|c| c.to_vec()).collect::<Vec<_>>())
+        .collect()
+}
+
 /// Which model call a task needs; chunks never mix groups.
 fn work_group(work: &Work) -> (u8, String) {
     match work {
         Work::Pure(_) => (0, String::new()),
-        Work::Generate { model, .. } => (1, model.clone()),
-        Work::Score { model, .. } => (2, model.clone()),
+        Work::Generate { model, .. } | Work::GenerateMany { model, .. } => (1, model.clone()),
+        Work::Score { model, .. } | Work::ScoreMany { model, .. } => (2, model.clone()),
     }
 }
 
-/// The model and job for a chunk of generate or score tasks (`None` for pure work).
+/// The model and job for a chunk of generate or score tasks (`None` for pure work); the
+/// requests of every task, in task order.
 fn model_job(tasks: &[Task]) -> Option<(String, Job)> {
-    match &tasks.first()?.work {
-        Work::Pure(_) => None,
-        Work::Generate { model, .. } => Some((
-            model.clone(),
-            Job::Generate(
-                tasks
-                    .iter()
-                    .filter_map(|t| match &t.work {
-                        Work::Generate { request, .. } => Some(request.clone()),
-                        _ => None,
-                    })
-                    .collect(),
-            ),
-        )),
-        Work::Score { model, .. } => Some((
-            model.clone(),
-            Job::Score(
-                tasks
-                    .iter()
-                    .filter_map(|t| match &t.work {
-                        Work::Score { request, .. } => Some(request.clone()),
-                        _ => None,
-                    })
-                    .collect(),
-            ),
-        )),
-    }
+    let model = tasks.first()?.work.model()?.to_string();
+    let job = match &tasks[0].work {
+        Work::Generate { .. } | Work::GenerateMany { .. } => Job::Generate(
+            tasks
+                .iter()
+                .flat_map(|t| match &t.work {
+                    Work::Generate { request, .. } => vec![request.clone()],
+                    Work::GenerateMany { requests, .. } => requests.clone(),
+                    _ => Vec::new(),
+                })
+                .collect(),
+        ),
+        _ => Job::Score(
+            tasks
+                .iter()
+                .flat_map(|t| match &t.work {
+                    Work::Score { request, .. } => vec![request.clone()],
+                    Work::ScoreMany { requests, .. } => requests.clone(),
+                    _ => Vec::new(),
+                })
+                .collect(),
+        ),
+    };
+    Some((model, job))
 }
 
-/// Turns a worker reply into outputs.
-fn finish(
+/// Splits a worker reply back into one [`Reply`] per task.
+fn split_reply(name: &str, tasks: &[Task], reply: WorkerReply) -> Result<Vec<Reply>, EngineError> {
+    let bad = |what: String| EngineError::Input(format!("stage `{name}`: {what}"));
+    let mut out = Vec::with_capacity(tasks.len());
+    match reply? {
+        JobOutput::Generated(g) => {
+            let mut g = g.into_iter();
+            for t in tasks {
+                out.push(match &t.work {
+                    Work::Generate { .. } => {
+                        Reply::Generated(g.next().ok_or_else(|| bad("too few generations".into()))?)
+                    }
+                    Work::GenerateMany { requests, .. } => {
+                        let many: Vec<_> = g.by_ref().take(requests.len()).collect();
+                        if many.len() != requests.len() {
+                            return Err(bad("too few generations".into()));
+                        }
+                        Reply::GeneratedMany(many)
+                    }
+                    other => return Err(bad(format!("generation for {other:?}"))),
+                });
+            }
+        }
+        JobOutput::Scored(s) => {
+            let mut s = s.into_iter();
+            for t in tasks {
+                out.push(match &t.work {
+                    Work::Score { .. } => {
+                        Reply::Scored(s.next().ok_or_else(|| bad("too few scores".into()))?)
+                    }
+                    Work::ScoreMany { requests, .. } => {
+                        let many: Vec<_> = s.by_ref().take(requests.len()).collect();
+                        if many.len() != requests.len() {
+                            return Err(bad("too few scores".into()));
+                        }
+                        Reply::ScoredMany(many)
+                    }
+                    other => return Err(bad(format!("scores for {other:?}"))),
+                });
+            }
+        }
+        other => return Err(bad(format!("unexpected worker reply {other:?}"))),
+    }
+    Ok(out)
+}
+
+/// After a chunk's replies: tasks with another call to make become new chunks (kept
+/// together, so batches stay deterministic); the rest complete, are logged and returned.
+#[allow(clippy::too_many_arguments)]
+fn advance(
     stage: &dyn Stage,
     name: &str,
     env: &Env,
     shared: &Shared,
-    epoch: u64,
+    cap: &Capability<u64>,
     tasks: Vec<Task>,
-    reply: WorkerReply,
-) -> Result<Vec<Rec>, EngineError> {
-    let replies: Vec<Reply> = match reply? {
-        JobOutput::Generated(g) => g.into_iter().map(Reply::Generated).collect(),
-        JobOutput::Scored(s) => s.into_iter().map(Reply::Scored).collect(),
-        other => {
-            return Err(EngineError::Input(format!(
-                "stage `{name}`: unexpected worker reply {other:?}"
-            )));
+    replies: Vec<Reply>,
+    batch: usize,
+) -> Result<(Vec<Rec>, Vec<Chunk>), EngineError> {
+    let mut done_tasks = Vec::new();
+    let mut done_replies = Vec::new();
+    let mut going = Vec::new();
+    for (mut task, reply) in tasks.into_iter().zip(replies) {
+        match stage.more(&task, &reply)? {
+            Some(work) => {
+                task.history.push(reply);
+                task.work = work;
+                going.push(task);
+            }
+            None => {
+                done_tasks.push(task);
+                done_replies.push(reply);
+            }
         }
-    };
-    complete_tasks(stage, name, env, shared, epoch, tasks, replies)
+    }
+    let out = complete_tasks(
+        stage,
+        name,
+        env,
+        shared,
+        *cap.time(),
+        done_tasks,
+        done_replies,
+    )?;
+    let next = chunks(going, batch)
+        .into_iter()
+        .map(|c| (cap.clone(), c))
+        .collect();
+    Ok((out, next))
 }
 
 /// Completes tasks, appends the outputs not yet logged (the log first, then downstream),
@@ -488,14 +785,19 @@ fn complete_tasks(
         out.push(rec);
     }
     shared.count(name, |s| s.computed += events.len() as u64);
-    env.writer.append_batch(events)?;
+    if !events.is_empty() {
+        env.writer.append_batch(events)?;
+    }
     Ok(out)
 }
 
-fn sft_operator<'s>(
+/// Runs a [`TrainingStage`]: epochs in time order, each once complete; the stage's work runs
+/// on the model worker (blocking: the worker trains one step at a time anyway).
+fn training_operator<'s>(
     stream: Stream<'s, u64, Vec<Rec>>,
     from: Vec<String>,
-    mut stage: SftStage,
+    mut stage: Box<dyn TrainingStage>,
+    after: Option<String>,
     env: Env,
     shared: Shared,
 ) -> Stream<'s, u64, Vec<Rec>> {
@@ -505,6 +807,7 @@ fn sft_operator<'s>(
         // frontier so that downstream progress is not held back meanwhile.
         let mut end_cap = Some(initial);
         let mut epochs: BTreeMap<u64, (Capability<u64>, Vec<Rec>)> = BTreeMap::new();
+        let mut gate_open = after.is_none();
         move |(input, frontier), output| {
             input.for_each_stamp(|cap, data| {
                 let Some(cap) = cap.retain_least(output.output_index()) else {
@@ -512,15 +815,19 @@ fn sft_operator<'s>(
                 };
                 for container in data {
                     for rec in container.drain(..) {
+                        if after.as_deref() == Some(rec.stage.as_str())
+                            && matches!(rec.payload, Payload::Checkpoint(_))
+                        {
+                            gate_open = true;
+                        }
                         if from.contains(&rec.stage) && stage.accepts(&rec) {
                             epochs
                                 .entry(*cap.time())
                                 .or_insert_with(|| (cap.clone(), Vec::new()))
                                 .1
-                                .push(rec);
-                        } else {
-                            output.session(&cap).give(rec);
+                                .push(rec.clone());
                         }
+                        output.session(&cap).give(rec);
                     }
                 }
             });
@@ -529,35 +836,44 @@ fn sft_operator<'s>(
                 end_cap = None;
                 return;
             }
-            let complete: Vec<u64> = epochs
-                .keys()
-                .copied()
-                .filter(|t| !frontier.less_equal(t))
-                .collect();
-            for t in complete {
-                let Some((cap, recs)) = epochs.remove(&t) else {
-                    continue;
+            if frontier.is_empty() {
+                gate_open = true;
+            }
+            while gate_open {
+                let Some(&t) = epochs.keys().next() else {
+                    break;
                 };
+                if frontier.less_equal(&t) {
+                    break;
+                }
+                let Some((cap, mut recs)) = epochs.remove(&t) else {
+                    break;
+                };
+                recs.sort_by_key(|r| r.key);
                 let result = stage
                     .add_epoch(recs)
                     .map_err(EngineError::from)
-                    .and_then(|work| run_sft_work(&stage, &name, &env, &shared, work, *cap.time()));
+                    .and_then(|work| run_training_work(&name, &env, &shared, work, *cap.time()));
                 match result {
                     Ok(out) => {
+                        let mut session = output.session(&cap);
                         for rec in out {
-                            output.session(&cap).give(rec);
+                            session.give(rec);
                         }
                     }
                     Err(e) => shared.fail(e),
                 }
             }
-            if frontier.is_empty() {
+            if frontier.is_empty() && epochs.is_empty() {
                 if let Some(cap) = end_cap.take() {
-                    let work = stage.finish();
-                    match run_sft_work(&stage, &name, &env, &shared, work, *cap.time()) {
+                    let result = stage.finish().map_err(EngineError::from).and_then(|work| {
+                        run_training_work(&name, &env, &shared, work, *cap.time())
+                    });
+                    match result {
                         Ok(out) => {
+                            let mut session = output.session(&cap);
                             for rec in out {
-                                output.session(&cap).give(rec);
+                                session.give(rec);
                             }
                         }
                         Err(e) => shared.fail(e),
@@ -572,136 +888,49 @@ fn sft_operator<'s>(
     })
 }
 
-/// Runs SFT work on the worker (blocking: the model worker trains one step at a time anyway)
-/// and logs its events. Training steps are always run — the trained weights are state that
-/// only training rebuilds — but a step already logged is not logged again.
-fn run_sft_work(
-    stage: &SftStage,
+/// Runs training work on the worker and logs its events. Updates always run — the trained
+/// weights are state that only training rebuilds — but an event already logged is not
+/// logged again; measurements already logged are not repeated.
+fn run_training_work(
     name: &str,
     env: &Env,
     shared: &Shared,
-    work: Vec<SftWork>,
+    work: Vec<TrainWork>,
     epoch: u64,
 ) -> Result<Vec<Rec>, EngineError> {
-    let model = stage.model();
     let mut out = Vec::new();
     for w in work {
-        let (key, parents, payload) = match w {
-            SftWork::Step {
-                key,
-                parents,
-                examples,
-                micro_batch,
-                optim,
-                step,
-            } => {
-                let n = examples.len() as u64;
-                let lr = optim.lr;
-                let stats = match env.worker.call(
-                    model,
-                    Job::TrainSft {
-                        examples,
-                        micro_batch,
-                        optim,
-                    },
-                )? {
-                    JobOutput::Trained(s) => s,
-                    other => return Err(EngineError::Input(format!("unexpected reply {other:?}"))),
-                };
-                tracing::info!(
-                    stage = name,
-                    step,
-                    loss = format!("{:.4}", stats.loss),
-                    "sft step"
-                );
-                (
-                    key,
-                    parents,
-                    Payload::SftStep(SftStepRecord {
-                        step,
-                        loss: stats.loss,
-                        tokens: stats.tokens as u64,
-                        examples: n,
-                        lr,
-                        grad_norm: stats.grad_norm,
-                    }),
-                )
-            }
-            SftWork::Eval {
-                key,
-                examples,
-                step,
-            } => {
+        let TrainWork {
+            key,
+            parents,
+            model,
+            job,
+        } = w;
+        let payload = match job {
+            TrainJob::Update { job, record } => {
+                let reply = env.worker.call(&model, job)?;
+                let payload = record(reply)?;
                 if let Some(rec) = env.done.get(&key) {
                     out.push(rec.clone());
+                    shared.count(name, |s| s.replayed += 1);
                     continue;
                 }
-                let (loss, tokens) = match env.worker.call(
-                    model,
-                    Job::EvalSft {
-                        examples,
-                        micro_batch: 4,
-                    },
-                )? {
-                    JobOutput::Evaluated { loss, tokens } => (loss, tokens),
-                    other => return Err(EngineError::Input(format!("unexpected reply {other:?}"))),
-                };
-                tracing::info!(
-                    stage = name,
-                    step,
-                    loss = format!("{loss:.4}"),
-                    "held-out loss"
-                );
-                (
-                    key,
-                    vec![],
-                    Payload::SftEval(SftEvalRecord {
-                        step,
-                        loss,
-                        tokens: tokens as u64,
-                    }),
-                )
+                payload
             }
-            SftWork::Checkpoint { key, step } => {
-                let dir = env.checkpoint_dir.join(format!("{name}-step{step}"));
-                if let Some(rec) = env.done.get(&key)
-                    && dir.join("model.safetensors").exists()
-                {
-                    shared
-                        .0
-                        .borrow_mut()
-                        .checkpoints
-                        .push(dir.display().to_string());
+            TrainJob::Measure { job, record } => {
+                if let Some(rec) = env.done.get(&key) {
                     out.push(rec.clone());
+                    shared.count(name, |s| s.replayed += 1);
                     continue;
                 }
-                match env.worker.call(model, Job::Save(dir.clone()))? {
-                    JobOutput::Saved(_) => {}
-                    other => return Err(EngineError::Input(format!("unexpected reply {other:?}"))),
-                }
-                if let Some(tok) = env.tokenizers.get(model) {
-                    tok.save_dir(&dir)?;
-                }
-                let weights = dir.join("model.safetensors");
-                let sha256 = sha256_file(&weights)
-                    .map_err(|e| EngineError::Input(format!("{}: {e}", weights.display())))?;
-                shared
-                    .0
-                    .borrow_mut()
-                    .checkpoints
-                    .push(dir.display().to_string());
-                tracing::info!(stage = name, step, path = %dir.display(), "checkpoint");
-                (
-                    key,
-                    vec![],
-                    Payload::Checkpoint(CheckpointRecord {
-                        model: model.to_string(),
-                        step,
-                        path: dir.display().to_string(),
-                        sha256,
-                    }),
-                )
+                record(env.worker.call(&model, job)?)?
             }
+            TrainJob::Checkpoint { step } => {
+                Some(checkpoint(name, env, shared, &model, key, step)?)
+            }
+        };
+        let Some(payload) = payload else {
+            continue;
         };
         let rec = Rec {
             key,
@@ -724,6 +953,50 @@ fn run_sft_work(
         out.push(rec);
     }
     Ok(out)
+}
+
+/// Saves `model` under `checkpoints/<stage>-step<step>` (unless a logged checkpoint's files
+/// are there already) and returns its record.
+fn checkpoint(
+    name: &str,
+    env: &Env,
+    shared: &Shared,
+    model: &str,
+    key: Key,
+    step: u64,
+) -> Result<Payload, EngineError> {
+    let dir = env.checkpoint_dir.join(format!("{name}-step{step}"));
+    let remember = |dir: &std::path::Path| {
+        shared
+            .0
+            .borrow_mut()
+            .checkpoints
+            .push(dir.display().to_string());
+    };
+    if let Some(rec) = env.done.get(&key)
+        && dir.join("model.safetensors").exists()
+    {
+        remember(&dir);
+        return Ok(rec.payload.clone());
+    }
+    match env.worker.call(model, Job::Save(dir.clone()))? {
+        JobOutput::Saved(_) => {}
+        other => return Err(EngineError::Input(format!("unexpected reply {other:?}"))),
+    }
+    if let Some(tok) = env.tokenizers.get(model) {
+        tok.save_dir(&dir)?;
+    }
+    let weights = dir.join("model.safetensors");
+    let sha256 = sha256_file(&weights)
+        .map_err(|e| EngineError::Input(format!("{}: {e}", weights.display())))?;
+    remember(&dir);
+    tracing::info!(stage = name, step, path = %dir.display(), "checkpoint");
+    Ok(Payload::Checkpoint(CheckpointRecord {
+        model: model.to_string(),
+        step,
+        path: dir.display().to_string(),
+        sha256,
+    }))
 }
 
 fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {

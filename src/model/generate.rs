@@ -79,7 +79,7 @@ fn check_tokens(model: &Llama, ids: &[u32], extra: usize, what: &str) -> Result<
 }
 
 /// Left-pads sequences into `[b, len]` tokens, positions and validity tensors.
-fn left_pad(seqs: &[&[u32]], device: Device) -> (Tensor, Tensor, Tensor, i64) {
+pub(crate) fn left_pad(seqs: &[&[u32]], device: Device) -> (Tensor, Tensor, Tensor, i64) {
     let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
     let mut tokens = Vec::with_capacity(seqs.len() * len);
     let mut positions = Vec::with_capacity(seqs.len() * len);
@@ -102,7 +102,7 @@ fn left_pad(seqs: &[&[u32]], device: Device) -> (Tensor, Tensor, Tensor, i64) {
     )
 }
 
-fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>, ModelError> {
+pub(crate) fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>, ModelError> {
     let flat = t
         .to_device(Device::Cpu)
         .to_kind(Kind::Float)

@@ -19,8 +19,13 @@ use tch::Device;
 use super::ModelError;
 use super::generate::{GenerateRequest, Generation, ScoreRequest, Scored, generate, score};
 use super::llama::Llama;
+use crate::train::pm::pm_eval;
+use crate::train::ppo::ppo_update;
 use crate::train::sft::sft_eval;
-use crate::train::{OptimConfig, SftExample, StepStats, Trainer};
+use crate::train::{
+    OptimConfig, PmEvalStats, PmExample, PmStats, PpoConfig, PpoRollout, PpoStats, SftExample,
+    StepStats, Trainer,
+};
 
 /// A callback run after a job's reply has been sent.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -51,6 +56,32 @@ pub enum Job {
     },
     /// Write the model as a Hugging Face directory (`config.json`, `model.safetensors`).
     Save(PathBuf),
+    /// One preference-model step (AdamW, kept per model like `TrainSft`'s).
+    TrainPm {
+        /// Labelled comparisons.
+        examples: Vec<PmExample>,
+        /// Comparisons per forward/backward pass.
+        micro_batch: usize,
+        /// Optimiser settings for this step.
+        optim: OptimConfig,
+    },
+    /// Held-out preference-model quality.
+    EvalPm {
+        /// Labelled comparisons.
+        examples: Vec<PmExample>,
+        /// Comparisons per forward pass.
+        micro_batch: usize,
+    },
+    /// One PPO update (adds a value head on first use; its own AdamW per model).
+    TrainPpo {
+        /// The rollouts.
+        rollouts: Vec<PpoRollout>,
+        /// PPO settings.
+        config: PpoConfig,
+    },
+    /// Replace this model's weights with a copy of another model's (e.g. freeze the SL-CAI
+    /// policy as the RL reference before PPO changes it).
+    CopyFrom(String),
 }
 
 impl Job {
@@ -92,6 +123,14 @@ pub enum JobOutput {
     },
     /// Files written.
     Saved(Vec<PathBuf>),
+    /// What a preference-model step did.
+    PmTrained(PmStats),
+    /// Held-out preference-model quality.
+    PmEvaluated(PmEvalStats),
+    /// What a PPO update did.
+    PpoTrained(PpoStats),
+    /// Weights copied.
+    Copied,
 }
 
 /// The reply of one job.
@@ -178,6 +217,34 @@ fn instant_reply(job: &Job) -> Reply {
                 "the instant model has no weights to save".into(),
             ));
         }
+        Job::TrainPm { .. } => JobOutput::PmTrained(PmStats {
+            loss: std::f64::consts::LN_2,
+            accuracy: 0.0,
+            grad_norm: 0.0,
+            step: 0,
+        }),
+        Job::EvalPm { examples, .. } => JobOutput::PmEvaluated(PmEvalStats {
+            loss: std::f64::consts::LN_2,
+            accuracy: 0.0,
+            brier: examples
+                .iter()
+                .map(|e| (0.5 - f64::from(e.p_a)).powi(2))
+                .sum::<f64>()
+                / examples.len().max(1) as f64,
+            ece: 0.0,
+            examples: examples.len(),
+        }),
+        Job::TrainPpo { rollouts, .. } => JobOutput::PpoTrained(PpoStats {
+            mean_score: rollouts.iter().map(|r| f64::from(r.score)).sum::<f64>()
+                / rollouts.len().max(1) as f64,
+            response_length: rollouts
+                .iter()
+                .map(|r| r.response.len() as f64)
+                .sum::<f64>()
+                / rollouts.len().max(1) as f64,
+            ..PpoStats::default()
+        }),
+        Job::CopyFrom(_) => JobOutput::Copied,
     })
 }
 
@@ -372,7 +439,7 @@ impl WorkerHandle {
     }
 }
 
-fn serve(models: HashMap<String, ServedModel>, rx: Receiver<Message>, opts: &WorkerOptions) {
+fn serve(mut models: HashMap<String, ServedModel>, rx: Receiver<Message>, opts: &WorkerOptions) {
     let mut stats = WorkerStats::default();
     let mut trainers: HashMap<String, Trainer> = HashMap::new();
     let mut pending: Vec<Submission> = Vec::new();
@@ -399,7 +466,7 @@ fn serve(models: HashMap<String, ServedModel>, rx: Receiver<Message>, opts: &Wor
         // The oldest job decides the batch: same model, same kind, up to the budget.
         let first = pending.remove(0);
         if !first.job.mergeable() {
-            run_alone(&models, &mut trainers, first, &mut stats);
+            run_alone(&mut models, &mut trainers, first, &mut stats);
             continue;
         }
         let mut batch = vec![first];
@@ -428,17 +495,36 @@ fn job_len(job: &Job) -> usize {
         Job::Generate(r) => r.len(),
         Job::Score(r) => r.len(),
         Job::TrainSft { examples, .. } | Job::EvalSft { examples, .. } => examples.len(),
-        Job::Save(_) => 0,
+        Job::TrainPm { examples, .. } | Job::EvalPm { examples, .. } => examples.len(),
+        Job::TrainPpo { rollouts, .. } => rollouts.len(),
+        Job::Save(_) | Job::CopyFrom(_) => 0,
     }
 }
 
 /// Training, evaluation and saving run one job at a time.
 fn run_alone(
-    models: &HashMap<String, ServedModel>,
+    models: &mut HashMap<String, ServedModel>,
     trainers: &mut HashMap<String, Trainer>,
     s: Submission,
     stats: &mut WorkerStats,
 ) {
+    if let Job::CopyFrom(source) = &s.job {
+        let started = std::time::Instant::now();
+        let reply = copy_weights(models, &s.model, source);
+        stats.jobs += 1;
+        stats.busy_ns += started.elapsed().as_nanos() as u64;
+        respond(s, reply);
+        return;
+    }
+    if matches!(s.job, Job::TrainPpo { .. })
+        && let Some(ServedModel {
+            backend: Backend::Llama(m),
+            ..
+        }) = models.get_mut(&s.model)
+    {
+        // PPO's value head shares the policy's trunk; it is added on first use.
+        m.ensure_score_head();
+    }
     let Some(served) = models.get(&s.model) else {
         let name = s.model.clone();
         respond(
@@ -468,17 +554,32 @@ fn run_alone(
                 examples,
                 micro_batch,
                 optim,
-            } => {
-                let trainer = match trainers.entry(s.model.clone()) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(Trainer::new(model, optim)?)
-                    }
+            } => trainer(trainers, &s.model, "sft", model, optim)?
+                .sft_step(model, examples, *micro_batch, optim)
+                .map(JobOutput::Trained),
+            Job::TrainPm {
+                examples,
+                micro_batch,
+                optim,
+            } => trainer(trainers, &s.model, "pm", model, optim)?
+                .pm_step(model, examples, *micro_batch, optim)
+                .map(JobOutput::PmTrained),
+            Job::EvalPm {
+                examples,
+                micro_batch,
+            } => pm_eval(model, examples, *micro_batch).map(JobOutput::PmEvaluated),
+            Job::TrainPpo { rollouts, config } => {
+                let optim = OptimConfig {
+                    lr: config.lr,
+                    weight_decay: 0.0,
+                    max_grad_norm: config.max_grad_norm,
                 };
-                trainer
-                    .sft_step(model, examples, *micro_batch, optim)
-                    .map(JobOutput::Trained)
+                let t = trainer(trainers, &s.model, "ppo", model, &optim)?;
+                t.opt.set_lr(config.lr);
+                t.steps += 1;
+                ppo_update(model, &mut t.opt, rollouts, config).map(JobOutput::PpoTrained)
             }
+            Job::CopyFrom(_) => Err(ModelError::InvalidRequest("handled above".into())),
             Job::EvalSft {
                 examples,
                 micro_batch,
@@ -495,6 +596,45 @@ fn run_alone(
     let reply = outcome.unwrap_or_else(|panic| Err(ModelError::Panicked(panic_message(panic))));
     stats.busy_ns += started.elapsed().as_nanos() as u64;
     respond(s, reply);
+}
+
+/// The optimiser of `model` for one kind of training (created on first use).
+fn trainer<'a>(
+    trainers: &'a mut HashMap<String, Trainer>,
+    model_name: &str,
+    purpose: &str,
+    model: &Llama,
+    optim: &OptimConfig,
+) -> Result<&'a mut Trainer, ModelError> {
+    Ok(match trainers.entry(format!("{model_name}/{purpose}")) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(v) => v.insert(Trainer::new(model, optim)?),
+    })
+}
+
+/// Copies `source`'s weights into `target` (same architecture; by variable name).
+fn copy_weights(models: &mut HashMap<String, ServedModel>, target: &str, source: &str) -> Reply {
+    let missing =
+        |name: &str| ModelError::InvalidRequest(format!("no model named `{name}` on this worker"));
+    if !models.contains_key(source) {
+        return Err(missing(source));
+    }
+    let Some(mut dst) = models.remove(target) else {
+        return Err(missing(target));
+    };
+    let result = match (&mut dst.backend, models.get(source).map(|m| &m.backend)) {
+        (Backend::Llama(d), Some(Backend::Llama(src))) => {
+            let _g = tch::no_grad_guard();
+            d.var_store_mut()
+                .copy(src.var_store())
+                .map(|()| JobOutput::Copied)
+                .map_err(ModelError::Torch)
+        }
+        (Backend::Instant, _) | (_, Some(Backend::Instant)) => Ok(JobOutput::Copied),
+        _ => Err(missing(source)),
+    };
+    models.insert(target.to_string(), dst);
+    result
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {

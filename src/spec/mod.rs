@@ -43,6 +43,9 @@ pub struct ModelSpec {
     /// Serve an instant stand-in (no computation; the file gives only the tokenizer): for
     /// measuring the engine's own overhead.
     pub instant: bool,
+    /// Give the model a scalar head (zero-initialised when the file has none): the
+    /// preference model.
+    pub score_head: bool,
 }
 
 /// Where prompts come from.
@@ -118,6 +121,8 @@ struct RawModel {
     path: String,
     #[serde(default)]
     instant: bool,
+    #[serde(default)]
+    score_head: bool,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -177,6 +182,7 @@ impl Spec {
                 name: name.clone(),
                 path,
                 instant: m.instant,
+                score_head: m.score_head,
             });
         }
         if models.is_empty() {

@@ -9,7 +9,12 @@
 //! [`registry`], and name it in a `dataflows/*.toml` spec (see `examples/custom_stage.rs`).
 
 pub mod critique;
+pub mod judge;
+pub mod pairs;
+pub mod pm;
+pub mod ppo;
 pub mod revise;
+pub mod rollout;
 pub mod sample;
 pub mod sft;
 
@@ -52,8 +57,35 @@ pub enum Work {
         /// The request.
         request: ScoreRequest,
     },
+    /// Several generations with the named model, in one model call with the chunk.
+    GenerateMany {
+        /// Model name in the run.
+        model: String,
+        /// The requests.
+        requests: Vec<GenerateRequest>,
+    },
+    /// Several scorings with the named model, in one model call with the chunk.
+    ScoreMany {
+        /// Model name in the run.
+        model: String,
+        /// The requests.
+        requests: Vec<ScoreRequest>,
+    },
     /// No model work: the output is known already.
     Pure(Payload),
+}
+
+impl Work {
+    /// The model the work runs on (`None` for pure work).
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            Work::Generate { model, .. }
+            | Work::Score { model, .. }
+            | Work::GenerateMany { model, .. }
+            | Work::ScoreMany { model, .. } => Some(model),
+            Work::Pure(_) => None,
+        }
+    }
 }
 
 /// One output to produce.
@@ -63,8 +95,23 @@ pub struct Task {
     pub key: Key,
     /// The input record.
     pub input: Rec,
-    /// What to compute.
+    /// What to compute next.
     pub work: Work,
+    /// Replies to the task's earlier model calls, oldest first (multi-call tasks; see
+    /// [`Stage::more`]).
+    pub history: Vec<Reply>,
+}
+
+impl Task {
+    /// A task with no earlier calls.
+    pub fn new(key: Key, input: Rec, work: Work) -> Task {
+        Task {
+            key,
+            input,
+            work,
+            history: Vec::new(),
+        }
+    }
 }
 
 /// What the model answered for a task.
@@ -74,6 +121,10 @@ pub enum Reply {
     Generated(Generation),
     /// For [`Work::Score`].
     Scored(Scored),
+    /// For [`Work::GenerateMany`], in request order.
+    GeneratedMany(Vec<Generation>),
+    /// For [`Work::ScoreMany`], in request order.
+    ScoredMany(Vec<Scored>),
     /// For [`Work::Pure`].
     Pure(Payload),
 }
@@ -144,13 +195,31 @@ impl StageContext {
 pub trait Stage: Send + Sync {
     /// The stage instance's name (unique in a dataflow).
     fn name(&self) -> &str;
-    /// Whether the stage consumes this record. Records it does not consume pass through
-    /// to the stages after it.
+    /// Whether the stage consumes this record (every record also flows on, so later stages
+    /// may read the same records).
     fn accepts(&self, rec: &Rec) -> bool;
     /// The outputs a consumed record leads to.
     fn plan(&self, rec: &Rec) -> Result<Vec<Task>, StageError>;
     /// The output payload of a task, given the model's reply.
     fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError>;
+    /// For tasks that need several model calls in sequence (e.g. reason, then answer):
+    /// the next call after `reply`, or `None` when `reply` is the last one. The engine
+    /// keeps earlier replies in [`Task::history`] and sends the task's whole chunk on
+    /// together, so batches stay deterministic.
+    fn more(&self, task: &Task, reply: &Reply) -> Result<Option<Work>, StageError> {
+        let _ = (task, reply);
+        Ok(None)
+    }
+    /// Model jobs to run once, in order, before the stage's first epoch is planned (after
+    /// its gate opens) — e.g. freezing a copy of the policy as the RL reference.
+    fn setup(&self) -> Vec<(String, crate::model::Job)> {
+        Vec::new()
+    }
+    /// Receives each record that comes back around a feedback loop (e.g. a new policy
+    /// version for the `rollout` stage), before later epochs are planned.
+    fn feedback(&self, rec: &Rec) {
+        let _ = rec;
+    }
 }
 
 /// Settings of one stage instance, as written in a dataflow spec.
@@ -166,8 +235,8 @@ pub type StageBuilder = fn(
 /// A stage kind: its name in specs, a one-line description, and its builder.
 pub type StageKind = (&'static str, &'static str, StageBuilder);
 
-/// Every stage kind the engine can run, by the name used in dataflow specs. (`sft` is run
-/// by its own epoch-ordered operator and is not listed here.)
+/// Every model-calling stage kind, by the name used in dataflow specs. (Training stages are
+/// in [`training_registry`].)
 pub fn registry() -> Vec<StageKind> {
     vec![
         (
@@ -184,6 +253,21 @@ pub fn registry() -> Vec<StageKind> {
             "revise",
             "rewrite the answer following the round's critique",
             revise::build,
+        ),
+        (
+            "pairs",
+            "answer each prompt twice, with distinct seeds, for AI feedback",
+            pairs::build,
+        ),
+        (
+            "judge",
+            "soft preference label for a pair from the feedback model (both orders, ensemble, CoT)",
+            judge::build,
+        ),
+        (
+            "rollout",
+            "sample from the current policy and score with the PM and the reference (PPO loop)",
+            rollout::build,
         ),
     ]
 }
@@ -287,20 +371,116 @@ pub fn generate_task(
     prompt: Vec<u32>,
     seed: u64,
 ) -> Task {
-    Task {
+    Task::new(
         key,
-        input: rec.clone(),
-        work: Work::Generate {
+        rec.clone(),
+        Work::Generate {
             model: settings.model.clone(),
             request: GenerateRequest {
                 prompt,
                 params: settings.params(seed),
             },
         },
-    }
+    )
 }
 
 /// Decodes a generation into trimmed text.
 pub fn decode(tok: &Tokenizer, g: &Generation) -> String {
     tok.decode(&g.tokens).unwrap_or_default().trim().to_string()
+}
+
+/// Turns a model's reply to a training job into the event to log (`None`: log nothing).
+pub type RecordFn =
+    Box<dyn FnOnce(crate::model::JobOutput) -> Result<Option<Payload>, StageError> + Send>;
+
+/// One job of a training stage, run on the model worker in order.
+pub struct TrainWork {
+    /// Key of the event it logs.
+    pub key: Key,
+    /// Keys of the records it used.
+    pub parents: Vec<Key>,
+    /// The model it runs on.
+    pub model: String,
+    /// What to do.
+    pub job: TrainJob,
+}
+
+/// What a training job is, which decides what resume does with it.
+pub enum TrainJob {
+    /// Changes the model (an optimiser step, a weight copy). Always run, even when its event
+    /// is logged already: the weights are state that only running the job rebuilds. The
+    /// event is logged once.
+    Update {
+        /// The job.
+        job: crate::model::Job,
+        /// Its event.
+        record: RecordFn,
+    },
+    /// Only reads the model (an evaluation): skipped when its event is logged.
+    Measure {
+        /// The job.
+        job: crate::model::Job,
+        /// Its event.
+        record: RecordFn,
+    },
+    /// Save the model to `checkpoints/<stage>-step<step>` and log a `checkpoint` event.
+    Checkpoint {
+        /// Steps the checkpoint includes.
+        step: u64,
+    },
+}
+
+/// A stage that trains a model as records stream in (`sft`, `pm`, `ppo`). The engine hands
+/// it each complete epoch's records (sorted by key, so work never depends on arrival order)
+/// and runs the work it returns in order; outputs are logged, then emitted downstream.
+pub trait TrainingStage: Send + Sync {
+    /// The stage instance's name.
+    fn name(&self) -> &str;
+    /// Whether the stage consumes this record (every record also flows on downstream).
+    fn accepts(&self, rec: &Rec) -> bool;
+    /// Takes one complete epoch's records; returns the work now ready.
+    fn add_epoch(&mut self, recs: Vec<Rec>) -> Result<Vec<TrainWork>, StageError>;
+    /// Called once when the input has ended: the remaining work (last step, evaluation,
+    /// checkpoint).
+    fn finish(&mut self) -> Result<Vec<TrainWork>, StageError>;
+}
+
+/// Builds a training stage of the given kind from its settings.
+pub type TrainingBuilder = fn(
+    name: &str,
+    settings: &StageSettings,
+    ctx: &StageContext,
+) -> Result<Box<dyn TrainingStage>, StageError>;
+
+/// Every training stage kind, by the name used in dataflow specs.
+pub fn training_registry() -> Vec<(&'static str, &'static str, TrainingBuilder)> {
+    vec![
+        (
+            "sft",
+            "finetune a model on final revisions mixed with helpful samples",
+            sft::build,
+        ),
+        (
+            "pm",
+            "train a preference model on soft AI-feedback labels",
+            pm::build,
+        ),
+        (
+            "ppo",
+            "update the policy with PPO against the preference model (feeds `rollout`)",
+            ppo::build,
+        ),
+    ]
+}
+
+/// Reads a model reply of the expected kind, or says what came instead.
+pub fn expect_output<T>(
+    stage: &str,
+    out: crate::model::JobOutput,
+    pick: impl FnOnce(crate::model::JobOutput) -> Result<T, crate::model::JobOutput>,
+) -> Result<T, StageError> {
+    pick(out).map_err(|other| StageError::Config {
+        stage: stage.to_string(),
+        message: format!("unexpected model reply {other:?}"),
+    })
 }

@@ -69,6 +69,7 @@ impl Stage for SampleStage {
         Ok(vec![Task {
             key,
             input: rec.clone(),
+            history: Vec::new(),
             work: Work::Generate {
                 model: self.settings.model.clone(),
                 request: GenerateRequest {

@@ -10,10 +10,21 @@
 use serde::Deserialize;
 
 use super::sample::settings_digest;
-use super::{Rec, StageContext, StageError, StageSettings};
-use crate::model::{Message, Role};
-use crate::record::{Key, Payload, PromptPurpose};
+use super::{
+    Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_output,
+};
+use crate::model::{Job, JobOutput, Message, Role};
+use crate::record::{Key, Payload, PromptPurpose, SftEvalRecord, SftStepRecord};
 use crate::train::{OptimConfig, SftExample};
+
+/// Builds the stage (see [`SftStage::build`]).
+pub fn build(
+    name: &str,
+    settings: &StageSettings,
+    ctx: &StageContext,
+) -> Result<Box<dyn TrainingStage>, StageError> {
+    Ok(Box::new(SftStage::build(name, settings, ctx)?))
+}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,42 +68,6 @@ fn helpful_ratio() -> f64 {
 }
 fn held_out() -> f64 {
     0.1
-}
-
-/// Work the engine runs for the stage, in order.
-#[derive(Clone, Debug)]
-pub enum SftWork {
-    /// One optimiser step.
-    Step {
-        /// Key of the `sft_step` event.
-        key: Key,
-        /// Keys of the examples' records.
-        parents: Vec<Key>,
-        /// The examples.
-        examples: Vec<SftExample>,
-        /// Examples per forward/backward pass.
-        micro_batch: usize,
-        /// This step's optimiser settings (learning rate from the schedule).
-        optim: OptimConfig,
-        /// Step number, from 1.
-        step: u64,
-    },
-    /// Held-out loss.
-    Eval {
-        /// Key of the `sft_eval` event.
-        key: Key,
-        /// Held-out examples.
-        examples: Vec<SftExample>,
-        /// Steps taken.
-        step: u64,
-    },
-    /// Write a checkpoint.
-    Checkpoint {
-        /// Key of the `checkpoint` event.
-        key: Key,
-        /// Steps included.
-        step: u64,
-    },
 }
 
 /// The `sft` stage.
@@ -144,23 +119,9 @@ impl SftStage {
         })
     }
 
-    /// The stage instance's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The model the stage trains.
     pub fn model(&self) -> &str {
         &self.settings.model
-    }
-
-    /// Final revisions (the spec's `from` picks the round) and helpful samples.
-    pub fn accepts(&self, rec: &Rec) -> bool {
-        match &rec.payload {
-            Payload::Revision(_) => true,
-            Payload::Sample(s) => s.conversation.purpose == PromptPurpose::Helpful,
-            _ => false,
-        }
     }
 
     fn example(&self, rec: &Rec) -> Result<Option<(SftExample, bool)>, StageError> {
@@ -186,8 +147,7 @@ impl SftStage {
         Ok(Some((SftExample { context, target }, red)))
     }
 
-    /// Takes one complete epoch's records; returns the optimiser steps now full.
-    pub fn add_epoch(&mut self, mut recs: Vec<Rec>) -> Result<Vec<SftWork>, StageError> {
+    fn add_epoch_inner(&mut self, mut recs: Vec<Rec>) -> Result<Vec<TrainWork>, StageError> {
         recs.sort_by_key(|r| r.key);
         let mut red = Vec::new();
         let mut helpful = Vec::new();
@@ -224,8 +184,7 @@ impl SftStage {
         Ok(work)
     }
 
-    /// Called when the input has ended: the last partial step, held-out loss, checkpoint.
-    pub fn finish(&mut self) -> Vec<SftWork> {
+    fn finish_inner(&mut self) -> Vec<TrainWork> {
         let mut work = Vec::new();
         if !self.carry.is_empty() {
             let batch = std::mem::take(&mut self.carry);
@@ -237,25 +196,52 @@ impl SftStage {
         }
         let end_key = all.finish();
         if !self.held_out.is_empty() {
-            work.push(SftWork::Eval {
+            let step = self.step;
+            let name = self.name.clone();
+            work.push(TrainWork {
                 key: Key::builder(&self.name).str("eval").key(end_key).finish(),
-                examples: self.held_out.iter().map(|(_, e)| e.clone()).collect(),
-                step: self.step,
+                parents: vec![],
+                model: self.settings.model.clone(),
+                job: TrainJob::Measure {
+                    job: Job::EvalSft {
+                        examples: self.held_out.iter().map(|(_, e)| e.clone()).collect(),
+                        micro_batch: self.settings.micro_batch,
+                    },
+                    record: Box::new(move |out| {
+                        let (loss, tokens) = expect_output(&name, out, |o| match o {
+                            JobOutput::Evaluated { loss, tokens } => Ok((loss, tokens)),
+                            other => Err(other),
+                        })?;
+                        tracing::info!(
+                            stage = name,
+                            step,
+                            loss = format!("{loss:.4}"),
+                            "held-out loss"
+                        );
+                        Ok(Some(Payload::SftEval(SftEvalRecord {
+                            step,
+                            loss,
+                            tokens: tokens as u64,
+                        })))
+                    }),
+                },
             });
         }
         if self.step > 0 {
-            work.push(SftWork::Checkpoint {
+            work.push(TrainWork {
                 key: Key::builder(&self.name)
                     .str("checkpoint")
                     .key(end_key)
                     .finish(),
-                step: self.step,
+                parents: vec![],
+                model: self.settings.model.clone(),
+                job: TrainJob::Checkpoint { step: self.step },
             });
         }
         work
     }
 
-    fn step_work(&mut self, batch: Vec<(Key, SftExample)>) -> SftWork {
+    fn step_work(&mut self, batch: Vec<(Key, SftExample)>) -> TrainWork {
         self.step += 1;
         let mut key = Key::builder(&self.name)
             .u64(self.step)
@@ -272,17 +258,68 @@ impl SftStage {
         } else {
             (self.step as f64 / s.warmup_steps as f64).min(1.0)
         };
-        SftWork::Step {
+        let optim = OptimConfig {
+            lr: s.lr * warm,
+            weight_decay: s.weight_decay,
+            max_grad_norm: s.max_grad_norm,
+        };
+        let (step, lr, n, name) = (self.step, optim.lr, batch.len() as u64, self.name.clone());
+        TrainWork {
             key,
             parents: batch.iter().map(|(k, _)| *k).collect(),
-            examples: batch.into_iter().map(|(_, e)| e).collect(),
-            micro_batch: s.micro_batch,
-            optim: OptimConfig {
-                lr: s.lr * warm,
-                weight_decay: s.weight_decay,
-                max_grad_norm: s.max_grad_norm,
+            model: s.model.clone(),
+            job: TrainJob::Update {
+                job: Job::TrainSft {
+                    examples: batch.into_iter().map(|(_, e)| e).collect(),
+                    micro_batch: s.micro_batch,
+                    optim,
+                },
+                record: Box::new(move |out| {
+                    let stats = expect_output(&name, out, |o| match o {
+                        JobOutput::Trained(s) => Ok(s),
+                        other => Err(other),
+                    })?;
+                    tracing::info!(
+                        stage = name,
+                        step,
+                        loss = format!("{:.4}", stats.loss),
+                        "sft step"
+                    );
+                    Ok(Some(Payload::SftStep(SftStepRecord {
+                        step,
+                        loss: stats.loss,
+                        tokens: stats.tokens as u64,
+                        examples: n,
+                        lr,
+                        grad_norm: stats.grad_norm,
+                    })))
+                }),
             },
-            step: self.step,
         }
+    }
+}
+
+impl TrainingStage for SftStage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Final revisions (the spec's `from` picks the round) and helpful samples.
+    fn accepts(&self, rec: &Rec) -> bool {
+        match &rec.payload {
+            Payload::Revision(_) => true,
+            Payload::Sample(s) => s.conversation.purpose == PromptPurpose::Helpful,
+            _ => false,
+        }
+    }
+
+    /// Forms the optimiser steps now full.
+    fn add_epoch(&mut self, recs: Vec<Rec>) -> Result<Vec<TrainWork>, StageError> {
+        self.add_epoch_inner(recs)
+    }
+
+    /// The last partial step, held-out loss, checkpoint.
+    fn finish(&mut self) -> Result<Vec<TrainWork>, StageError> {
+        Ok(self.finish_inner())
     }
 }

@@ -55,8 +55,8 @@ pub struct StepStats {
 
 /// An AdamW optimiser over a model's variables.
 pub struct Trainer {
-    opt: nn::Optimizer,
-    steps: u64,
+    pub(crate) opt: nn::Optimizer,
+    pub(crate) steps: u64,
 }
 
 impl Trainer {
@@ -145,7 +145,7 @@ fn sum_nll(model: &Llama, examples: &[SftExample]) -> Result<(Tensor, usize), Mo
     Ok((-logprobs.sum(tch::Kind::Float), n))
 }
 
-fn global_grad_norm(vars: &[Tensor]) -> f64 {
+pub(crate) fn global_grad_norm(vars: &[Tensor]) -> f64 {
     let _g = tch::no_grad_guard();
     vars.iter()
         .map(|v| {

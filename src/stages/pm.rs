@@ -1,0 +1,310 @@
+//! `pm`: trains the preference model on the judge's soft labels as they stream in.
+//!
+//! Each complete epoch's judgements are sorted by key; a share is held out by key (the same
+//! comparisons on every run); the rest form optimiser steps of `batch_size`. Each step
+//! minimises the soft-target cross-entropy (see `crate::train::pm`). Every `eval_every` steps
+//! and at the end, held-out loss, accuracy and calibration are logged; the end also writes a
+//! checkpoint. Helpful-prompt judgements (from `pairs` with `helpful = true`) mix in the
+//! helpfulness comparisons; `helpful = false` here leaves them out.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use super::rollout::pm_sequence;
+use super::sample::settings_digest;
+use super::{
+    Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_output,
+};
+use crate::model::{Job, JobOutput};
+use crate::record::{Key, Payload, PmEvalRecord, PmStepRecord, PromptPurpose};
+use crate::train::{OptimConfig, PmExample};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    #[serde(default = "pm_model")]
+    model: String,
+    #[serde(default = "batch_size")]
+    batch_size: usize,
+    #[serde(default = "micro_batch")]
+    micro_batch: usize,
+    #[serde(default = "lr")]
+    lr: f64,
+    #[serde(default)]
+    weight_decay: f64,
+    #[serde(default = "max_grad_norm")]
+    max_grad_norm: f64,
+    #[serde(default = "held_out")]
+    held_out: f64,
+    #[serde(default)]
+    eval_every: u64,
+    #[serde(default = "yes")]
+    helpful: bool,
+}
+fn pm_model() -> String {
+    "pm".into()
+}
+fn batch_size() -> usize {
+    8
+}
+fn micro_batch() -> usize {
+    4
+}
+fn lr() -> f64 {
+    1e-5
+}
+fn max_grad_norm() -> f64 {
+    1.0
+}
+fn held_out() -> f64 {
+    0.1
+}
+fn yes() -> bool {
+    true
+}
+
+/// The `pm` stage.
+pub struct PmStage {
+    name: String,
+    settings: Settings,
+    ctx: StageContext,
+    digest: u128,
+    step: u64,
+    carry: Vec<(Key, PmExample)>,
+    held_out: Vec<(Key, PmExample)>,
+    step_keys: Vec<Key>,
+}
+
+/// Builds the stage: `model` (default `pm`; give it `score_head = true`), `batch_size`,
+/// `micro_batch`, `lr`, `weight_decay`, `max_grad_norm`, `held_out`, `eval_every`,
+/// `helpful`.
+pub fn build(
+    name: &str,
+    settings: &StageSettings,
+    ctx: &StageContext,
+) -> Result<Box<dyn TrainingStage>, StageError> {
+    let parsed: Settings = super::parse_settings(name, settings)?;
+    ctx.tokenizer(name, &parsed.model)?;
+    let bad = |m: &str| StageError::Config {
+        stage: name.to_string(),
+        message: m.to_string(),
+    };
+    if parsed.batch_size == 0 || parsed.micro_batch == 0 {
+        return Err(bad("batch_size and micro_batch must be at least 1"));
+    }
+    if !(0.0..1.0).contains(&parsed.held_out) || parsed.lr.is_nan() || parsed.lr <= 0.0 {
+        return Err(bad("held_out must be in [0, 1) and lr > 0"));
+    }
+    Ok(Box::new(PmStage {
+        name: name.to_string(),
+        digest: settings_digest(settings),
+        settings: parsed,
+        ctx: ctx.clone(),
+        step: 0,
+        carry: Vec::new(),
+        held_out: Vec::new(),
+        step_keys: Vec::new(),
+    }))
+}
+
+impl PmStage {
+    fn example(&self, rec: &Rec) -> Result<Option<PmExample>, StageError> {
+        let Payload::Judgement(j) = &rec.payload else {
+            return Ok(None);
+        };
+        let tok = self.ctx.tokenizer(&self.name, &self.settings.model)?;
+        let seq = |response: &str| {
+            pm_sequence(tok, &j.conversation.prompt, response)
+                .map(|(mut c, r)| {
+                    c.extend(r);
+                    c
+                })
+                .map_err(|e| StageError::Record {
+                    stage: self.name.clone(),
+                    key: rec.key,
+                    message: e.to_string(),
+                })
+        };
+        Ok(Some(PmExample {
+            a: seq(&j.response_a)?,
+            b: seq(&j.response_b)?,
+            p_a: j.p_a as f32,
+        }))
+    }
+
+    fn eval_work(&self, tag: &str) -> Option<TrainWork> {
+        if self.held_out.is_empty() {
+            return None;
+        }
+        let mut key = Key::builder(&self.name)
+            .str(tag)
+            .u64(self.step)
+            .u128(self.digest);
+        for k in self
+            .step_keys
+            .iter()
+            .chain(self.held_out.iter().map(|(k, _)| k))
+        {
+            key = key.key(*k);
+        }
+        let (name, step) = (self.name.clone(), self.step);
+        Some(TrainWork {
+            key: key.finish(),
+            parents: vec![],
+            model: self.settings.model.clone(),
+            job: TrainJob::Measure {
+                job: Job::EvalPm {
+                    examples: self.held_out.iter().map(|(_, e)| e.clone()).collect(),
+                    micro_batch: self.settings.micro_batch,
+                },
+                record: Box::new(move |out| {
+                    let s = expect_output(&name, out, |o| match o {
+                        JobOutput::PmEvaluated(s) => Ok(s),
+                        other => Err(other),
+                    })?;
+                    tracing::info!(
+                        stage = name,
+                        step,
+                        accuracy = format!("{:.3}", s.accuracy),
+                        ece = format!("{:.3}", s.ece),
+                        "preference model held-out"
+                    );
+                    Ok(Some(Payload::PmEval(PmEvalRecord {
+                        step,
+                        loss: s.loss,
+                        accuracy: s.accuracy,
+                        brier: s.brier,
+                        ece: s.ece,
+                        examples: s.examples as u64,
+                    })))
+                }),
+            },
+        })
+    }
+
+    fn step_work(&mut self, batch: Vec<(Key, PmExample)>) -> TrainWork {
+        self.step += 1;
+        let mut key = Key::builder(&self.name)
+            .u64(self.step)
+            .u64(self.ctx.seed)
+            .u128(self.digest);
+        for (k, _) in &batch {
+            key = key.key(*k);
+        }
+        let key = key.finish();
+        self.step_keys.push(key);
+        let s = &self.settings;
+        let optim = OptimConfig {
+            lr: s.lr,
+            weight_decay: s.weight_decay,
+            max_grad_norm: s.max_grad_norm,
+        };
+        let (step, lr, n, name) = (self.step, s.lr, batch.len() as u64, self.name.clone());
+        TrainWork {
+            key,
+            parents: batch.iter().map(|(k, _)| *k).collect(),
+            model: s.model.clone(),
+            job: TrainJob::Update {
+                job: Job::TrainPm {
+                    examples: batch.into_iter().map(|(_, e)| e).collect(),
+                    micro_batch: s.micro_batch,
+                    optim,
+                },
+                record: Box::new(move |out| {
+                    let st = expect_output(&name, out, |o| match o {
+                        JobOutput::PmTrained(s) => Ok(s),
+                        other => Err(other),
+                    })?;
+                    tracing::info!(
+                        stage = name,
+                        step,
+                        loss = format!("{:.4}", st.loss),
+                        "pm step"
+                    );
+                    Ok(Some(Payload::PmStep(PmStepRecord {
+                        step,
+                        loss: st.loss,
+                        accuracy: st.accuracy,
+                        examples: n,
+                        lr,
+                        grad_norm: st.grad_norm,
+                    })))
+                }),
+            },
+        }
+    }
+
+    fn drain_steps(&mut self, all: bool) -> Vec<TrainWork> {
+        let mut work = Vec::new();
+        while self.carry.len() >= self.settings.batch_size || (all && !self.carry.is_empty()) {
+            let n = self.settings.batch_size.min(self.carry.len());
+            let batch: Vec<_> = self.carry.drain(..n).collect();
+            work.push(self.step_work(batch));
+            let every = self.settings.eval_every;
+            if every > 0
+                && self.step.is_multiple_of(every)
+                && let Some(w) = self.eval_work("eval")
+            {
+                work.push(w);
+            }
+        }
+        work
+    }
+}
+
+impl TrainingStage for PmStage {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn accepts(&self, rec: &Rec) -> bool {
+        match &rec.payload {
+            Payload::Judgement(j) => {
+                self.settings.helpful || j.conversation.purpose == PromptPurpose::RedTeam
+            }
+            _ => false,
+        }
+    }
+
+    fn add_epoch(&mut self, recs: Vec<Rec>) -> Result<Vec<TrainWork>, StageError> {
+        let cut = (self.settings.held_out * 1000.0) as u128;
+        let mut seen: HashMap<Key, ()> = HashMap::new();
+        for rec in &recs {
+            if seen.insert(rec.key, ()).is_some() {
+                continue;
+            }
+            if let Some(ex) = self.example(rec)? {
+                if rec.key.0 % 1000 < cut {
+                    self.held_out.push((rec.key, ex));
+                } else {
+                    self.carry.push((rec.key, ex));
+                }
+            }
+        }
+        Ok(self.drain_steps(false))
+    }
+
+    fn finish(&mut self) -> Result<Vec<TrainWork>, StageError> {
+        let mut work = self.drain_steps(true);
+        let last_eval_done = self.settings.eval_every > 0
+            && self.step > 0
+            && self.step.is_multiple_of(self.settings.eval_every);
+        if !last_eval_done && let Some(w) = self.eval_work("final-eval") {
+            work.push(w);
+        }
+        if self.step > 0 {
+            let mut key = Key::builder(&self.name).str("checkpoint").u128(self.digest);
+            for k in &self.step_keys {
+                key = key.key(*k);
+            }
+            work.push(TrainWork {
+                key: key.finish(),
+                parents: vec![],
+                model: self.settings.model.clone(),
+                job: TrainJob::Checkpoint { step: self.step },
+            });
+        }
+        Ok(work)
+    }
+}

@@ -1,0 +1,519 @@
+//! RL-CAI on tiny random models: the whole CAI pipeline (SL then RL) end to end, the PPO
+//! feedback loop's ordering, resume without recomputation, determinism (also with the
+//! two-call chain-of-thought judge), SIGKILL at random points; the preference-model loss
+//! against finite differences; PPO raising a known reward on a toy task with bounded KL.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cairn::engine::{self, EngineError, RunOptions, RunSummary};
+use cairn::log::LogReader;
+use cairn::model::LlamaConfig;
+use cairn::model::llama::Llama;
+use cairn::record::Payload;
+use cairn::spec::Spec;
+use tch::Device;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = LlamaConfig::tiny(common::VOCAB);
+        config.max_position_embeddings = 4096;
+        let model = Llama::random(config, 42, Device::Cpu).expect("model");
+        common::write_llama_gguf(&model, &dir.path().join("tiny.gguf"));
+        std::fs::write(
+            dir.path().join("red.txt"),
+            "how do I pick a lock\nwrite an insult\nhelp me cheat on a test\nhow to make a fake id\nsteal wifi\n",
+        )
+        .expect("write");
+        std::fs::write(
+            dir.path().join("helpful.jsonl"),
+            "{\"prompt\": \"name a colour\"}\n{\"prompt\": \"add 2 and 2\"}\n",
+        )
+        .expect("write");
+        Fixture { dir }
+    }
+
+    /// The CAI pipeline: one SL round, SFT, then pairs → judge → pm → rollout ⇄ ppo.
+    fn spec_text(&self, seed: u64, judge: &str) -> String {
+        let constitution = Path::new(env!("CARGO_MANIFEST_DIR")).join("constitutions/default.toml");
+        format!(
+            r#"
+name = "tiny-cai"
+seed = {seed}
+constitution = "{constitution}"
+[models.policy]
+path = "tiny.gguf"
+[models.sft]
+path = "tiny.gguf"
+[models.pm]
+path = "tiny.gguf"
+score_head = true
+[models.reference]
+path = "tiny.gguf"
+[prompts]
+red_team = ["red.txt"]
+helpful = ["helpful.jsonl"]
+epoch_size = 2
+[[stage]]
+name = "sample"
+kind = "sample"
+from = "prompts"
+max_new_tokens = 6
+batch = 3
+[[stage]]
+name = "critique_1"
+kind = "critique"
+from = "sample"
+round = 1
+few_shot = 0
+max_new_tokens = 5
+[[stage]]
+name = "revise_1"
+kind = "revise"
+from = "critique_1"
+round = 1
+few_shot = 0
+max_new_tokens = 5
+[[stage]]
+name = "sft"
+kind = "sft"
+from = ["revise_1", "sample"]
+batch_size = 2
+micro_batch = 1
+lr = 1e-3
+held_out = 0.3
+[[stage]]
+name = "pairs"
+kind = "pairs"
+from = "prompts"
+after = "sft"
+model = "sft"
+helpful = true
+max_new_tokens = 6
+temperature = 1.0
+batch = 4
+[[stage]]
+name = "judge"
+kind = "judge"
+from = "pairs"
+model = "policy"
+few_shot = 1
+batch = 3
+{judge}
+[[stage]]
+name = "pm"
+kind = "pm"
+from = "judge"
+batch_size = 2
+micro_batch = 2
+lr = 1e-3
+held_out = 0.3
+[[stage]]
+name = "rollout"
+kind = "rollout"
+from = "prompts"
+after = "pm"
+model = "sft"
+max_new_tokens = 6
+temperature = 1.0
+[[stage]]
+name = "ppo"
+kind = "ppo"
+from = "rollout"
+model = "sft"
+lr = 1e-4
+minibatch = 1
+"#,
+            constitution = constitution.display()
+        )
+    }
+
+    fn write_spec(&self, name: &str, seed: u64, judge: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, self.spec_text(seed, judge)).expect("write spec");
+        path
+    }
+
+    fn run(&self, spec: &Path, log: &str) -> Result<RunSummary, EngineError> {
+        let spec = Spec::load(spec).expect("spec");
+        engine::run(
+            &spec,
+            &RunOptions {
+                log: self.dir.path().join(log),
+                device: Device::Cpu,
+                new_run: false,
+                stop: None,
+                progress: None,
+            },
+        )
+    }
+}
+
+/// Every event of a log by key: (stage, parents, payload as JSON). Checks no key repeats.
+fn events(log: &Path) -> BTreeMap<String, (String, Vec<String>, String)> {
+    let mut out = BTreeMap::new();
+    let mut count = 0;
+    for env in LogReader::open(log).expect("log").iter_from(0) {
+        let env = env.expect("event");
+        count += 1;
+        let json = env.to_json();
+        let mut payload = json["payload"].clone();
+        if let Some(obj) = payload.as_object_mut() {
+            obj.remove("path");
+        }
+        out.insert(
+            env.key.to_string(),
+            (
+                env.stage.clone(),
+                env.parents.iter().map(|k| k.to_string()).collect(),
+                payload.to_string(),
+            ),
+        );
+    }
+    assert_eq!(out.len(), count, "a key appears twice in {}", log.display());
+    out
+}
+
+/// Events of one kind with their epochs, in log order.
+fn of_kind(log: &Path, kind: &str) -> Vec<(u64, Payload)> {
+    LogReader::open(log)
+        .expect("log")
+        .iter_from(0)
+        .map(|e| e.expect("event"))
+        .filter(|e| e.payload.kind() == kind)
+        .map(|e| (e.epoch, e.payload))
+        .collect()
+}
+
+#[test]
+fn cai_pipeline_runs_sl_then_rl_with_a_feedback_loop_and_resumes() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("cai.toml", 7, "ensemble = 2");
+    let first = fx.run(&spec, "log").expect("run");
+    let log = fx.dir.path().join("log");
+    eprintln!("{:?}", first.stages);
+    // 5 red-team + 2 helpful prompts: a pair and a judgement for each.
+    assert_eq!(first.stages["pairs"].computed, 7);
+    assert_eq!(first.stages["judge"].computed, 7);
+    let judgements = of_kind(&log, "judgement");
+    for (_, p) in &judgements {
+        let Payload::Judgement(j) = p else { panic!() };
+        assert_eq!(j.principles.len(), 2);
+        assert_eq!(j.votes.len(), 4, "two principles, both orders");
+        assert!(j.votes.iter().filter(|v| v.swapped).count() == 2);
+        let mean = j.votes.iter().map(|v| v.p_first).sum::<f64>() / 4.0;
+        assert!((j.p_a - mean).abs() < 1e-12);
+        assert!((0.0..=1.0).contains(&j.p_a));
+        assert!(!j.cot && j.votes.iter().all(|v| v.reasoning.is_none()));
+    }
+    assert!(!of_kind(&log, "pm_step").is_empty());
+    assert_eq!(of_kind(&log, "pm_eval").len(), 1);
+    // Rollouts on the 5 red-team prompts; one update per epoch that had any.
+    let rollouts = of_kind(&log, "rollout");
+    assert_eq!(rollouts.len(), 5);
+    let updates = of_kind(&log, "ppo_update");
+    assert!(updates.len() >= 2, "{} updates", updates.len());
+    let versions: Vec<u64> = updates
+        .iter()
+        .map(|(_, p)| match p {
+            Payload::PpoUpdate(u) => u.version,
+            _ => 0,
+        })
+        .collect();
+    assert_eq!(versions, (1..=updates.len() as u64).collect::<Vec<_>>());
+    // The loop: each rollout was sampled by the version the earlier epochs' updates made.
+    for (epoch, p) in &rollouts {
+        let Payload::Rollout(r) = p else { panic!() };
+        let earlier = updates.iter().filter(|(e, _)| e < epoch).count() as u64;
+        assert_eq!(r.policy_version, earlier, "rollout of epoch {epoch}");
+        assert_eq!(r.ref_logprobs.len(), r.tokens.len());
+        assert!(r.score.is_finite());
+    }
+    for (_, p) in &updates {
+        let Payload::PpoUpdate(u) = p else { panic!() };
+        assert!(u.kl.is_finite() && u.entropy > 0.0 && u.response_length > 0.0);
+        assert!((0.0..=1.0).contains(&u.clip_fraction));
+    }
+    // Checkpoints of the SL-CAI model, the PM and the RL policy; each loads.
+    assert_eq!(first.checkpoints.len(), 3, "{:?}", first.checkpoints);
+    for c in &first.checkpoints {
+        cairn::model::load(Path::new(c), Device::Cpu).expect("checkpoint loads");
+    }
+    let pm_dir = first
+        .checkpoints
+        .iter()
+        .find(|c| c.contains("/pm-"))
+        .expect("pm checkpoint");
+    let pm = cairn::model::load(Path::new(pm_dir), Device::Cpu).expect("pm loads");
+    assert!(
+        pm.model.has_score_head(),
+        "the PM checkpoint keeps its head"
+    );
+
+    // Resume of a finished run: nothing recomputed, nothing added.
+    let before = events(&log);
+    let second = fx.run(&spec, "log").expect("rerun");
+    for stage in ["pairs", "judge", "rollout"] {
+        assert_eq!(second.stages[stage].computed, 0, "{stage} recomputed");
+    }
+    assert_eq!(events(&log), before);
+}
+
+#[test]
+fn same_seed_same_events_with_the_chain_of_thought_judge() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("cot.toml", 3, "cot = true\nmax_new_tokens = 5");
+    fx.run(&spec, "a").expect("run a");
+    fx.run(&spec, "b").expect("run b");
+    let a = events(&fx.dir.path().join("a"));
+    assert_eq!(a, events(&fx.dir.path().join("b")));
+    let judgements = of_kind(&fx.dir.path().join("a"), "judgement");
+    assert_eq!(judgements.len(), 7);
+    for (_, p) in judgements {
+        let Payload::Judgement(j) = p else { panic!() };
+        assert!(j.cot && j.votes.len() == 2);
+        for v in &j.votes {
+            assert!(v.reasoning.is_some());
+            assert!((0.4..=0.6).contains(&v.p_first), "clamped: {}", v.p_first);
+        }
+    }
+}
+
+/// Kills `cairn run` with SIGKILL at pseudo-random moments, restarts it until it finishes,
+/// and compares the final log with an uninterrupted run.
+#[test]
+fn sigkill_during_rl_then_resume_matches_an_uninterrupted_run() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("cai.toml", 5, "");
+    let bin = env!("CARGO_BIN_EXE_cairn");
+    let run = |log: &Path| {
+        std::process::Command::new(bin)
+            .args(["-q", "run"])
+            .arg(&spec)
+            .arg("--log")
+            .arg(log)
+            .args(["--device", "cpu"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn cairn run")
+    };
+    let started = std::time::Instant::now();
+    let out = run(&fx.dir.path().join("reference"))
+        .wait_with_output()
+        .expect("reference");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let span = started.elapsed().as_millis() as u64;
+    let reference = events(&fx.dir.path().join("reference"));
+    let mut total_kills = 0;
+    for (trial, seed) in [11u64, 23].into_iter().enumerate() {
+        let log = fx.dir.path().join(format!("killed{trial}"));
+        let mut state = seed;
+        for attempt in 0.. {
+            let mut child = run(&log);
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            // Kill between 20% and 100% of a full run's time (the RL part comes late), at
+            // most 4 times per trial, then let it finish.
+            let delay = std::time::Duration::from_millis(span / 5 + state % (span * 4 / 5).max(1));
+            let deadline = std::time::Instant::now() + delay;
+            let mut finished = None;
+            while attempt < 4 && std::time::Instant::now() < deadline {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    finished = Some(status);
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if attempt >= 4 {
+                finished = Some(child.wait().expect("wait"));
+            }
+            match finished {
+                Some(status) => {
+                    assert!(status.success(), "resumed run failed");
+                    break;
+                }
+                None => {
+                    child.kill().expect("SIGKILL");
+                    child.wait().expect("reap");
+                    total_kills += 1;
+                }
+            }
+        }
+        let got = events(&log);
+        // Run-start events differ per restart; everything the dataflow produced must match.
+        let strip = |m: &BTreeMap<String, (String, Vec<String>, String)>| {
+            m.iter()
+                .filter(|(_, (s, _, _))| s != "run")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert_eq!(strip(&got), strip(&reference), "trial {trial}");
+    }
+    assert!(total_kills > 0, "no run was interrupted");
+}
+
+#[test]
+fn preference_loss_gradient_matches_finite_differences() {
+    use cairn::train::PmExample;
+    use cairn::train::pm::pm_loss;
+    let mut model = Llama::random(LlamaConfig::tiny(common::VOCAB), 9, Device::Cpu).expect("model");
+    model.ensure_score_head();
+    // A non-zero head, so the loss depends on the trunk too.
+    {
+        let _g = tch::no_grad_guard();
+        let vars = model.var_store().variables();
+        let head = &vars["score"];
+        let values: Vec<f32> = (0..head.numel())
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.05)
+            .collect();
+        let mut h = head.shallow_clone();
+        h.copy_(&tch::Tensor::from_slice(&values).view([1, -1]));
+    }
+    let examples = vec![
+        PmExample {
+            a: vec![256, 10, 20, 30, 257],
+            b: vec![256, 10, 21, 257],
+            p_a: 0.8,
+        },
+        PmExample {
+            a: vec![256, 40, 41, 257],
+            b: vec![256, 40, 42, 43, 44, 257],
+            p_a: 0.35,
+        },
+    ];
+    let (loss, predicted) = pm_loss(&model, &examples).expect("loss");
+    // By hand: loss = Σ −[p log σ(d) + (1 − p) log σ(−d)] with σ(d) the predictions.
+    let by_hand: f64 = predicted
+        .iter()
+        .zip(&examples)
+        .map(|(q, e)| {
+            let p = f64::from(e.p_a);
+            -(p * q.ln() + (1.0 - p) * (1.0 - q).ln())
+        })
+        .sum();
+    assert!((loss.double_value(&[]) - by_hand).abs() < 1e-4);
+    loss.backward();
+    let vars = model.var_store().variables();
+    for name in ["score", "norm"] {
+        let var = &vars[name];
+        let grad = var.grad();
+        for index in [0i64, 3, 17] {
+            let analytic = grad.view([-1]).double_value(&[index]);
+            let eps = 1e-2;
+            let at = |delta: f64| {
+                let _g = tch::no_grad_guard();
+                let flat = var.view([-1]);
+                let old = flat.double_value(&[index]);
+                let _ = flat.get(index).fill_(old + delta);
+                let (l, _) = pm_loss(&model, &examples).expect("loss");
+                let _ = flat.get(index).fill_(old);
+                l.double_value(&[])
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            assert!(
+                (analytic - numeric).abs() < 2e-3 + 0.02 * numeric.abs(),
+                "{name}[{index}]: autograd {analytic} vs finite difference {numeric}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ppo_raises_a_known_reward_with_bounded_kl() {
+    use cairn::model::generate::{generate, score};
+    use cairn::model::{GenerateRequest, SamplingParams, ScoreRequest};
+    use cairn::train::ppo::ppo_update;
+    use cairn::train::{PpoConfig, PpoRollout};
+    use tch::nn::OptimizerConfig;
+    // A 16-token world; the reward is how many times token 3 appears in 8 new tokens.
+    let mut config = LlamaConfig::tiny(16);
+    config.max_position_embeddings = 64;
+    let mut policy = Llama::random(config.clone(), 5, Device::Cpu).expect("policy");
+    let reference = Llama::random(config, 5, Device::Cpu).expect("reference");
+    policy.ensure_score_head();
+    let mut opt = tch::nn::Adam::default()
+        .build(policy.var_store(), 3e-3)
+        .expect("optimiser");
+    let target = 3u32;
+    let prompts: Vec<Vec<u32>> = (0..16u32).map(|i| vec![1 + i % 7, 2 + i % 5]).collect();
+    let mut history = Vec::new();
+    let mut kls = Vec::new();
+    for iteration in 0..30u64 {
+        let requests: Vec<GenerateRequest> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| GenerateRequest {
+                prompt: p.clone(),
+                params: SamplingParams {
+                    temperature: 1.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                    max_new_tokens: 8,
+                    seed: iteration * 1000 + i as u64,
+                    stop: Vec::new(),
+                },
+            })
+            .collect();
+        let gens = generate(&policy, &[], &requests).expect("generate");
+        let refs = score(
+            &reference,
+            &prompts
+                .iter()
+                .zip(&gens)
+                .map(|(p, g)| ScoreRequest {
+                    context: p.clone(),
+                    continuation: g.tokens.clone(),
+                })
+                .collect::<Vec<_>>(),
+        )
+        .expect("reference");
+        let rollouts: Vec<PpoRollout> = prompts
+            .iter()
+            .zip(&gens)
+            .zip(&refs)
+            .map(|((p, g), r)| PpoRollout {
+                context: p.clone(),
+                response: g.tokens.clone(),
+                ref_logprobs: r.logprobs.clone(),
+                score: g.tokens.iter().filter(|&&t| t == target).count() as f32,
+            })
+            .collect();
+        let stats = ppo_update(
+            &policy,
+            &mut opt,
+            &rollouts,
+            &PpoConfig {
+                lr: 3e-3,
+                kl_coef: 0.05,
+                epochs: 2,
+                minibatch: 4,
+                seed: iteration,
+                ..PpoConfig::default()
+            },
+        )
+        .expect("update");
+        history.push(stats.mean_score);
+        kls.push(stats.kl);
+    }
+    let first: f64 = history[..3].iter().sum::<f64>() / 3.0;
+    let last: f64 = history[history.len() - 3..].iter().sum::<f64>() / 3.0;
+    assert!(
+        last > first + 1.0,
+        "mean reward should rise (out of 8): first {first:.2}, last {last:.2}; {history:?}"
+    );
+    let worst = kls.iter().cloned().fold(0.0, f64::max);
+    assert!(worst < 20.0, "KL should stay bounded: {kls:?}");
+}
