@@ -292,3 +292,80 @@ fn a_cached_chat_prefix_tokenises_like_the_whole_conversation() {
         .collect();
     assert_eq!(cached, tok.encode_chat(&whole).expect("encode"));
 }
+
+/// `dataflows/cai.toml` itself — SL-CAI then RL-CAI — on the real default model with tiny
+/// counts: judgements carry labels in [0, 1] from both orders, the PM and the RL policy are
+/// checkpointed and load, PPO updates feed later rollouts, and a rerun recomputes nothing.
+#[test]
+fn cai_pipeline_runs_on_the_default_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("dataflows/cai.toml")).expect("cai.toml");
+    let small = text
+        .replace(
+            "constitution = \"../constitutions/default.toml\"",
+            &format!(
+                "constitution = \"{}\"",
+                root.join("constitutions/default.toml").display()
+            ),
+        )
+        .replace("red_team_limit = 6", "red_team_limit = 2")
+        .replace("helpful_limit = 3", "helpful_limit = 1")
+        .replace("epoch_size = 3", "epoch_size = 1")
+        .replace("max_new_tokens = 48", "max_new_tokens = 12")
+        .replace("max_new_tokens = 40", "max_new_tokens = 12")
+        .replace("few_shot = 2", "few_shot = 1")
+        .replace("ensemble = 2", "ensemble = 1");
+    assert_ne!(small, text);
+    let spec_path = dir.path().join("cai.toml");
+    std::fs::write(&spec_path, small).expect("write");
+    let spec = cairn::spec::Spec::load(&spec_path).expect("spec");
+    let opts = cairn::engine::RunOptions {
+        log: dir.path().join("log"),
+        device: Device::Cpu,
+        new_run: false,
+        stop: None,
+        progress: None,
+    };
+    let first = cairn::engine::run(&spec, &opts).expect("run");
+    assert_eq!(first.stages["pairs"].computed, 3);
+    assert_eq!(first.stages["judge"].computed, 3);
+    assert_eq!(first.stages["rollout"].computed, 2);
+    assert_eq!(
+        first.checkpoints.len(),
+        3,
+        "sft, pm, ppo: {:?}",
+        first.checkpoints
+    );
+    for c in &first.checkpoints {
+        model::load(std::path::Path::new(c), Device::Cpu).expect("checkpoint loads");
+    }
+    let mut updates = 0;
+    for env in cairn::log::LogReader::open(&opts.log)
+        .expect("log")
+        .iter_from(0)
+    {
+        match env.expect("event").payload {
+            cairn::record::Payload::Judgement(j) => {
+                assert!((0.0..=1.0).contains(&j.p_a));
+                assert_eq!(j.votes.len(), 2);
+                assert!(!j.response_a.is_empty() && !j.response_b.is_empty());
+            }
+            cairn::record::Payload::PpoUpdate(u) => {
+                updates += 1;
+                assert_eq!(u.version, updates);
+                assert!(u.kl.is_finite() && u.entropy > 0.0);
+            }
+            cairn::record::Payload::Rollout(r) => {
+                assert!(r.score.is_finite());
+                assert_eq!(r.ref_logprobs.len(), r.tokens.len());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(updates, 2, "one update per epoch of red-team prompts");
+    let again = cairn::engine::run(&spec, &opts).expect("rerun");
+    for stage in ["sample", "pairs", "judge", "rollout"] {
+        assert_eq!(again.stages[stage].computed, 0, "{stage} recomputed");
+    }
+}

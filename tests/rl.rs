@@ -198,7 +198,6 @@ fn cai_pipeline_runs_sl_then_rl_with_a_feedback_loop_and_resumes() {
     let spec = fx.write_spec("cai.toml", 7, "ensemble = 2");
     let first = fx.run(&spec, "log").expect("run");
     let log = fx.dir.path().join("log");
-    eprintln!("{:?}", first.stages);
     // 5 red-team + 2 helpful prompts: a pair and a judgement for each.
     assert_eq!(first.stages["pairs"].computed, 7);
     assert_eq!(first.stages["judge"].computed, 7);
@@ -256,6 +255,37 @@ fn cai_pipeline_runs_sl_then_rl_with_a_feedback_loop_and_resumes() {
         pm.model.has_score_head(),
         "the PM checkpoint keeps its head"
     );
+
+    // Exports: every judgement as prompt/chosen/rejected with its soft label; every rollout.
+    let bin = env!("CARGO_BIN_EXE_cairn");
+    for (what, count) in [("preferences", 7), ("rollouts", 5)] {
+        let out = fx.dir.path().join(format!("{what}.jsonl"));
+        let status = std::process::Command::new(bin)
+            .args(["-q", "export"])
+            .arg(&log)
+            .args(["--what", what, "--out"])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("export");
+        assert!(status.success());
+        let text = std::fs::read_to_string(&out).expect("export file");
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect();
+        assert_eq!(rows.len(), count, "{what}");
+        for row in &rows {
+            assert!(row["prompt"].is_string());
+            if what == "preferences" {
+                assert_ne!(row["chosen"], row["rejected"]);
+                let p = row["p_chosen"].as_f64().expect("p_chosen");
+                assert!((0.5..=1.0).contains(&p));
+            } else {
+                assert!(row["policy_version"].is_u64() && row["score"].is_f64());
+            }
+        }
+    }
 
     // Resume of a finished run: nothing recomputed, nothing added.
     let before = events(&log);

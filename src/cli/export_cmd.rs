@@ -1,6 +1,9 @@
-//! `cairn export LOG --what sft --out FILE`: datasets derived from a run's events, in the
-//! formats the Hugging Face ecosystem reads. `sft`: the exact examples the run's SFT steps
-//! trained on, as chat `messages` (JSON Lines).
+//! `cairn export LOG --what sft|preferences|rollouts --out FILE`: datasets derived from a
+//! run's events, in the formats the Hugging Face ecosystem reads (JSON Lines). `sft`: the
+//! exact examples the run's SFT steps trained on, as chat `messages`. `preferences`: every
+//! AI-feedback judgement as `prompt` / `chosen` / `rejected` (the column names TRL's reward
+//! and DPO trainers read) plus the soft label and its votes. `rollouts`: every PPO rollout
+//! with its policy version, PM score and answer.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -18,6 +21,10 @@ use cairn::record::Payload;
 pub enum What {
     /// The (prompt, answer) pairs SFT trained on, as chat messages.
     Sft,
+    /// AI-feedback comparisons: prompt, chosen, rejected, soft label.
+    Preferences,
+    /// PPO rollouts: prompt, answer, policy version, PM score.
+    Rollouts,
 }
 
 /// Arguments of `cairn export`.
@@ -39,10 +46,15 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
         LogReader::open(&args.log).with_context(|| format!("opening {}", args.log.display()))?;
     let mut by_key = HashMap::new();
     let mut steps = Vec::new();
+    let mut records = Vec::new();
     for env in reader.iter_from(0) {
         let env = env?;
-        if matches!(env.payload, Payload::SftStep(_)) {
-            steps.push(env.clone());
+        match (&env.payload, args.what) {
+            (Payload::SftStep(_), What::Sft) => steps.push(env.clone()),
+            (Payload::Judgement(_), What::Preferences) | (Payload::Rollout(_), What::Rollouts) => {
+                records.push(env.clone())
+            }
+            _ => {}
         }
         by_key.insert(env.key, env);
     }
@@ -80,6 +92,51 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
                     writeln!(out, "{line}")?;
                     n += 1;
                 }
+            }
+        }
+        What::Preferences => {
+            for env in &records {
+                let Payload::Judgement(j) = &env.payload else {
+                    continue;
+                };
+                // The answer the label leans to is `chosen`; `p_chosen` keeps the soft label.
+                let first = j.p_a >= 0.5;
+                let (chosen, rejected) = if first {
+                    (&j.response_a, &j.response_b)
+                } else {
+                    (&j.response_b, &j.response_a)
+                };
+                let line = serde_json::json!({
+                    "prompt": j.conversation.prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "p_chosen": if first { j.p_a } else { 1.0 - j.p_a },
+                    "purpose": j.conversation.purpose,
+                    "principles": j.principles,
+                    "cot": j.cot,
+                    "votes": j.votes,
+                    "key": env.key.to_string(),
+                });
+                writeln!(out, "{line}")?;
+                n += 1;
+            }
+        }
+        What::Rollouts => {
+            for env in &records {
+                let Payload::Rollout(r) = &env.payload else {
+                    continue;
+                };
+                let line = serde_json::json!({
+                    "prompt": r.conversation.prompt,
+                    "completion": r.response,
+                    "policy_version": r.policy_version,
+                    "score": r.score,
+                    "tokens": r.tokens.len(),
+                    "seed": r.seed,
+                    "key": env.key.to_string(),
+                });
+                writeln!(out, "{line}")?;
+                n += 1;
             }
         }
     }

@@ -424,7 +424,7 @@ fn model_operator<'s>(
                 gate_open = true;
             }
             // 3. Plan ready epochs, in time order; fully logged chunks are re-emitted at once.
-            while gate_open {
+            while gate_open && !epochs.is_empty() {
                 let Some(&t) = epochs.keys().next() else {
                     break;
                 };
@@ -581,10 +581,7 @@ where
     let mut output: OutputBuilder<u64, timely::container::CapacityContainerBuilder<Vec<Rec>>> =
         OutputBuilder::from(output);
     builder.build(move |mut capabilities| {
-        let mut logic = match capabilities.pop() {
-            Some(cap) => Some(constructor(cap, info)),
-            None => None,
-        };
+        let mut logic = capabilities.pop().map(|cap| constructor(cap, info));
         move |frontiers| {
             let mut session = output.activate();
             if let Some(logic) = logic.as_mut() {
@@ -839,7 +836,7 @@ fn training_operator<'s>(
             if frontier.is_empty() {
                 gate_open = true;
             }
-            while gate_open {
+            while gate_open && !epochs.is_empty() {
                 let Some(&t) = epochs.keys().next() else {
                     break;
                 };
