@@ -131,6 +131,7 @@ fn main() -> anyhow::Result<()> {
             new_run: true,
             stop: None,
             progress: None,
+            parent: None,
         },
         &kinds,
     )?;

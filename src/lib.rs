@@ -9,7 +9,8 @@
 //! - [`log`]: the durable, segmented event log.
 //! - [`constitution`]: principles, few-shot examples and prompt templates (`constitutions/*.toml`).
 //! - [`model`]: the model runtime (GGUF/HF loading, decoder, sampling, model worker).
-//! - [`train`]: losses and optimiser steps run by the model worker (SFT).
+//! - [`train`]: losses and optimiser steps run by the model worker (SFT, PM, PPO).
+//! - [`replay`]: a run's datasets, metrics and checkpoints rebuilt from its events alone.
 //! - [`prompts`]: reading prompt sources (text, JSONL, JSON payload files).
 //! - [`paths`]: the cache of fetched models and data (`$CAIRN_HOME`).
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -22,6 +23,7 @@ pub mod model;
 pub mod paths;
 pub mod prompts;
 pub mod record;
+pub mod replay;
 pub mod spec;
 pub mod stages;
 pub mod train;

@@ -470,6 +470,8 @@ payloads! {
     Rollout(RolloutRecord) = "rollout",
     /// One PPO update: a new policy version.
     PpoUpdate(PpoUpdateRecord) = "ppo_update",
+    /// Where a run's spec came from (so a fork can resolve its relative paths).
+    RunSource(RunSourceRecord) = "run_source",
 }
 
 /// The conversation a record belongs to: the prompt it answers, carried along so that every
@@ -734,6 +736,13 @@ pub struct RunStarted {
     pub settings: String,
     /// Run this one was forked from, if any.
     pub parent_run: Option<RunId>,
+}
+
+/// The `run_source` record, written after each `run_started`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSourceRecord {
+    /// Absolute path of the spec file the run was started from.
+    pub spec_path: String,
 }
 
 /// The `note` record.

@@ -230,6 +230,7 @@ held_out = 0.0
         new_run: false,
         stop: None,
         progress: None,
+        parent: None,
     };
     let first = cairn::engine::run(&spec, &opts).expect("run");
     assert_eq!(first.stages["sample"].computed, 3);
@@ -326,6 +327,7 @@ fn cai_pipeline_runs_on_the_default_model() {
         new_run: false,
         stop: None,
         progress: None,
+        parent: None,
     };
     let first = cairn::engine::run(&spec, &opts).expect("run");
     assert_eq!(first.stages["pairs"].computed, 3);

@@ -15,7 +15,7 @@ use cairn::engine::{self, EngineError, RunOptions, RunSummary};
 use cairn::log::LogReader;
 use cairn::model::LlamaConfig;
 use cairn::model::llama::Llama;
-use cairn::record::Payload;
+use cairn::record::{Key, Payload};
 use cairn::spec::Spec;
 use tch::Device;
 
@@ -122,6 +122,7 @@ held_out = 0.3
                 new_run: false,
                 stop: None,
                 progress: None,
+                parent: None,
             },
         )
     }
@@ -443,6 +444,7 @@ fn a_stage_from_outside_the_crate_runs_in_the_dataflow() {
             new_run: false,
             stop: None,
             progress: None,
+            parent: None,
         },
         &kinds,
     )
@@ -744,6 +746,7 @@ fn a_stage_mixing_pure_and_model_work_completes_every_task() {
             new_run: false,
             stop: None,
             progress: None,
+            parent: None,
         },
         &kinds,
     )
@@ -770,3 +773,233 @@ fn a_stage_mixing_pure_and_model_work_completes_every_task() {
         7
     );
 }
+
+/// `replay` rebuilds what the run built from its events alone; `--verify` re-executes logged
+/// model steps and reproduces them exactly, and names a step whose logged output was altered.
+#[test]
+fn replay_rebuilds_the_run_and_verify_reexecutes_logged_steps() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("flow.toml", 21, "");
+    let summary = fx.run(&spec, "log").expect("run");
+    let log = fx.dir.path().join("log");
+    let rebuilt = cairn::replay::rebuild(&log).expect("rebuild");
+    let steps: Vec<Payload> = LogReader::open(&log)
+        .expect("log")
+        .iter_from(0)
+        .map(|e| e.expect("event").payload)
+        .filter(|p| matches!(p, Payload::SftStep(_)))
+        .collect();
+    let trained: u64 = steps
+        .iter()
+        .map(|p| match p {
+            Payload::SftStep(s) => s.examples,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(
+        rebuilt.sft.len() as u64,
+        trained,
+        "every example SFT trained on"
+    );
+    assert_eq!(
+        rebuilt.metrics.len(),
+        steps.len() + count_kind(&log, "sft_eval")
+    );
+    assert_eq!(rebuilt.checkpoints.len(), 1);
+    assert_eq!(rebuilt.checkpoints[0].record.path, summary.checkpoints[0]);
+    assert_eq!(rebuilt.checkpoints[0].intact, Some(true));
+    assert_eq!(rebuilt.events as usize, events(&log).len());
+
+    let report = cairn::engine::verify(&log, 6).expect("verify");
+    assert!(report.checked >= 6, "{report:?}");
+    assert!(report.diverged.is_empty(), "{:?}", report.diverged);
+    assert_eq!(report.skipped, Vec::<String>::new());
+
+    // Alter one logged critique: verify must name it.
+    let altered = fx.dir.path().join("altered");
+    let writer =
+        cairn::log::LogWriter::open(&altered, cairn::log::LogOptions::default()).expect("writer");
+    let mut target = None;
+    for env in LogReader::open(&log).expect("log").iter_from(0) {
+        let env = env.expect("event");
+        let mut payload = env.payload.clone();
+        if let Payload::Critique(c) = &mut payload
+            && target.is_none()
+        {
+            c.critique.push_str(" (edited)");
+            target = Some(env.key);
+        }
+        let mut ev = cairn::record::NewEvent::new(
+            env.key,
+            env.run_id,
+            env.stage,
+            env.parents,
+            env.epoch,
+            payload,
+        );
+        ev.wall_ns = env.wall_ns;
+        writer.append(ev).expect("append");
+    }
+    writer.close().expect("close");
+    let report = cairn::engine::verify(&altered, 100).expect("verify altered");
+    let target = target.expect("a critique");
+    let diverged: Vec<Key> = report.diverged.iter().map(|(k, _, _)| *k).collect();
+    assert!(diverged.contains(&target), "{:?}", report.diverged);
+    // Anything else that diverged was computed from the altered record.
+    let altered_events = events(&altered);
+    for k in diverged.iter().filter(|k| **k != target) {
+        let (stage, parents, _) = &altered_events[&k.to_string()];
+        assert!(
+            parents.contains(&target.to_string()),
+            "{stage} {k} diverged without being derived from the altered critique"
+        );
+    }
+}
+
+/// A fork with unchanged settings reproduces the original downstream events; a fork with
+/// another constitution reuses the samples and changes only what comes after them.
+#[test]
+fn fork_reuses_upstream_events_and_recomputes_downstream() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("flow.toml", 8, "");
+    fx.run(&spec, "log").expect("run");
+    let log = fx.dir.path().join("log");
+    let original = events(&log);
+    let opts = |out: &str| RunOptions {
+        log: fx.dir.path().join(out),
+        device: Device::Cpu,
+        new_run: false,
+        stop: None,
+        progress: None,
+        parent: None,
+    };
+    let same = cairn::engine::fork(&log, "critique_1", &[], None, &opts("same")).expect("fork");
+    assert_eq!(same.reused_stages, vec!["prompts", "sample"]);
+    assert_eq!(same.summary.stages["sample"].computed, 0);
+    assert_eq!(same.summary.stages["critique_1"].computed, 5);
+    let forked = events(&fx.dir.path().join("same"));
+    let dataflow = |m: &BTreeMap<String, (String, Vec<String>, String)>| {
+        m.iter()
+            .filter(|(_, (s, _, _))| s != "run" && s != "fork")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    assert_eq!(dataflow(&forked), dataflow(&original));
+    // The new run records its parent.
+    let parent = LogReader::open(&fx.dir.path().join("same"))
+        .expect("log")
+        .iter_from(0)
+        .find_map(|e| match e.expect("event").payload {
+            Payload::RunStarted(r) => r.parent_run,
+            _ => None,
+        });
+    assert_eq!(parent, Some(same.parent));
+
+    // Another constitution: one critique principle reworded.
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("constitutions/default.toml"),
+    )
+    .expect("constitution");
+    let other = fx.dir.path().join("other.toml");
+    std::fs::write(&other, text.replacen("name = \"", "name = \"other-", 1)).expect("write");
+    let changed = cairn::engine::fork(
+        &log,
+        "critique_1",
+        &[("constitution".into(), other.display().to_string())],
+        None,
+        &opts("changed"),
+    )
+    .expect("fork with another constitution");
+    assert_eq!(
+        changed.summary.stages["sample"].computed, 0,
+        "samples reused"
+    );
+    let new = events(&fx.dir.path().join("changed"));
+    let by_stage = |m: &BTreeMap<String, (String, Vec<String>, String)>, stage: &str| {
+        m.iter()
+            .filter(|(_, (s, _, _))| s == stage)
+            .map(|(k, _)| k.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(by_stage(&new, "sample"), by_stage(&original, "sample"));
+    for stage in ["critique_1", "revise_1", "critique_2", "revise_2", "sft"] {
+        let (a, b) = (by_stage(&new, stage), by_stage(&original, stage));
+        assert!(!a.is_empty());
+        assert!(
+            a.iter().all(|k| !b.contains(k)),
+            "{stage}: downstream events must be recomputed under the new constitution"
+        );
+    }
+    // Changing a stage before the fork point is refused.
+    let err = cairn::engine::fork(
+        &log,
+        "critique_1",
+        &[("stage.sample.max_new_tokens".into(), "3".into())],
+        None,
+        &opts("refused"),
+    )
+    .expect_err("upstream change");
+    assert!(err.to_string().contains("fork from `sample`"), "{err}");
+}
+
+/// Replay into a live dataflow: a finished run's recorded streams feed a spec with a new
+/// stage; the recorded stages compute nothing and the new stage runs on their records.
+#[test]
+fn recorded_streams_feed_a_new_stage() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("flow.toml", 9, "");
+    fx.run(&spec, "finished").expect("run");
+    let finished = fx.dir.path().join("finished");
+    let with_flag = fx.write_spec(
+        "flag.toml",
+        9,
+        &format!(
+            "[[stage]]\nname = \"flag\"\nkind = \"flag\"\nfrom = [\"revise_2\"]\nwords = [{}]\n",
+            WORDS.map(|w| format!("\"{w}\"")).join(", ")
+        ),
+    );
+    let with_flag = Spec::load(&with_flag).expect("spec");
+    let dev = fx.dir.path().join("dev");
+    let names: std::collections::HashSet<String> = std::iter::once("prompts".to_string())
+        .chain(with_flag.stages.iter().map(|s| s.name.clone()))
+        .collect();
+    let (copied, _) =
+        engine::import_events(&finished, &dev, |e| names.contains(&e.stage)).expect("import");
+    assert!(copied > 0);
+    let mut kinds = cairn::stages::registry();
+    kinds.push(custom_stage::kind());
+    let summary = engine::run_with(
+        &with_flag,
+        &RunOptions {
+            log: dev.clone(),
+            device: Device::Cpu,
+            new_run: false,
+            stop: None,
+            progress: None,
+            parent: None,
+        },
+        &kinds,
+    )
+    .expect("run with a new stage");
+    for stage in ["sample", "critique_1", "revise_1", "critique_2", "revise_2"] {
+        assert_eq!(summary.stages[stage].computed, 0, "{stage} recomputed");
+        assert!(summary.stages[stage].replayed > 0);
+    }
+    let revisions: Vec<String> = LogReader::open(&finished)
+        .expect("log")
+        .iter_stage(0, "revise_2")
+        .filter_map(|e| match e.expect("event").payload {
+            Payload::Revision(r) => Some(r.response.to_lowercase()),
+            _ => None,
+        })
+        .collect();
+    let expected = revisions
+        .iter()
+        .filter(|r| WORDS.iter().any(|w| r.contains(w)))
+        .count();
+    assert!(expected > 0, "the new stage must have something to flag");
+    assert_eq!(count_kind(&dev, "flag"), expected);
+}
+
+/// Any of these in a (random-byte) revision gets it flagged.
+const WORDS: [&str; 12] = ["a", "e", "i", "o", "u", "s", "t", "n", "r", " ", ".", "l"];

@@ -151,6 +151,7 @@ minibatch = 1
                 new_run: false,
                 stop: None,
                 progress: None,
+                parent: None,
             },
         )
     }

@@ -414,6 +414,7 @@ fn engine_bench(args: EngineBench) -> anyhow::Result<ExitCode> {
             new_run: false,
             stop: None,
             progress: None,
+            parent: None,
         },
     )?;
     let records: u64 = summary.stages.values().map(|s| s.computed).sum::<u64>() + summary.prompts;
@@ -526,6 +527,7 @@ fn rl_bench(args: RlBench) -> anyhow::Result<ExitCode> {
                 new_run,
                 stop: None,
                 progress: None,
+                parent: None,
             },
         )?)
     };

@@ -5,6 +5,7 @@ mod export_cmd;
 mod ingest;
 mod log_cmd;
 mod model_cmd;
+mod replay_cmd;
 mod run_cmd;
 
 use std::process::ExitCode;
@@ -38,6 +39,11 @@ pub enum Command {
     Log(log_cmd::LogCommand),
     /// Export datasets derived from a run's events (JSON Lines).
     Export(export_cmd::ExportArgs),
+    /// Rebuild a run's datasets, metrics and checkpoints from its events; --verify N
+    /// re-executes logged model steps.
+    Replay(replay_cmd::ReplayArgs),
+    /// Start a new run reusing another run's events upstream of a stage, with changed settings.
+    Fork(replay_cmd::ForkArgs),
     /// Read prompt sources into an event log as `prompt` events (idempotent).
     Ingest(ingest::IngestArgs),
     /// Generate a reply to one prompt.
@@ -57,6 +63,8 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Log(cmd) => log_cmd::run(cmd),
         Command::Ingest(args) => ingest::run(args),
         Command::Export(args) => export_cmd::run(args),
+        Command::Replay(args) => replay_cmd::replay(args),
+        Command::Fork(args) => replay_cmd::fork(args),
         Command::Generate(args) => model_cmd::generate(args),
         Command::Score(args) => model_cmd::score(args),
         Command::Bench(cmd) => bench_cmd::run(cmd),

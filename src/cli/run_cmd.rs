@@ -31,6 +31,12 @@ pub struct RunArgs {
     /// checkpoint.
     #[arg(long = "model", value_name = "NAME=PATH")]
     models: Vec<String>,
+    /// Feed the recorded events of another run's log in place of computing them: its events
+    /// of `prompts` and of every stage named in this spec are copied into this run's log
+    /// first, so stages with unchanged settings replay them and new or changed stages compute
+    /// (develop a new stage against a finished run). Repeatable.
+    #[arg(long = "reuse", value_name = "LOG")]
+    reuse: Vec<PathBuf>,
 }
 
 /// Runs `cairn run`.
@@ -55,6 +61,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
     let device = cairn::model::parse_device(&args.device)?;
+    if !args.reuse.is_empty() {
+        let names: std::collections::HashSet<String> = std::iter::once("prompts".to_string())
+            .chain(spec.stages.iter().map(|s| s.name.clone()))
+            .collect();
+        for from in &args.reuse {
+            let (copied, present) =
+                engine::import_events(from, &log, |env| names.contains(&env.stage))
+                    .with_context(|| format!("reusing {}", from.display()))?;
+            println!(
+                "reused {}: {copied} events copied ({present} already here)",
+                from.display()
+            );
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     install_signal_handlers(&stop);
     let started = std::time::Instant::now();
@@ -71,6 +91,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             new_run: args.new_run,
             stop: Some(stop),
             progress: Some(progress),
+            parent: None,
         },
     )
     .with_context(|| format!("running {}", args.spec.display()))?;

@@ -10,9 +10,11 @@
 //!
 //! Adding a stage never touches this module: see `crate::stages`.
 
+mod fork;
 mod operator;
+mod verify;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +33,9 @@ use crate::record::{Key, NewEvent, Payload, PromptPurpose, PromptRecord, RunId, 
 use crate::spec::Spec;
 use crate::stages::{Rec, StageContext, StageError, StageKind};
 
+pub use fork::{ForkReport, fork, import_events};
 pub use operator::OperatorStats;
+pub use verify::{VerifyReport, verify};
 
 /// How to run a dataflow.
 #[derive(Clone)]
@@ -46,6 +50,8 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// Called a few times a second with the run's progress (for progress bars).
     pub progress: Option<ProgressFn>,
+    /// The run this one was forked from (recorded in `run_started`).
+    pub parent: Option<RunId>,
 }
 
 /// Receives [`Progress`] snapshots.
@@ -238,6 +244,56 @@ fn load_prompts(spec: &Spec) -> Result<Vec<Rec>, EngineError> {
     Ok(out)
 }
 
+/// What stages may use, for `spec`: its constitution, seed and models' tokenizers (checking
+/// that every model file exists).
+fn stage_context(
+    spec: &Spec,
+    constitution: Arc<Constitution>,
+) -> Result<StageContext, EngineError> {
+    let mut tokenizers = HashMap::new();
+    for m in &spec.models {
+        if !m.path.exists() {
+            return Err(EngineError::Input(format!(
+                "model `{}`: {} does not exist ({})",
+                m.name,
+                m.path.display(),
+                crate::paths::SETUP_HINT
+            )));
+        }
+        tokenizers.insert(m.name.clone(), crate::model::load::load_tokenizer(&m.path)?);
+    }
+    Ok(StageContext {
+        constitution,
+        seed: spec.seed,
+        tokenizers: Arc::new(tokenizers),
+    })
+}
+
+/// The model factories of `spec` (built on the worker thread).
+fn model_factories(spec: &Spec, only: Option<&HashSet<String>>) -> Vec<(String, ModelFactory)> {
+    spec.models
+        .iter()
+        .filter(|m| only.is_none_or(|o| o.contains(&m.name)))
+        .map(|m| {
+            let path = m.path.clone();
+            let instant = m.instant;
+            let score_head = m.score_head;
+            let factory: ModelFactory = Box::new(move |device| {
+                if instant {
+                    return Ok(ServedModel::instant());
+                }
+                let mut loaded = crate::model::load(&path, device)?;
+                if score_head {
+                    loaded.model.ensure_score_head();
+                }
+                let eos = loaded.tokenizer.eos_ids().to_vec();
+                Ok(ServedModel::llama(loaded.model, eos))
+            });
+            (m.name.clone(), factory)
+        })
+        .collect()
+}
+
 /// Runs a dataflow spec to completion (or until `stop` is set) with the built-in stages.
 pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunSummary, EngineError> {
     run_with(spec, opts, &crate::stages::registry())
@@ -255,23 +311,7 @@ pub fn run_with(
     );
     let prompts = load_prompts(spec)?;
     let digest = settings_digest(spec, &constitution)?;
-    let mut tokenizers = HashMap::new();
-    for m in &spec.models {
-        if !m.path.exists() {
-            return Err(EngineError::Input(format!(
-                "model `{}`: {} does not exist ({})",
-                m.name,
-                m.path.display(),
-                crate::paths::SETUP_HINT
-            )));
-        }
-        tokenizers.insert(m.name.clone(), crate::model::load::load_tokenizer(&m.path)?);
-    }
-    let ctx = StageContext {
-        constitution,
-        seed: spec.seed,
-        tokenizers: Arc::new(tokenizers),
-    };
+    let ctx = stage_context(spec, constitution)?;
     // Build every stage before touching the log: configuration errors change nothing.
     let plan = operator::Plan::build(spec, &ctx, kinds)?;
 
@@ -330,31 +370,28 @@ pub fn run_with(
             seed: spec.seed,
             settings_digest: digest,
             settings: spec.text.clone(),
-            parent_run: previous.map(|(id, _)| id).filter(|id| *id != run_id),
+            parent_run: opts
+                .parent
+                .or(previous.map(|(id, _)| id))
+                .filter(|id| *id != run_id),
+        }),
+    ))?;
+    let spec_path = std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone());
+    writer.append(NewEvent::new(
+        Key::builder("run_source")
+            .u128(run_id.0)
+            .str(&spec_path.display().to_string())
+            .finish(),
+        run_id,
+        "run",
+        vec![],
+        0,
+        Payload::RunSource(crate::record::RunSourceRecord {
+            spec_path: spec_path.display().to_string(),
         }),
     ))?;
 
-    let factories: Vec<(String, ModelFactory)> = spec
-        .models
-        .iter()
-        .map(|m| {
-            let path = m.path.clone();
-            let instant = m.instant;
-            let score_head = m.score_head;
-            let factory: ModelFactory = Box::new(move |device| {
-                if instant {
-                    return Ok(ServedModel::instant());
-                }
-                let mut loaded = crate::model::load(&path, device)?;
-                if score_head {
-                    loaded.model.ensure_score_head();
-                }
-                let eos = loaded.tokenizer.eos_ids().to_vec();
-                Ok(ServedModel::llama(loaded.model, eos))
-            });
-            (m.name.clone(), factory)
-        })
-        .collect();
+    let factories = model_factories(spec, None);
     let worker = ModelWorker::spawn(
         factories,
         WorkerOptions {

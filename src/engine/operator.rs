@@ -118,7 +118,7 @@ pub struct Env {
     pub tokenizers: Arc<HashMap<String, Tokenizer>>,
 }
 
-enum Built {
+pub(super) enum Built {
     Model {
         name: String,
         from: Vec<String>,
@@ -137,7 +137,7 @@ enum Built {
 
 /// The stages of a spec, built and ready to attach.
 pub struct Plan {
-    stages: Vec<Built>,
+    pub(super) stages: Vec<Built>,
 }
 
 impl Plan {
@@ -598,7 +598,7 @@ where
 
 /// Cuts key-sorted tasks into chunks of at most `batch`; a chunk is one model call, so it
 /// never mixes kinds of work or models.
-fn chunks(tasks: Vec<Task>, batch: usize) -> Vec<Vec<Task>> {
+pub(super) fn chunks(tasks: Vec<Task>, batch: usize) -> Vec<Vec<Task>> {
     let mut groups: BTreeMap<(u8, String), Vec<Task>> = BTreeMap::new();
     for task in tasks {
         groups.entry(work_group(&task.work)).or_default().push(task);
@@ -620,7 +620,7 @@ fn work_group(work: &Work) -> (u8, String) {
 
 /// The model and job for a chunk of generate or score tasks (`None` for pure work); the
 /// requests of every task, in task order.
-fn model_job(tasks: &[Task]) -> Option<(String, Job)> {
+pub(super) fn model_job(tasks: &[Task]) -> Option<(String, Job)> {
     let model = tasks.first()?.work.model()?.to_string();
     let job = match &tasks[0].work {
         Work::Generate { .. } | Work::GenerateMany { .. } => Job::Generate(
@@ -648,7 +648,11 @@ fn model_job(tasks: &[Task]) -> Option<(String, Job)> {
 }
 
 /// Splits a worker reply back into one [`Reply`] per task.
-fn split_reply(name: &str, tasks: &[Task], reply: WorkerReply) -> Result<Vec<Reply>, EngineError> {
+pub(super) fn split_reply(
+    name: &str,
+    tasks: &[Task],
+    reply: WorkerReply,
+) -> Result<Vec<Reply>, EngineError> {
     let bad = |what: String| EngineError::Input(format!("stage `{name}`: {what}"));
     let mut out = Vec::with_capacity(tasks.len());
     match reply? {
@@ -984,7 +988,7 @@ fn checkpoint(
         tok.save_dir(&dir)?;
     }
     let weights = dir.join("model.safetensors");
-    let sha256 = sha256_file(&weights)
+    let sha256 = crate::replay::sha256_file(&weights)
         .map_err(|e| EngineError::Input(format!("{}: {e}", weights.display())))?;
     remember(&dir);
     tracing::info!(stage = name, step, path = %dir.display(), "checkpoint");
@@ -994,22 +998,6 @@ fn checkpoint(
         path: dir.display().to_string(),
         sha256,
     }))
-}
-
-fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Live aggregates with differential dataflow: the count of records per (stage, label), where

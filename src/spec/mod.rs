@@ -271,6 +271,93 @@ impl Spec {
     }
 }
 
+/// Rewrites spec text for use from another folder, with changed settings: relative paths
+/// (constitution, model paths, prompt files) become absolute paths resolved against `base`
+/// (the original spec's folder), then each `key=value` in `sets` is applied. Keys are dotted
+/// paths into the spec (`seed`, `constitution`, `models.pm.path`, `prompts.red_team_limit`);
+/// `stage.NAME.KEY` addresses a stage's setting by the stage's name. Values are TOML
+/// (`3`, `1e-5`, `true`, `["a", "b"]`); anything else is taken as a string. Comments are not
+/// kept.
+///
+/// ```
+/// use cairn::spec::rewrite;
+/// let text = "name = \"x\"\nseed = 1\nconstitution = \"c.toml\"\n[[stage]]\nname = \"s\"\nlr = 1.0\n";
+/// let out = rewrite(text, std::path::Path::new("/runs"), &[("stage.s.lr".into(), "0.5".into()),
+///     ("seed".into(), "7".into())]).unwrap();
+/// assert!(out.contains("constitution = \"/runs/c.toml\"") && out.contains("lr = 0.5") && out.contains("seed = 7"));
+/// ```
+pub fn rewrite(text: &str, base: &Path, sets: &[(String, String)]) -> Result<String, String> {
+    let mut doc: toml::Table = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    let absolute = |v: &mut toml::Value| {
+        if let toml::Value::String(p) = v
+            && p != "default"
+        {
+            *p = resolve(base, p).display().to_string();
+        }
+    };
+    if let Some(c) = doc.get_mut("constitution") {
+        absolute(c);
+    }
+    if let Some(toml::Value::Table(models)) = doc.get_mut("models") {
+        for (_, m) in models.iter_mut() {
+            if let Some(p) = m.get_mut("path") {
+                absolute(p);
+            }
+        }
+    }
+    if let Some(toml::Value::Table(prompts)) = doc.get_mut("prompts") {
+        for key in ["red_team", "helpful"] {
+            if let Some(toml::Value::Array(files)) = prompts.get_mut(key) {
+                files.iter_mut().for_each(absolute);
+            }
+        }
+    }
+    for (key, value) in sets {
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let parts: Vec<&str> = key.split('.').collect();
+        let (table, leaf) = match parts.as_slice() {
+            ["stage", name, leaf] => {
+                let stages = doc
+                    .get_mut("stage")
+                    .and_then(|v| v.as_array_mut())
+                    .ok_or_else(|| "the spec has no [[stage]] entries".to_string())?;
+                let stage = stages
+                    .iter_mut()
+                    .filter_map(|s| s.as_table_mut())
+                    .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(name))
+                    .ok_or_else(|| format!("`{key}`: no stage named `{name}`"))?;
+                (stage, *leaf)
+            }
+            [path @ .., leaf] if !path.is_empty() || !leaf.is_empty() => {
+                let mut table = &mut doc;
+                for p in path {
+                    table = table
+                        .entry(p.to_string())
+                        .or_insert_with(|| toml::Value::Table(Default::default()))
+                        .as_table_mut()
+                        .ok_or_else(|| format!("`{key}`: `{p}` is not a table"))?;
+                }
+                (table, *leaf)
+            }
+            _ => return Err(format!("`{key}`: expected a dotted key")),
+        };
+        let mut value = parsed;
+        // A path given on the command line is relative to where the command runs.
+        if (leaf == "constitution" || leaf == "path")
+            && let toml::Value::String(p) = &mut value
+            && p != "default"
+            && let Ok(cwd) = std::env::current_dir()
+        {
+            *p = resolve(&cwd, p).display().to_string();
+        }
+        table.insert(leaf.to_string(), value);
+    }
+    toml::to_string(&doc).map_err(|e| e.to_string())
+}
+
 fn resolve(base: &Path, p: &str) -> PathBuf {
     let expanded = p.replace(
         "$CAIRN_HOME",

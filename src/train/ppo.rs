@@ -83,7 +83,8 @@ pub struct PpoStats {
     pub mean_score: f64,
     /// Mean total reward per rollout (score minus KL penalty).
     pub mean_reward: f64,
-    /// Mean per-rollout KL to the reference (sum over tokens), before the update.
+    /// Mean per-rollout KL to the reference (sum over tokens of the k3 estimator), before
+    /// the update.
     pub kl: f64,
     /// Mean per-token entropy, before the update.
     pub entropy: f64,
@@ -233,7 +234,9 @@ pub fn ppo_update(
         rewards[n - 1] += f64::from(r.score);
         let values: Vec<f64> = old_v[at..at + n].iter().map(|&v| f64::from(v)).collect();
         let (adv, ret) = gae(&rewards, &values, config.gamma, config.lam);
-        stats.kl += kl.iter().sum::<f64>();
+        // Logged KL: the k3 estimator (e^-k − 1 + k per token), non-negative and unbiased on
+        // policy samples; the penalty in the reward stays the plain log-ratio.
+        stats.kl += kl.iter().map(|k| (-k).exp() - 1.0 + k).sum::<f64>();
         stats.mean_reward += rewards.iter().sum::<f64>();
         stats.mean_score += f64::from(r.score);
         stats.response_length += n as f64;
