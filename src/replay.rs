@@ -30,6 +30,10 @@ pub struct Rebuilt {
     pub kinds: BTreeMap<String, u64>,
     /// Wall-clock seconds between the run's first and last event (how long the run took).
     pub original_seconds: f64,
+    /// Seconds spent reading and rebuilding from the events.
+    pub events_seconds: f64,
+    /// Seconds spent checking checkpoint files against their logged sha256.
+    pub checkpoint_seconds: f64,
 }
 
 /// A checkpoint event and whether the files still match it.
@@ -46,6 +50,7 @@ pub struct CheckpointCheck {
 
 /// Reads `log` once and rebuilds everything derivable from it.
 pub fn rebuild(log: &Path) -> Result<Rebuilt, LogError> {
+    let started = std::time::Instant::now();
     let reader = LogReader::open(log)?;
     let mut by_key: HashMap<crate::record::Key, Envelope> = HashMap::new();
     let mut steps = Vec::new();
@@ -137,6 +142,8 @@ pub fn rebuild(log: &Path) -> Result<Rebuilt, LogError> {
             }));
         }
     }
+    out.events_seconds = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
     for (stage, record) in latest {
         let file = PathBuf::from(&record.path).join("model.safetensors");
         let intact = sha256_file(&file).ok().map(|sha| sha == record.sha256);
@@ -146,6 +153,7 @@ pub fn rebuild(log: &Path) -> Result<Rebuilt, LogError> {
             intact,
         });
     }
+    out.checkpoint_seconds = started.elapsed().as_secs_f64();
     if out.events > 0 && last >= first {
         out.original_seconds = (last - first) as f64 / 1e9;
     }

@@ -810,7 +810,7 @@ fn replay_rebuilds_the_run_and_verify_reexecutes_logged_steps() {
     assert_eq!(rebuilt.checkpoints[0].intact, Some(true));
     assert_eq!(rebuilt.events as usize, events(&log).len());
 
-    let report = cairn::engine::verify(&log, 6).expect("verify");
+    let report = cairn::engine::verify(&log, 6, None).expect("verify");
     assert!(report.checked >= 6, "{report:?}");
     assert!(report.diverged.is_empty(), "{:?}", report.diverged);
     assert_eq!(report.skipped, Vec::<String>::new());
@@ -841,7 +841,7 @@ fn replay_rebuilds_the_run_and_verify_reexecutes_logged_steps() {
         writer.append(ev).expect("append");
     }
     writer.close().expect("close");
-    let report = cairn::engine::verify(&altered, 100).expect("verify altered");
+    let report = cairn::engine::verify(&altered, 100, None).expect("verify altered");
     let target = target.expect("a critique");
     let diverged: Vec<Key> = report.diverged.iter().map(|(k, _, _)| *k).collect();
     assert!(diverged.contains(&target), "{:?}", report.diverged);

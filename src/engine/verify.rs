@@ -44,13 +44,24 @@ fn rec(env: &Envelope) -> Rec {
 }
 
 /// Re-executes about `n` logged model steps of the run in `log` (see the module docs).
-pub fn verify(log: &Path, n: usize) -> Result<VerifyReport, EngineError> {
+/// `base` resolves the recorded spec's relative paths for logs that do not record where the
+/// spec was.
+pub fn verify(log: &Path, n: usize, base: Option<&Path>) -> Result<VerifyReport, EngineError> {
     let (_, text, source) = super::fork::recorded_run(log)?;
-    let spec_path = source.unwrap_or_else(|| PathBuf::from("spec.toml"));
+    let recorded = source.is_some();
+    let spec_path = match (base, source) {
+        (Some(b), _) => b.join("spec.toml"),
+        (None, Some(s)) => s,
+        (None, None) => PathBuf::from("spec.toml"),
+    };
     let spec = Spec::parse(&text, &spec_path).map_err(|e| EngineError::Input(e.to_string()))?;
-    let constitution = Arc::new(
-        Constitution::load(&spec.constitution).map_err(|e| EngineError::Input(e.to_string()))?,
-    );
+    let constitution = Arc::new(Constitution::load(&spec.constitution).map_err(|e| {
+        EngineError::Input(if recorded {
+            e.to_string()
+        } else {
+            format!("{e} (this log does not record where its spec was: pass --base DIR)")
+        })
+    })?);
     let ctx = stage_context(&spec, constitution)?;
     let plan = Plan::build(&spec, &ctx, &crate::stages::registry())?;
     // Models the run trains, and the model stages that use them.
