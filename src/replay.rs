@@ -190,3 +190,121 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
+
+/// Writes `rows` (JSON objects with the same fields) as a Parquet file: one column per
+/// top-level field, typed from the values — integers as INT64, other numbers as DOUBLE,
+/// booleans as BOOLEAN, strings as UTF-8 — and nested values (message lists, votes) as their
+/// JSON text; integers beyond the range of INT64 (seeds) as their decimal text. Written
+/// through a temporary file renamed at the end.
+pub fn write_parquet(path: &Path, rows: &[Value]) -> Result<(), String> {
+    use parquet::basic::{LogicalType, Repetition, Type as Physical};
+    use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::types::Type;
+    use std::sync::Arc;
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Col {
+        Int,
+        Double,
+        Bool,
+        Text,
+    }
+    let err = |e: parquet::errors::ParquetError| format!("{}: {e}", path.display());
+    let names: Vec<String> = rows
+        .first()
+        .and_then(|r| r.as_object())
+        .map(|o| o.keys().cloned().collect())
+        // No rows: a valid file with a single, empty `key` column.
+        .unwrap_or_else(|| vec!["key".to_string()]);
+    let kind_of = |v: &Value| match v {
+        Value::Number(n) if n.is_i64() => Col::Int,
+        // Above i64 (seeds): kept exact as text rather than rounded through a double.
+        Value::Number(n) if n.is_u64() => Col::Text,
+        Value::Number(_) => Col::Double,
+        Value::Bool(_) => Col::Bool,
+        _ => Col::Text,
+    };
+    let kinds: Vec<Col> = names
+        .iter()
+        .map(|name| {
+            let mut kind = None;
+            for r in rows {
+                let k = kind_of(&r[name]);
+                kind = match (kind, k) {
+                    (None, k) => Some(k),
+                    (Some(a), b) if a == b => Some(a),
+                    (Some(Col::Int), Col::Double) | (Some(Col::Double), Col::Int) => {
+                        Some(Col::Double)
+                    }
+                    _ => Some(Col::Text),
+                };
+            }
+            kind.unwrap_or(Col::Text)
+        })
+        .collect();
+    let fields = names
+        .iter()
+        .zip(&kinds)
+        .map(|(name, kind)| {
+            let (physical, logical) = match kind {
+                Col::Int => (Physical::INT64, None),
+                Col::Double => (Physical::DOUBLE, None),
+                Col::Bool => (Physical::BOOLEAN, None),
+                Col::Text => (Physical::BYTE_ARRAY, Some(LogicalType::String)),
+            };
+            Type::primitive_type_builder(name, physical)
+                .with_repetition(Repetition::REQUIRED)
+                .with_logical_type(logical)
+                .build()
+                .map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err)?;
+    let schema = Arc::new(
+        Type::group_type_builder("record")
+            .with_fields(fields)
+            .build()
+            .map_err(err)?,
+    );
+    let tmp = path.with_extension("partial");
+    let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let mut writer = SerializedFileWriter::new(file, schema, Arc::new(WriterProperties::default()))
+        .map_err(err)?;
+    let mut group = writer.next_row_group().map_err(err)?;
+    for (name, kind) in names.iter().zip(&kinds) {
+        let Some(mut column) = group.next_column().map_err(err)? else {
+            break;
+        };
+        let values = rows.iter().map(|r| &r[name]);
+        match kind {
+            Col::Int => {
+                let v: Vec<i64> = values.map(|v| v.as_i64().unwrap_or(0)).collect();
+                column.typed::<Int64Type>().write_batch(&v, None, None)
+            }
+            Col::Double => {
+                let v: Vec<f64> = values.map(|v| v.as_f64().unwrap_or(f64::NAN)).collect();
+                column.typed::<DoubleType>().write_batch(&v, None, None)
+            }
+            Col::Bool => {
+                let v: Vec<bool> = values.map(|v| v.as_bool().unwrap_or(false)).collect();
+                column.typed::<BoolType>().write_batch(&v, None, None)
+            }
+            Col::Text => {
+                let v: Vec<ByteArray> = values
+                    .map(|v| match v {
+                        Value::String(s) => ByteArray::from(s.as_str()),
+                        other => ByteArray::from(other.to_string().as_str()),
+                    })
+                    .collect();
+                column.typed::<ByteArrayType>().write_batch(&v, None, None)
+            }
+        }
+        .map_err(err)?;
+        column.close().map_err(err)?;
+    }
+    group.close().map_err(err)?;
+    writer.close().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}

@@ -288,6 +288,59 @@ fn cai_pipeline_runs_sl_then_rl_with_a_feedback_loop_and_resumes() {
         }
     }
 
+    // The same datasets as Parquet, read back with a Parquet reader.
+    for (what, count) in [("preferences", 7usize), ("rollouts", 5)] {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let out = fx.dir.path().join(format!("{what}.parquet"));
+        let status = std::process::Command::new(bin)
+            .args(["-q", "export"])
+            .arg(&log)
+            .args(["--what", what, "--format", "parquet", "--out"])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("export");
+        assert!(status.success());
+        let reader = SerializedFileReader::new(std::fs::File::open(&out).expect("open"))
+            .expect("a Parquet file");
+        assert_eq!(reader.metadata().file_metadata().num_rows() as usize, count);
+        let fields: Vec<String> = reader
+            .metadata()
+            .file_metadata()
+            .schema()
+            .get_fields()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert!(fields.contains(&"prompt".to_string()), "{fields:?}");
+        let rows: Vec<_> = reader
+            .get_row_iter(None)
+            .expect("rows")
+            .map(|r| r.expect("row"))
+            .collect();
+        assert_eq!(rows.len(), count);
+        for row in &rows {
+            use parquet::record::Field;
+            let get = |name: &str| {
+                row.get_column_iter()
+                    .find(|(n, _)| n.as_str() == name)
+                    .map(|(_, f)| f.clone())
+            };
+            assert!(matches!(get("prompt"), Some(Field::Str(_))), "{row}");
+            if what == "preferences" {
+                let Some(Field::Double(p)) = get("p_chosen") else {
+                    panic!("p_chosen: {row}")
+                };
+                assert!((0.5..=1.0).contains(&p));
+            } else {
+                assert!(
+                    matches!(get("policy_version"), Some(Field::Long(_))),
+                    "{row}"
+                );
+            }
+        }
+    }
+
     // Resume of a finished run: nothing recomputed, nothing added.
     let before = events(&log);
     let second = fx.run(&spec, "log").expect("rerun");

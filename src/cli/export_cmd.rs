@@ -1,5 +1,5 @@
-//! `cairn export LOG --what sft|preferences|rollouts --out FILE`: datasets derived from a
-//! run's events, in the formats the Hugging Face ecosystem reads (JSON Lines). `sft`: the
+//! `cairn export LOG --what sft|preferences|rollouts --format jsonl|parquet --out FILE`:
+//! datasets derived from a run's events, in the formats the Hugging Face ecosystem reads. `sft`: the
 //! exact examples the run's SFT steps trained on, as chat `messages`. `preferences`: every
 //! AI-feedback judgement as `prompt` / `chosen` / `rejected` (the column names TRL's reward
 //! and DPO trainers read) plus the soft label and its votes. `rollouts`: every PPO rollout
@@ -30,9 +30,21 @@ pub struct ExportArgs {
     /// Dataset to export.
     #[arg(long, value_enum)]
     what: What,
-    /// Output file (JSON Lines).
+    /// Output file.
     #[arg(long)]
     out: PathBuf,
+    /// File format.
+    #[arg(long, value_enum, default_value = "jsonl")]
+    format: Format,
+}
+
+/// Export file formats.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Format {
+    /// JSON Lines: one object per line.
+    Jsonl,
+    /// Apache Parquet: one column per field (nested values as JSON text).
+    Parquet,
 }
 
 /// Runs `cairn export`.
@@ -44,8 +56,13 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
         What::Preferences => &rebuilt.preferences,
         What::Rollouts => &rebuilt.rollouts,
     };
-    cairn::replay::write_jsonl(&args.out, rows)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    match args.format {
+        Format::Jsonl => cairn::replay::write_jsonl(&args.out, rows)
+            .with_context(|| format!("writing {}", args.out.display()))?,
+        Format::Parquet => {
+            cairn::replay::write_parquet(&args.out, rows).map_err(anyhow::Error::msg)?
+        }
+    }
     println!("{}: {} record(s)", args.out.display(), rows.len());
     Ok(ExitCode::SUCCESS)
 }
