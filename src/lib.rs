@@ -11,6 +11,8 @@
 //! - [`model`]: the model runtime (GGUF/HF loading, decoder, sampling, model worker).
 //! - [`train`]: losses and optimiser steps run by the model worker (SFT, PM, PPO).
 //! - [`replay`]: a run's datasets, metrics and checkpoints rebuilt from its events alone.
+//! - [`eval`]: model-against-model evaluation (win rates, confidence intervals, Elo, refusals).
+//! - [`report`]: a static HTML report of a run.
 //! - [`prompts`]: reading prompt sources (text, JSONL, JSON payload files).
 //! - [`paths`]: the cache of fetched models and data (`$CAIRN_HOME`).
 #![forbid(unsafe_op_in_unsafe_fn)]
@@ -18,12 +20,14 @@
 
 pub mod constitution;
 pub mod engine;
+pub mod eval;
 pub mod log;
 pub mod model;
 pub mod paths;
 pub mod prompts;
 pub mod record;
 pub mod replay;
+pub mod report;
 pub mod spec;
 pub mod stages;
 pub mod train;

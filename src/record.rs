@@ -472,6 +472,8 @@ payloads! {
     PpoUpdate(PpoUpdateRecord) = "ppo_update",
     /// Where a run's spec came from (so a fork can resolve its relative paths).
     RunSource(RunSourceRecord) = "run_source",
+    /// The outcome of a pairwise evaluation of two models.
+    EvalResult(EvalResultRecord) = "eval_result",
 }
 
 /// The conversation a record belongs to: the prompt it answers, carried along so that every
@@ -736,6 +738,29 @@ pub struct RunStarted {
     pub settings: String,
     /// Run this one was forked from, if any.
     pub parent_run: Option<RunId>,
+}
+
+/// The `eval_result` record: model A against model B, judged by the feedback model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalResultRecord {
+    /// Model A (path).
+    pub model_a: String,
+    /// Model B (path).
+    pub model_b: String,
+    /// Comparisons judged.
+    pub comparisons: u64,
+    /// Share of comparisons A won (a tie counts half).
+    pub win_rate_a: f64,
+    /// 95% Wilson interval of that share.
+    pub ci95: [f64; 2],
+    /// Mean soft label P(A better).
+    pub mean_p_a: f64,
+    /// Elo of A and B (B anchored at 1000).
+    pub elo: [f64; 2],
+    /// Share of A's and B's answers that refuse.
+    pub refusal_share: [f64; 2],
+    /// Per prompt purpose: (purpose, comparisons, win rate of A).
+    pub by_purpose: Vec<(String, u64, f64)>,
 }
 
 /// The `run_source` record, written after each `run_started`.

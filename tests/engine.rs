@@ -810,6 +810,11 @@ fn replay_rebuilds_the_run_and_verify_reexecutes_logged_steps() {
     assert_eq!(rebuilt.checkpoints[0].intact, Some(true));
     assert_eq!(rebuilt.events as usize, events(&log).len());
 
+    // The report of an SL-only run says there are no RL records rather than failing.
+    let page = common::check_report(&log, &fx.dir.path().join("report"));
+    assert!(page.contains("id=\"no-rl\""));
+    assert!(page.contains("SFT training loss") && page.contains("class=\"lineage\""));
+
     let report = cairn::engine::verify(&log, 6, None).expect("verify");
     assert!(report.checked >= 6, "{report:?}");
     assert!(report.diverged.is_empty(), "{:?}", report.diverged);

@@ -1,6 +1,7 @@
 //! Command-line definitions (clap) and dispatch to one module per command group.
 
 mod bench_cmd;
+mod eval_cmd;
 mod export_cmd;
 mod ingest;
 mod log_cmd;
@@ -44,6 +45,12 @@ pub enum Command {
     Replay(replay_cmd::ReplayArgs),
     /// Start a new run reusing another run's events upstream of a stage, with changed settings.
     Fork(replay_cmd::ForkArgs),
+    /// Compare two models on red-team and helpful prompts, judged by the feedback model.
+    Eval(eval_cmd::EvalArgs),
+    /// Write a static HTML report of a run (metric plots, throughput, lineages).
+    Report(eval_cmd::ReportArgs),
+    /// Live terminal view of a running job, read from its log.
+    Watch(eval_cmd::WatchArgs),
     /// Read prompt sources into an event log as `prompt` events (idempotent).
     Ingest(ingest::IngestArgs),
     /// Generate a reply to one prompt.
@@ -65,6 +72,9 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Export(args) => export_cmd::run(args),
         Command::Replay(args) => replay_cmd::replay(args),
         Command::Fork(args) => replay_cmd::fork(args),
+        Command::Eval(args) => eval_cmd::eval(args),
+        Command::Report(args) => eval_cmd::report(args),
+        Command::Watch(args) => eval_cmd::watch(args),
         Command::Generate(args) => model_cmd::generate(args),
         Command::Score(args) => model_cmd::score(args),
         Command::Bench(cmd) => bench_cmd::run(cmd),

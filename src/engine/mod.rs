@@ -181,16 +181,18 @@ fn load_prompts(spec: &Spec) -> Result<Vec<Rec>, EngineError> {
     };
     let defaults = crate::paths::default_prompt_sources();
     let mut out = Vec::new();
-    for (purpose, files, limit) in [
+    for (purpose, files, limit, skip) in [
         (
             PromptPurpose::RedTeam,
             &spec.prompts.red_team,
             spec.prompts.red_team_limit,
+            spec.prompts.red_team_skip,
         ),
         (
             PromptPurpose::Helpful,
             &spec.prompts.helpful,
             spec.prompts.helpful_limit,
+            spec.prompts.helpful_skip,
         ),
     ] {
         let sources: Vec<PromptSource> = files
@@ -213,9 +215,14 @@ fn load_prompts(spec: &Spec) -> Result<Vec<Rec>, EngineError> {
             })
             .collect();
         let mut taken = 0usize;
+        let mut skipped = 0usize;
         for source in sources {
             let prompts = read(&source).map_err(|e| EngineError::Input(e.to_string()))?;
             for p in prompts {
+                if skipped < skip {
+                    skipped += 1;
+                    continue;
+                }
                 if limit.is_some_and(|l| taken >= l) {
                     break;
                 }

@@ -62,6 +62,12 @@ pub struct PromptsSpec {
     pub red_team_limit: Option<usize>,
     /// Use at most this many helpful prompts.
     pub helpful_limit: Option<usize>,
+    /// Skip this many red-team prompts first (e.g. those a training run used).
+    #[serde(default)]
+    pub red_team_skip: usize,
+    /// Skip this many helpful prompts first.
+    #[serde(default)]
+    pub helpful_skip: usize,
     /// Prompts per dataflow epoch (the unit of progress and of SFT batching order).
     #[serde(default = "default_epoch_size")]
     pub epoch_size: usize,

@@ -1,7 +1,8 @@
 //! `pairs`: two answers to each red-team prompt (and, with `helpful = true`, each helpful
 //! prompt) from one model, with distinct seeds derived from the run seed — the material the
 //! feedback model compares. Both answers are sampled in the same model call as the rest of
-//! the chunk.
+//! the chunk. With `model_b`, the second answer comes from another model (a second call):
+//! the material of a model-against-model evaluation.
 
 use super::sample::settings_digest;
 use super::{
@@ -15,6 +16,7 @@ pub struct PairsStage {
     name: String,
     settings: GenerationSettings,
     helpful: bool,
+    model_b: Option<String>,
     ctx: StageContext,
     digest: u128,
 }
@@ -37,8 +39,21 @@ pub fn build(
             });
         }
     };
+    let model_b = match rest.remove("model_b") {
+        None => None,
+        Some(toml::Value::String(m)) => Some(m),
+        Some(other) => {
+            return Err(StageError::Config {
+                stage: name.to_string(),
+                message: format!("`model_b` must be a model name, found {other}"),
+            });
+        }
+    };
     let parsed: GenerationSettings = super::parse_settings(name, &rest)?;
-    if parsed.temperature <= 0.0 {
+    if let Some(b) = &model_b {
+        ctx.tokenizer(name, b)?;
+    }
+    if parsed.temperature <= 0.0 && model_b.is_none() {
         return Err(StageError::Config {
             stage: name.to_string(),
             message: "`temperature` must be above 0: greedy decoding would give two equal answers"
@@ -50,6 +65,7 @@ pub fn build(
         name: name.to_string(),
         settings: parsed,
         helpful,
+        model_b,
         ctx: ctx.clone(),
         digest: settings_digest(settings),
     }))
@@ -79,7 +95,7 @@ impl Stage for PairsStage {
                 key: rec.key,
                 message: e.to_string(),
             })?;
-        let requests = (0..2)
+        let requests: Vec<GenerateRequest> = (0..2)
             .map(|i| GenerateRequest {
                 prompt: prompt.clone(),
                 params: self
@@ -92,17 +108,69 @@ impl Stage for PairsStage {
             .u64(self.ctx.seed)
             .u128(self.digest)
             .finish();
-        Ok(vec![Task::new(
-            key,
-            rec.clone(),
-            Work::GenerateMany {
+        let work = match &self.model_b {
+            // Two models: the first answer now, the second in a call of its own.
+            Some(_) => Work::Generate {
+                model: self.settings.model.clone(),
+                request: requests[0].clone(),
+            },
+            None => Work::GenerateMany {
                 model: self.settings.model.clone(),
                 requests,
             },
-        )])
+        };
+        Ok(vec![Task::new(key, rec.clone(), work)])
+    }
+
+    fn more(&self, task: &Task, _reply: &Reply) -> Result<Option<Work>, StageError> {
+        let (Some(model_b), true, Payload::Prompt(p)) =
+            (&self.model_b, task.history.is_empty(), &task.input.payload)
+        else {
+            return Ok(None);
+        };
+        let tok = self.ctx.tokenizer(&self.name, model_b)?;
+        let prompt = tok
+            .encode_chat(&[Message::new(Role::User, p.text.clone())])
+            .map_err(|e| StageError::Record {
+                stage: self.name.clone(),
+                key: task.input.key,
+                message: e.to_string(),
+            })?;
+        Ok(Some(Work::Generate {
+            model: model_b.clone(),
+            request: GenerateRequest {
+                prompt,
+                params: self
+                    .settings
+                    .params(self.ctx.derive_seed(&self.name, task.input.key, 1)),
+            },
+        }))
     }
 
     fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError> {
+        if let (Some(model_b), [Reply::Generated(a)], Reply::Generated(b), Payload::Prompt(p)) = (
+            &self.model_b,
+            task.history.as_slice(),
+            &reply,
+            &task.input.payload,
+        ) {
+            let tok_a = self.ctx.tokenizer(&self.name, &self.settings.model)?;
+            let tok_b = self.ctx.tokenizer(&self.name, model_b)?;
+            return Ok(Payload::Pair(PairRecord {
+                conversation: Conversation {
+                    purpose: p.purpose,
+                    prompt: p.text.clone(),
+                },
+                response_a: super::decode(tok_a, a),
+                response_b: super::decode(tok_b, b),
+                tokens_a: a.tokens.clone(),
+                tokens_b: b.tokens.clone(),
+                seeds: [
+                    self.ctx.derive_seed(&self.name, task.input.key, 0),
+                    self.ctx.derive_seed(&self.name, task.input.key, 1),
+                ],
+            }));
+        }
         let (Payload::Prompt(p), Reply::GeneratedMany(g), Work::GenerateMany { requests, .. }) =
             (&task.input.payload, reply, &task.work)
         else {

@@ -83,8 +83,8 @@ pub struct PpoStats {
     pub mean_score: f64,
     /// Mean total reward per rollout (score minus KL penalty).
     pub mean_reward: f64,
-    /// Mean per-rollout KL to the reference (sum over tokens of the k3 estimator), before
-    /// the update.
+    /// Mean per-rollout KL to the reference (sum over tokens of log π − log π_ref on the
+    /// sampled tokens), before the update.
     pub kl: f64,
     /// Mean per-token entropy, before the update.
     pub entropy: f64,
@@ -234,9 +234,9 @@ pub fn ppo_update(
         rewards[n - 1] += f64::from(r.score);
         let values: Vec<f64> = old_v[at..at + n].iter().map(|&v| f64::from(v)).collect();
         let (adv, ret) = gae(&rewards, &values, config.gamma, config.lam);
-        // Logged KL: the k3 estimator (e^-k − 1 + k per token), non-negative and unbiased on
-        // policy samples; the penalty in the reward stays the plain log-ratio.
-        stats.kl += kl.iter().map(|k| (-k).exp() - 1.0 + k).sum::<f64>();
+        // The plain log-ratio estimate, as TRL logs it. On samples drawn at a temperature
+        // other than 1 it is biased and can be negative.
+        stats.kl += kl.iter().sum::<f64>();
         stats.mean_reward += rewards.iter().sum::<f64>();
         stats.mean_score += f64::from(r.score);
         stats.response_length += n as f64;

@@ -113,3 +113,79 @@ fn byte_level_alphabet() -> Vec<String> {
         .map(|(_, c)| char::from_u32(c).expect("char").to_string())
         .collect()
 }
+
+/// Writes `cairn report` for `log` into `out`, checks every plot has points, renders the page
+/// in headless Chromium when it is installed (required when `CAIRN_REQUIRE_CHROMIUM=1`, as
+/// `scripts/test` sets it after installing Chromium) and checks each line was drawn; returns
+/// the page.
+pub fn check_report(log: &Path, out: &Path) -> String {
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["-q", "report"])
+        .arg(log)
+        .arg("--out")
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("report");
+    assert!(status.success());
+    let page = std::fs::read_to_string(out.join("index.html")).expect("index.html");
+    let plots = page.matches("<figure class=\"plot\"").count();
+    assert!(plots > 0, "no plots");
+    assert_eq!(
+        page.matches("data-points=\"0\"").count(),
+        0,
+        "an empty plot"
+    );
+    let browser = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    let Some(browser) = browser else {
+        assert!(
+            std::env::var("CAIRN_REQUIRE_CHROMIUM").as_deref() != Ok("1"),
+            "Chromium is required (CAIRN_REQUIRE_CHROMIUM=1) but not installed"
+        );
+        eprintln!("note: Chromium not installed; the report was checked without rendering");
+        return page;
+    };
+    let dom = std::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("file://{}", out.join("index.html").display()))
+        .output()
+        .expect("chromium");
+    let dom = String::from_utf8_lossy(&dom.stdout).to_string();
+    assert!(
+        dom.contains("data-measured=\"yes\""),
+        "the page's script did not run: {}",
+        &dom[..dom.len().min(400)]
+    );
+    let widths: Vec<u64> = dom
+        .match_indices("data-drawn-width=\"")
+        .map(|(i, m)| {
+            dom[i + m.len()..]
+                .split('"')
+                .next()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect();
+    assert_eq!(widths.len(), plots, "every plot measured");
+    // A line through 2+ points spans some width; a single point draws a zero-width line.
+    let multi = page.matches("data-points=\"").count() - page.matches("data-points=\"1\"").count();
+    assert!(
+        widths.iter().filter(|w| **w > 0).count() >= multi,
+        "{widths:?}"
+    );
+    page
+}

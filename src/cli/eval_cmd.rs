@@ -1,0 +1,315 @@
+//! `cairn eval` (model against model, judged by the feedback model), `cairn report` (a static
+//! HTML page of a run's metrics, throughput and lineages) and `cairn watch` (a live terminal
+//! view of a running job, read from its log as it grows).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+
+use cairn::engine::RunOptions;
+use cairn::eval::{EvalOptions, HARMLESS_PRINCIPLES, HELPFUL_PRINCIPLES};
+use cairn::record::Payload;
+
+/// Arguments of `cairn eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Model A: GGUF file, model or checkpoint directory, or `default`.
+    #[arg(long)]
+    a: String,
+    /// Model B.
+    #[arg(long)]
+    b: String,
+    /// The feedback model that judges (default: the fetched default model).
+    #[arg(long, default_value = "default")]
+    judge: String,
+    /// Red-team prompt files (`default`: the fetched sets).
+    #[arg(long = "prompts", default_value = "default")]
+    prompts: Vec<String>,
+    /// Helpful prompt files (`default`: the fetched sets; `none`: no helpful prompts).
+    #[arg(long = "helpful", default_value = "default")]
+    helpful: Vec<String>,
+    /// At most this many red-team prompts.
+    #[arg(long, default_value_t = 8)]
+    limit: usize,
+    /// At most this many helpful prompts.
+    #[arg(long, default_value_t = 4)]
+    helpful_limit: usize,
+    /// Skip this many red-team prompts first (e.g. those used in training).
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Skip this many helpful prompts first.
+    #[arg(long, default_value_t = 0)]
+    helpful_skip: usize,
+    /// Constitution with the comparison principles.
+    #[arg(long, default_value = "constitutions/default.toml")]
+    constitution: PathBuf,
+    /// Principles per judgement.
+    #[arg(long, default_value_t = 1)]
+    ensemble: usize,
+    /// New tokens per answer.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Event log of the evaluation (rerun to continue it).
+    #[arg(long)]
+    log: PathBuf,
+    /// Also write the outcome as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+/// Runs `cairn eval`.
+pub fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let helpful: Vec<String> = args
+        .helpful
+        .iter()
+        .filter(|h| h.as_str() != "none")
+        .cloned()
+        .collect();
+    let opts = EvalOptions {
+        a: args.a.clone(),
+        b: args.b.clone(),
+        judge: args.judge.clone(),
+        constitution: args.constitution.clone(),
+        red_team: args.prompts.clone(),
+        helpful,
+        red_team_limit: Some(args.limit),
+        helpful_limit: Some(args.helpful_limit),
+        red_team_skip: args.skip,
+        helpful_skip: args.helpful_skip,
+        ensemble: args.ensemble,
+        few_shot: 2,
+        max_new_tokens: args.max_new_tokens,
+        temperature: 0.0,
+        seed: 1,
+        principles: strings(HARMLESS_PRINCIPLES),
+        helpful_principles: strings(HELPFUL_PRINCIPLES),
+    };
+    let (result, _) = cairn::eval::evaluate(
+        &opts,
+        &RunOptions {
+            log: args.log.clone(),
+            device: cairn::model::parse_device(&args.device)?,
+            new_run: false,
+            stop: None,
+            progress: None,
+            parent: None,
+        },
+    )
+    .context("evaluating")?;
+    println!(
+        "A = {}\nB = {}\n{} comparisons: A wins {:.1}% (95% CI {:.1}–{:.1}%), mean P(A better) {:.3}",
+        result.model_a,
+        result.model_b,
+        result.comparisons,
+        100.0 * result.win_rate_a,
+        100.0 * result.ci95[0],
+        100.0 * result.ci95[1],
+        result.mean_p_a
+    );
+    println!(
+        "Elo: A {:.0}, B {:.0}; refusals: A {:.0}%, B {:.0}%",
+        result.elo[0],
+        result.elo[1],
+        100.0 * result.refusal_share[0],
+        100.0 * result.refusal_share[1]
+    );
+    for (purpose, n, w) in &result.by_purpose {
+        println!(
+            "  {purpose:<9} {n:>4} comparisons, A wins {:.1}%",
+            100.0 * w
+        );
+    }
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&result)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `cairn report`.
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// Log directory.
+    log: PathBuf,
+    /// Folder for `index.html`.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Runs `cairn report`.
+pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
+    let report = cairn::report::gather(&args.log)
+        .with_context(|| format!("reading {}", args.log.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let page = args.out.join("index.html");
+    std::fs::write(&page, cairn::report::render(&report, &args.log))
+        .with_context(|| format!("writing {}", page.display()))?;
+    println!(
+        "{}: {} plots, {} stages, {} lineages{}",
+        page.display(),
+        report
+            .series
+            .iter()
+            .filter(|s| !s.points.is_empty())
+            .count(),
+        report.throughput.len(),
+        report.lineages.len(),
+        if report.has_rl {
+            ""
+        } else {
+            " (no RL records)"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `cairn watch`.
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// Log directory of a running (or finished) job.
+    log: PathBuf,
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 2.0)]
+    interval: f64,
+    /// Print one snapshot of everything logged so far and exit.
+    #[arg(long)]
+    once: bool,
+}
+
+#[derive(Default)]
+struct StageView {
+    total: u64,
+    recent: u64,
+}
+
+/// Runs `cairn watch`.
+pub fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
+    let reader = cairn::log::LogReader::open(&args.log)
+        .with_context(|| format!("opening {}", args.log.display()))?;
+    let mut follower = reader.follow(0);
+    let mut stages: BTreeMap<String, StageView> = BTreeMap::new();
+    let mut wiring: Vec<(String, Vec<String>)> = Vec::new();
+    let mut latest: BTreeMap<&'static str, String> = BTreeMap::new();
+    let interval = Duration::from_secs_f64(args.interval.max(0.1));
+    let mut last = Instant::now();
+    loop {
+        let events = follower.wait(if args.once {
+            Duration::from_millis(0)
+        } else {
+            interval
+        })?;
+        for env in &events {
+            let view = stages.entry(env.stage.clone()).or_default();
+            view.total += 1;
+            view.recent += 1;
+            match &env.payload {
+                Payload::RunStarted(r) => {
+                    if let Ok(spec) =
+                        cairn::spec::Spec::parse(&r.settings, std::path::Path::new("spec.toml"))
+                    {
+                        wiring = spec
+                            .stages
+                            .iter()
+                            .map(|s| (s.name.clone(), s.from.clone()))
+                            .collect();
+                    }
+                }
+                Payload::SftStep(s) => {
+                    latest.insert("sft", format!("step {} loss {:.4}", s.step, s.loss));
+                }
+                Payload::PmStep(s) => {
+                    latest.insert(
+                        "pm",
+                        format!("step {} loss {:.4} acc {:.2}", s.step, s.loss, s.accuracy),
+                    );
+                }
+                Payload::PmEval(s) => {
+                    latest.insert(
+                        "pm held-out",
+                        format!("acc {:.2} ece {:.3}", s.accuracy, s.ece),
+                    );
+                }
+                Payload::PpoUpdate(u) => {
+                    latest.insert(
+                        "ppo",
+                        format!(
+                            "version {} reward {:.3} kl {:.3} len {:.1}{}",
+                            u.version,
+                            u.mean_reward,
+                            u.kl,
+                            u.response_length,
+                            if u.over_optimisation.is_some() {
+                                " OVER-OPTIMISING"
+                            } else {
+                                ""
+                            }
+                        ),
+                    );
+                }
+                Payload::EvalResult(e) => {
+                    latest.insert("eval", format!("A wins {:.1}%", 100.0 * e.win_rate_a));
+                }
+                _ => {}
+            }
+        }
+        if args.once || last.elapsed() >= interval {
+            let secs = last.elapsed().as_secs_f64().max(1e-9);
+            if !args.once {
+                print!("\x1b[2J\x1b[H");
+            }
+            println!(
+                "cairn watch {} — {} events",
+                args.log.display(),
+                follower.next_offset()
+            );
+            println!(
+                "{:<14} {:>8} {:>9} {:>9}",
+                "stage", "records", "per sec", "waiting"
+            );
+            for (name, view) in &stages {
+                // Waiting: records of the stages it reads that it has not caught up with
+                // (an upper bound: a stage may skip some of them).
+                let waiting = wiring
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, from)| {
+                        let upstream: u64 = from
+                            .iter()
+                            .map(|f| stages.get(f).map(|v| v.total).unwrap_or(0))
+                            .sum();
+                        upstream.saturating_sub(view.total).to_string()
+                    })
+                    .unwrap_or_else(|| "–".into());
+                println!(
+                    "{name:<14} {:>8} {:>9.2} {:>9}",
+                    view.total,
+                    if args.once {
+                        0.0
+                    } else {
+                        view.recent as f64 / secs
+                    },
+                    waiting
+                );
+            }
+            for (what, value) in &latest {
+                println!("{what:<14} {value}");
+            }
+            for view in stages.values_mut() {
+                view.recent = 0;
+            }
+            last = Instant::now();
+            if args.once {
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+}
