@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::events;
+
 #[allow(dead_code)]
 #[path = "../examples/custom_stage.rs"]
 mod custom_stage;
@@ -126,32 +128,6 @@ held_out = 0.3
             },
         )
     }
-}
-
-/// Every event of a log by key: (stage, parents, payload as JSON). Checks no key repeats.
-fn events(log: &Path) -> BTreeMap<String, (String, Vec<String>, String)> {
-    let mut out = BTreeMap::new();
-    let mut count = 0;
-    for env in LogReader::open(log).expect("log").iter_from(0) {
-        let env = env.expect("event");
-        count += 1;
-        let json = env.to_json();
-        let mut payload = json["payload"].clone();
-        // Checkpoint paths differ between logs; their contents (sha256) must not.
-        if let Some(obj) = payload.as_object_mut() {
-            obj.remove("path");
-        }
-        out.insert(
-            env.key.to_string(),
-            (
-                env.stage.clone(),
-                env.parents.iter().map(|k| k.to_string()).collect(),
-                payload.to_string(),
-            ),
-        );
-    }
-    assert_eq!(out.len(), count, "a key appears twice in {}", log.display());
-    out
 }
 
 fn count_kind(log: &Path, kind: &str) -> usize {

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::events;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -155,31 +157,6 @@ minibatch = 1
             },
         )
     }
-}
-
-/// Every event of a log by key: (stage, parents, payload as JSON). Checks no key repeats.
-fn events(log: &Path) -> BTreeMap<String, (String, Vec<String>, String)> {
-    let mut out = BTreeMap::new();
-    let mut count = 0;
-    for env in LogReader::open(log).expect("log").iter_from(0) {
-        let env = env.expect("event");
-        count += 1;
-        let json = env.to_json();
-        let mut payload = json["payload"].clone();
-        if let Some(obj) = payload.as_object_mut() {
-            obj.remove("path");
-        }
-        out.insert(
-            env.key.to_string(),
-            (
-                env.stage.clone(),
-                env.parents.iter().map(|k| k.to_string()).collect(),
-                payload.to_string(),
-            ),
-        );
-    }
-    assert_eq!(out.len(), count, "a key appears twice in {}", log.display());
-    out
 }
 
 /// Events of one kind with their epochs, in log order.

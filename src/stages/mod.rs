@@ -185,6 +185,27 @@ impl StageContext {
         k.0 as u64
     }
 
+    /// The tokens of `text` as a user turn of `model`'s chat, with the assistant turn opened
+    /// — the prompt every answering stage sends. Errors name the stage and the record.
+    pub fn user_prompt(
+        &self,
+        stage: &str,
+        model: &str,
+        key: Key,
+        text: &str,
+    ) -> Result<Vec<u32>, StageError> {
+        self.tokenizer(stage, model)?
+            .encode_chat(&[crate::model::Message::new(
+                crate::model::Role::User,
+                text.to_string(),
+            )])
+            .map_err(|e| StageError::Record {
+                stage: stage.to_string(),
+                key,
+                message: e.to_string(),
+            })
+    }
+
     /// A seeded generator for one draw.
     pub fn rng(&self, purpose: &str, key: Key, round: u64) -> rand_chacha::ChaCha8Rng {
         rand_chacha::ChaCha8Rng::seed_from_u64(self.derive_seed(purpose, key, round))

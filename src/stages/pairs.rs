@@ -8,7 +8,7 @@ use super::sample::settings_digest;
 use super::{
     GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work,
 };
-use crate::model::{GenerateRequest, Message, Role};
+use crate::model::GenerateRequest;
 use crate::record::{Conversation, Key, PairRecord, Payload, PromptPurpose};
 
 /// The `pairs` stage.
@@ -87,14 +87,9 @@ impl Stage for PairsStage {
         let Payload::Prompt(p) = &rec.payload else {
             return Ok(Vec::new());
         };
-        let tok = self.ctx.tokenizer(&self.name, &self.settings.model)?;
-        let prompt = tok
-            .encode_chat(&[Message::new(Role::User, p.text.clone())])
-            .map_err(|e| StageError::Record {
-                stage: self.name.clone(),
-                key: rec.key,
-                message: e.to_string(),
-            })?;
+        let prompt = self
+            .ctx
+            .user_prompt(&self.name, &self.settings.model, rec.key, &p.text)?;
         let requests: Vec<GenerateRequest> = (0..2)
             .map(|i| GenerateRequest {
                 prompt: prompt.clone(),
@@ -128,14 +123,9 @@ impl Stage for PairsStage {
         else {
             return Ok(None);
         };
-        let tok = self.ctx.tokenizer(&self.name, model_b)?;
-        let prompt = tok
-            .encode_chat(&[Message::new(Role::User, p.text.clone())])
-            .map_err(|e| StageError::Record {
-                stage: self.name.clone(),
-                key: task.input.key,
-                message: e.to_string(),
-            })?;
+        let prompt = self
+            .ctx
+            .user_prompt(&self.name, model_b, task.input.key, &p.text)?;
         Ok(Some(Work::Generate {
             model: model_b.clone(),
             request: GenerateRequest {

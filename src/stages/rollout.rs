@@ -150,10 +150,9 @@ impl Stage for RolloutStage {
             return Ok(Vec::new());
         };
         let version = self.version.load(Ordering::SeqCst);
-        let tok = self.ctx.tokenizer(&self.name, &self.generation.model)?;
-        let prompt = tok
-            .encode_chat(&[Message::new(Role::User, p.text.clone())])
-            .map_err(|e| self.err(rec.key, e.to_string()))?;
+        let prompt = self
+            .ctx
+            .user_prompt(&self.name, &self.generation.model, rec.key, &p.text)?;
         let seed = self.ctx.derive_seed(&self.name, rec.key, version);
         let key = Key::builder(&self.name)
             .key(rec.key)
@@ -201,10 +200,12 @@ impl Stage for RolloutStage {
                 let Work::Score { .. } = &task.work else {
                     return Err(self.err(task.input.key, "unexpected work"));
                 };
-                let tok = self.ctx.tokenizer(&self.name, &self.generation.model)?;
-                let context = tok
-                    .encode_chat(&[Message::new(Role::User, p.text.clone())])
-                    .map_err(|e| self.err(task.input.key, e.to_string()))?;
+                let context = self.ctx.user_prompt(
+                    &self.name,
+                    &self.generation.model,
+                    task.input.key,
+                    &p.text,
+                )?;
                 Ok(Some(Work::Score {
                     model: self.reference.clone(),
                     request: ScoreRequest {
@@ -228,9 +229,9 @@ impl Stage for RolloutStage {
             .value
             .ok_or_else(|| self.err(key, format!("model `{}` has no scalar head", self.pm)))?;
         let tok = self.ctx.tokenizer(&self.name, &self.generation.model)?;
-        let context = tok
-            .encode_chat(&[Message::new(Role::User, p.text.clone())])
-            .map_err(|e| self.err(key, e.to_string()))?;
+        let context = self
+            .ctx
+            .user_prompt(&self.name, &self.generation.model, key, &p.text)?;
         let Work::Score { .. } = &task.work else {
             return Err(self.err(key, "unexpected work"));
         };

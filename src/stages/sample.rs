@@ -4,7 +4,7 @@
 use super::{
     GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work,
 };
-use crate::model::{GenerateRequest, Message, Role};
+use crate::model::GenerateRequest;
 use crate::record::{Conversation, Key, Payload, SampleRecord};
 
 /// The `sample` stage.
@@ -52,14 +52,9 @@ impl Stage for SampleStage {
         let Payload::Prompt(p) = &rec.payload else {
             return Ok(Vec::new());
         };
-        let tok = self.ctx.tokenizer(&self.name, &self.settings.model)?;
-        let prompt = tok
-            .encode_chat(&[Message::new(Role::User, p.text.clone())])
-            .map_err(|e| StageError::Record {
-                stage: self.name.clone(),
-                key: rec.key,
-                message: e.to_string(),
-            })?;
+        let prompt = self
+            .ctx
+            .user_prompt(&self.name, &self.settings.model, rec.key, &p.text)?;
         let seed = self.ctx.derive_seed(&self.name, rec.key, 0);
         let key = Key::builder(&self.name)
             .key(rec.key)

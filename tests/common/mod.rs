@@ -2,7 +2,10 @@
 //! files (with a byte-level tokenizer), so tests exercise the same loading path as real models.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::Path;
+
+use cairn::log::LogReader;
 
 use cairn::model::gguf::{GgmlType, GgufWriter, MetaValue};
 use cairn::model::llama::Llama;
@@ -188,4 +191,30 @@ pub fn check_report(log: &Path, out: &Path) -> String {
         "{widths:?}"
     );
     page
+}
+
+/// Every event of a log by key: (stage, parents, payload as JSON). Checks no key repeats.
+pub fn events(log: &Path) -> BTreeMap<String, (String, Vec<String>, String)> {
+    let mut out = BTreeMap::new();
+    let mut count = 0;
+    for env in LogReader::open(log).expect("log").iter_from(0) {
+        let env = env.expect("event");
+        count += 1;
+        let json = env.to_json();
+        let mut payload = json["payload"].clone();
+        // Checkpoint paths differ between logs; their contents (sha256) must not.
+        if let Some(obj) = payload.as_object_mut() {
+            obj.remove("path");
+        }
+        out.insert(
+            env.key.to_string(),
+            (
+                env.stage.clone(),
+                env.parents.iter().map(|k| k.to_string()).collect(),
+                payload.to_string(),
+            ),
+        );
+    }
+    assert_eq!(out.len(), count, "a key appears twice in {}", log.display());
+    out
 }
