@@ -384,6 +384,33 @@ fn configuration_errors_name_the_place_and_leave_the_log_untouched() {
         "{err}"
     );
 
+    // RL stage settings: a gate naming a later stage, an ensemble larger than the principle
+    // pool, a clamp that is not a probability range.
+    for (extra, needle) in [
+        (
+            "[[stage]]\nname = \"pairs\"\nkind = \"pairs\"\nfrom = \"prompts\"\nafter = \"judge\"\n",
+            "`after` must name an earlier stage",
+        ),
+        (
+            "[[stage]]\nname = \"pairs\"\nkind = \"pairs\"\nfrom = \"prompts\"\n\
+             [[stage]]\nname = \"judge\"\nkind = \"judge\"\nfrom = \"pairs\"\nensemble = 3\nprinciples = [\"honest\", \"overall\"]\n",
+            "`ensemble` must be between 1 and",
+        ),
+        (
+            "[[stage]]\nname = \"pairs\"\nkind = \"pairs\"\nfrom = \"prompts\"\n\
+             [[stage]]\nname = \"judge\"\nkind = \"judge\"\nfrom = \"pairs\"\ncot = true\nclamp = [0.7, 0.9]\n",
+            "`clamp` must be",
+        ),
+        (
+            "[[stage]]\nname = \"pairs\"\nkind = \"pairs\"\nfrom = \"prompts\"\ntemperature = 0.0\n",
+            "greedy decoding would give two equal answers",
+        ),
+    ] {
+        let path = fx.write_spec("rl.toml", 7, extra);
+        let err = fx.run(&path, "log").expect_err(needle).to_string();
+        assert!(err.contains("rl.toml:") && err.contains(needle), "{err}");
+    }
+
     let changed = fx.write_spec("changed.toml", 8, "");
     let err = fx.run(&changed, "log").expect_err("settings changed");
     assert!(matches!(err, EngineError::SettingsChanged { .. }), "{err}");
