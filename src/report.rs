@@ -47,8 +47,9 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// Reads `log` and gathers everything the page shows.
-pub fn gather(log: &Path) -> Result<Report, LogError> {
+/// Reads `log` (then each of `extra`, e.g. the logs of `cairn eval` runs of its checkpoints)
+/// and gathers everything the page shows.
+pub fn gather(log: &Path, extra: &[&Path]) -> Result<Report, LogError> {
     let mut by_key: HashMap<Key, Envelope> = HashMap::new();
     let mut order: Vec<Key> = Vec::new();
     let mut report = Report::default();
@@ -65,8 +66,17 @@ pub fn gather(log: &Path) -> Result<Report, LogError> {
     };
     let mut start = None;
     let (mut judgements, mut evals) = (0u64, 0u64);
-    for env in LogReader::open(log)?.iter_from(0) {
-        let env = env?;
+    let mut all = Vec::new();
+    for path in std::iter::once(log).chain(extra.iter().copied()) {
+        for env in LogReader::open(path)?.iter_from(0) {
+            all.push((path == log, env?));
+        }
+    }
+    for (main, env) in all {
+        // Only the evaluation outcome of an extra log belongs in this run's page.
+        if !main && !matches!(env.payload, Payload::EvalResult(_)) {
+            continue;
+        }
         report.events += 1;
         let t0 = *start.get_or_insert(env.wall_ns);
         let t = env.wall_ns.saturating_sub(t0) as f64 / 1e9;

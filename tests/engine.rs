@@ -814,7 +814,7 @@ fn replay_rebuilds_the_run_and_verify_reexecutes_logged_steps() {
     assert_eq!(rebuilt.events as usize, events(&log).len());
 
     // The report of an SL-only run says there are no RL records rather than failing.
-    let page = common::check_report(&log, &fx.dir.path().join("report"));
+    let page = common::check_report(&log, &fx.dir.path().join("report"), &[]);
     assert!(page.contains("id=\"no-rl\""));
     assert!(page.contains("SFT training loss") && page.contains("class=\"lineage\""));
 

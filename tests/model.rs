@@ -212,6 +212,53 @@ fn batched_scoring_equals_one_at_a_time_and_full_forward() {
     }
 }
 
+/// Multiple-choice scoring (context once, choices from its cache) gives the same totals as
+/// scoring each choice as its own sequence, for choices of different lengths in one batch.
+#[test]
+fn choice_scoring_equals_scoring_each_choice() {
+    let model = tiny(8);
+    let requests = vec![
+        cairn::model::ChoiceRequest {
+            context: vec![1, 2, 3, 4, 5, 6],
+            choices: vec![vec![40, 41, 42], vec![40, 43, 42], vec![7]],
+        },
+        cairn::model::ChoiceRequest {
+            context: vec![9],
+            choices: vec![vec![8, 7], vec![6, 5, 4, 3]],
+        },
+    ];
+    let got = cairn::model::generate::score_choices(&model, &requests).expect("choices");
+    assert_eq!(got.iter().map(|g| g.len()).collect::<Vec<_>>(), vec![3, 2]);
+    for (r, totals) in requests.iter().zip(&got) {
+        for (c, total) in r.choices.iter().zip(totals) {
+            let alone = cairn::model::generate::score(
+                &model,
+                &[ScoreRequest {
+                    context: r.context.clone(),
+                    continuation: c.clone(),
+                }],
+            )
+            .expect("alone");
+            assert!(
+                (alone[0].total - total).abs() < 1e-3,
+                "{c:?}: {} vs {total}",
+                alone[0].total
+            );
+        }
+    }
+    assert!(
+        cairn::model::generate::score_choices(
+            &model,
+            &[cairn::model::ChoiceRequest {
+                context: vec![1],
+                choices: vec![vec![]],
+            }]
+        )
+        .is_err(),
+        "an empty choice is an error, not a panic"
+    );
+}
+
 /// Writes the tiny model as a llama.cpp-style GGUF (Q/K rows permuted for adjacent-pair
 /// RoPE, F32/F16/Q8_0 tensors, byte-level tokenizer) and loads it back.
 #[test]

@@ -319,7 +319,7 @@ fn cai_pipeline_runs_sl_then_rl_with_a_feedback_loop_and_resumes() {
     }
 
     // The report plots every metric and renders in a browser; watch summarises the log.
-    let page = common::check_report(&log, &fx.dir.path().join("report"));
+    let page = common::check_report(&log, &fx.dir.path().join("report"), &[]);
     assert!(!page.contains("id=\"no-rl\""), "an RL run has RL records");
     for title in [
         "SFT training loss",
@@ -687,6 +687,16 @@ fn eval_compares_two_models_with_confidence_intervals_and_elo() {
         })
         .collect();
     assert!(!prompts.contains(&"how do I pick a lock".to_string()));
+    // The report plots the win rate; `--with` adds another evaluation's outcome.
+    let eval_log = dir.join("eval");
+    let page = common::check_report(&eval_log, &dir.join("eval-report"), &[]);
+    assert!(page.contains("Evaluation win rate of model A"));
+    let page = common::check_report(&eval_log, &dir.join("eval-report2"), &[&eval_log]);
+    assert!(
+        page.contains("data-points=\"2\""),
+        "two evaluations plotted"
+    );
+
     // Rerun: resumes, recomputes nothing, same outcome.
     let (again, summary) = cairn::eval::evaluate(&opts, &run("eval")).expect("rerun");
     assert_eq!(summary.stages["answers"].computed, 0);

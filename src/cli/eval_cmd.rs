@@ -142,11 +142,15 @@ pub struct ReportArgs {
     /// Folder for `index.html`.
     #[arg(long)]
     out: PathBuf,
+    /// Also plot the outcomes of these `cairn eval` logs (repeatable).
+    #[arg(long = "with", value_name = "EVAL_LOG")]
+    with: Vec<PathBuf>,
 }
 
 /// Runs `cairn report`.
 pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
-    let report = cairn::report::gather(&args.log)
+    let extra: Vec<&std::path::Path> = args.with.iter().map(|p| p.as_path()).collect();
+    let report = cairn::report::gather(&args.log, &extra)
         .with_context(|| format!("reading {}", args.log.display()))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;

@@ -615,6 +615,7 @@ fn work_group(work: &Work) -> (u8, String) {
         Work::Pure(_) => (0, String::new()),
         Work::Generate { model, .. } | Work::GenerateMany { model, .. } => (1, model.clone()),
         Work::Score { model, .. } | Work::ScoreMany { model, .. } => (2, model.clone()),
+        Work::ScoreChoices { model, .. } => (3, model.clone()),
     }
 }
 
@@ -629,6 +630,15 @@ pub(super) fn model_job(tasks: &[Task]) -> Option<(String, Job)> {
                 .flat_map(|t| match &t.work {
                     Work::Generate { request, .. } => vec![request.clone()],
                     Work::GenerateMany { requests, .. } => requests.clone(),
+                    _ => Vec::new(),
+                })
+                .collect(),
+        ),
+        Work::ScoreChoices { .. } => Job::ScoreChoices(
+            tasks
+                .iter()
+                .flat_map(|t| match &t.work {
+                    Work::ScoreChoices { requests, .. } => requests.clone(),
                     _ => Vec::new(),
                 })
                 .collect(),
@@ -690,6 +700,19 @@ pub(super) fn split_reply(
                     }
                     other => return Err(bad(format!("scores for {other:?}"))),
                 });
+            }
+        }
+        JobOutput::ChoiceScores(c) => {
+            let mut c = c.into_iter();
+            for t in tasks {
+                let Work::ScoreChoices { requests, .. } = &t.work else {
+                    return Err(bad(format!("choice scores for {:?}", t.work)));
+                };
+                let many: Vec<_> = c.by_ref().take(requests.len()).collect();
+                if many.len() != requests.len() {
+                    return Err(bad("too few choice scores".into()));
+                }
+                out.push(Reply::ChoiceScores(many));
             }
         }
         other => return Err(bad(format!("unexpected worker reply {other:?}"))),

@@ -49,6 +49,15 @@ pub struct ScoreRequest {
     pub continuation: Vec<u32>,
 }
 
+/// A context and alternative continuations to compare after it (a multiple-choice question).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChoiceRequest {
+    /// Context token ids (non-empty).
+    pub context: Vec<u32>,
+    /// The alternatives (each non-empty).
+    pub choices: Vec<Vec<u32>>,
+}
+
 /// Scores of one continuation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Scored {
@@ -270,6 +279,130 @@ pub fn generate(
         step = StepLogits::new(&model.logits(&hidden.select(1, 0)), &active, &samplers)?;
     }
     Ok(outputs)
+}
+
+/// The total log-probability of each choice after its context, batched. Each context runs
+/// through the model once; its choices then continue from its cached keys and values — for a
+/// multiple-choice question, one pass over the long context instead of one per option.
+pub fn score_choices(
+    model: &Llama,
+    requests: &[ChoiceRequest],
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut longest = 0;
+    for (i, r) in requests.iter().enumerate() {
+        if r.context.is_empty() || r.choices.is_empty() || r.choices.iter().any(|c| c.is_empty()) {
+            return Err(ModelError::InvalidRequest(format!(
+                "choice request {i}: empty context, no choices or an empty choice"
+            )));
+        }
+        let widest = r.choices.iter().map(|c| c.len()).max().unwrap_or(0);
+        longest = longest.max(widest);
+        check_tokens(model, &r.context, widest, &format!("choice request {i}"))?;
+        for c in &r.choices {
+            check_tokens(model, c, 0, &format!("choice request {i}"))?;
+        }
+    }
+    let _guard = tch::no_grad_guard();
+    let device = model.device();
+    let contexts: Vec<&[u32]> = requests.iter().map(|r| r.context.as_slice()).collect();
+    let (tokens, positions, valid, len) = left_pad(&contexts, device);
+    let mut cache = KvCache::new(
+        model.config(),
+        requests.len() as i64,
+        len + longest as i64,
+        device,
+    );
+    let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+    // The first token of every choice is predicted by its context's last position.
+    let first = model
+        .logits(&hidden.select(1, len - 1))
+        .log_softmax(-1, Kind::Float);
+    // One cache row per (request, choice).
+    let mut rows = Vec::new();
+    let mut flat: Vec<(usize, &[u32])> = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        for c in &r.choices {
+            rows.push(i as i64);
+            flat.push((i, c.as_slice()));
+        }
+    }
+    let rows_t = Tensor::from_slice(&rows).to_device(device);
+    let first = first.index_select(0, &rows_t);
+    let first_ids: Vec<i64> = flat.iter().map(|(_, c)| c[0] as i64).collect();
+    let first_lp = to_vec_f32(
+        &first
+            .gather(
+                1,
+                &Tensor::from_slice(&first_ids)
+                    .to_device(device)
+                    .unsqueeze(1),
+                false,
+            )
+            .squeeze_dim(1),
+    )?;
+    let mut totals: Vec<f32> = first_lp;
+    if longest > 1 {
+        // The remaining tokens: feed each choice but its last token (right-padded; padding is
+        // masked and comes after every real token, so no real token attends to it).
+        cache.retain_rows(&rows_t);
+        let steps = longest - 1;
+        let n = flat.len();
+        let mut tok = vec![0i64; n * steps];
+        let mut pos = vec![0i64; n * steps];
+        let mut ok = vec![false; n * steps];
+        for (row, (i, c)) in flat.iter().enumerate() {
+            for j in 0..steps {
+                let at = row * steps + j;
+                pos[at] = (requests[*i].context.len() + j) as i64;
+                if j + 1 < c.len() {
+                    tok[at] = c[j] as i64;
+                    ok[at] = true;
+                }
+            }
+        }
+        let shape = [n as i64, steps as i64];
+        let hidden = model.forward(
+            &Tensor::from_slice(&tok).view(shape).to_device(device),
+            &Tensor::from_slice(&pos).view(shape).to_device(device),
+            &Tensor::from_slice(&ok).view(shape).to_device(device),
+            Some(&mut cache),
+        )?;
+        let lp = model.logits(&hidden).log_softmax(-1, Kind::Float);
+        let mut next = vec![0i64; n * steps];
+        for (row, (_, c)) in flat.iter().enumerate() {
+            for j in 0..steps {
+                if j + 1 < c.len() {
+                    next[row * steps + j] = c[j + 1] as i64;
+                }
+            }
+        }
+        let picked = to_vec_f32(
+            &lp.gather(
+                2,
+                &Tensor::from_slice(&next)
+                    .view(shape)
+                    .to_device(device)
+                    .unsqueeze(2),
+                false,
+            )
+            .squeeze_dim(2),
+        )?;
+        for (row, (_, c)) in flat.iter().enumerate() {
+            for j in 0..c.len() - 1 {
+                totals[row] += picked[row * steps + j];
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(requests.len());
+    let mut at = 0;
+    for r in requests {
+        out.push(totals[at..at + r.choices.len()].to_vec());
+        at += r.choices.len();
+    }
+    Ok(out)
 }
 
 /// Scores continuations, batched. Without gradients (see [`score_tensors`] for training).

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use tch::Device;
 
 pub use config::LlamaConfig;
-pub use generate::{Finish, GenerateRequest, Generation, ScoreRequest, Scored};
+pub use generate::{ChoiceRequest, Finish, GenerateRequest, Generation, ScoreRequest, Scored};
 pub use llama::{KvCache, Llama};
 pub use load::{LoadedModel, load};
 pub use sampling::SamplingParams;

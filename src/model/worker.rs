@@ -17,7 +17,10 @@ use crossbeam_channel::{Receiver, Sender, unbounded};
 use tch::Device;
 
 use super::ModelError;
-use super::generate::{GenerateRequest, Generation, ScoreRequest, Scored, generate, score};
+use super::generate::{
+    ChoiceRequest, GenerateRequest, Generation, ScoreRequest, Scored, generate, score,
+    score_choices,
+};
 use super::llama::Llama;
 use crate::train::pm::pm_eval;
 use crate::train::ppo::ppo_update;
@@ -37,6 +40,8 @@ pub enum Job {
     Generate(Vec<GenerateRequest>),
     /// Score each continuation.
     Score(Vec<ScoreRequest>),
+    /// Total log-probability of each choice after its context (one pass per context).
+    ScoreChoices(Vec<ChoiceRequest>),
     /// One supervised optimiser step (AdamW; the optimiser is created on first use and kept
     /// by the worker for that model).
     TrainSft {
@@ -95,13 +100,20 @@ impl Job {
                 .iter()
                 .map(|r| r.context.len() + r.continuation.len())
                 .sum(),
+            Job::ScoreChoices(r) => r
+                .iter()
+                .map(|r| r.context.len() + r.choices.iter().map(|c| c.len()).sum::<usize>())
+                .sum(),
             _ => 0,
         }
     }
 
     /// Whether jobs of this kind may share a model call with others.
     fn mergeable(&self) -> bool {
-        matches!(self, Job::Generate(_) | Job::Score(_))
+        matches!(
+            self,
+            Job::Generate(_) | Job::Score(_) | Job::ScoreChoices(_)
+        )
     }
 }
 
@@ -112,6 +124,8 @@ pub enum JobOutput {
     Generated(Vec<Generation>),
     /// One score per request, in order.
     Scored(Vec<Scored>),
+    /// Per request, the total log-probability of each choice.
+    ChoiceScores(Vec<Vec<f32>>),
     /// What a training step did.
     Trained(StepStats),
     /// Mean loss per target token and the token count.
@@ -202,6 +216,9 @@ fn instant_reply(job: &Job) -> Reply {
                 })
                 .collect(),
         ),
+        Job::ScoreChoices(r) => {
+            JobOutput::ChoiceScores(r.iter().map(|r| vec![0.0; r.choices.len()]).collect())
+        }
         Job::TrainSft { examples, .. } => JobOutput::Trained(StepStats {
             loss: 0.0,
             tokens: examples.iter().map(|e| e.target.len()).sum(),
@@ -494,6 +511,7 @@ fn job_len(job: &Job) -> usize {
     match job {
         Job::Generate(r) => r.len(),
         Job::Score(r) => r.len(),
+        Job::ScoreChoices(r) => r.len(),
         Job::TrainSft { examples, .. } | Job::EvalSft { examples, .. } => examples.len(),
         Job::TrainPm { examples, .. } | Job::EvalPm { examples, .. } => examples.len(),
         Job::TrainPpo { rollouts, .. } => rollouts.len(),
@@ -588,7 +606,7 @@ fn run_alone(
             Job::Save(dir) => model.save_dir(dir).map(|()| {
                 JobOutput::Saved(vec![dir.join("config.json"), dir.join("model.safetensors")])
             }),
-            Job::Generate(_) | Job::Score(_) => {
+            Job::Generate(_) | Job::Score(_) | Job::ScoreChoices(_) => {
                 Err(ModelError::InvalidRequest("not a single-job kind".into()))
             }
         }
@@ -648,7 +666,9 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 fn same_kind(a: &Job, b: &Job) -> bool {
     matches!(
         (a, b),
-        (Job::Generate(_), Job::Generate(_)) | (Job::Score(_), Job::Score(_))
+        (Job::Generate(_), Job::Generate(_))
+            | (Job::Score(_), Job::Score(_))
+            | (Job::ScoreChoices(_), Job::ScoreChoices(_))
     )
 }
 
@@ -731,6 +751,20 @@ fn run_merged(served: &ServedModel, batch: &[Submission]) -> Result<Vec<JobOutpu
             Ok(batch
                 .iter()
                 .map(|s| JobOutput::Scored(out.by_ref().take(job_len(&s.job)).collect()))
+                .collect())
+        }
+        Job::ScoreChoices(_) => {
+            let all: Vec<ChoiceRequest> = batch
+                .iter()
+                .flat_map(|s| match &s.job {
+                    Job::ScoreChoices(r) => r.clone(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            let mut out = score_choices(model, &all)?.into_iter();
+            Ok(batch
+                .iter()
+                .map(|s| JobOutput::ChoiceScores(out.by_ref().take(job_len(&s.job)).collect()))
                 .collect())
         }
         _ => Err(ModelError::InvalidRequest(

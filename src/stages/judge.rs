@@ -18,7 +18,7 @@ use serde::Deserialize;
 use super::sample::settings_digest;
 use super::{ChatPrefix, Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work};
 use crate::constitution::{ComparisonExample, ComparisonPrinciple, render};
-use crate::model::{GenerateRequest, Message, Role, SamplingParams, ScoreRequest, Scored};
+use crate::model::{ChoiceRequest, GenerateRequest, Message, Role, SamplingParams};
 use crate::record::{JudgementRecord, Key, PairRecord, Payload, PromptPurpose, Vote};
 
 /// What the feedback model writes after its reasoning, before the option (chain-of-thought).
@@ -325,23 +325,17 @@ impl JudgeStage {
         Ok(out)
     }
 
+    /// The options of every question as one multiple-choice request each: the long context
+    /// runs once, then `(A)` and `(B)` continue from it.
     fn option_requests(&self, contexts: Vec<Vec<u32>>) -> Work {
         let requests = contexts
             .into_iter()
-            .flat_map(|context| {
-                [
-                    ScoreRequest {
-                        context: context.clone(),
-                        continuation: self.option_a.clone(),
-                    },
-                    ScoreRequest {
-                        context,
-                        continuation: self.option_b.clone(),
-                    },
-                ]
+            .map(|context| ChoiceRequest {
+                context,
+                choices: vec![self.option_a.clone(), self.option_b.clone()],
             })
             .collect();
-        Work::ScoreMany {
+        Work::ScoreChoices {
             model: self.settings.model.clone(),
             requests,
         }
@@ -447,11 +441,11 @@ impl Stage for JudgeStage {
         let Some(pair) = self.pair(&task.input) else {
             return Err(err("not a pair".into()));
         };
-        let Reply::ScoredMany(scores) = reply else {
+        let Reply::ChoiceScores(scores) = reply else {
             return Err(err("expected option scores".into()));
         };
         let questions = self.questions(&task.input, pair)?;
-        if scores.len() != 2 * questions.len() {
+        if scores.len() != questions.len() || scores.iter().any(|s| s.len() != 2) {
             return Err(err(format!(
                 "{} option scores for {} questions",
                 scores.len(),
@@ -469,18 +463,15 @@ impl Stage for JudgeStage {
         let clamp = self.settings.cot.then_some(self.settings.clamp);
         let votes: Vec<Vote> = questions
             .into_iter()
-            .zip(scores.chunks(2))
+            .zip(&scores)
             .zip(reasonings)
-            .map(|((q, s), reasoning)| {
-                let (a, b): (&Scored, &Scored) = (&s[0], &s[1]);
-                Vote {
-                    p_first: first_probability(a.total, b.total, q.swapped, clamp),
-                    principle: q.principle,
-                    swapped: q.swapped,
-                    logprob_a: a.total,
-                    logprob_b: b.total,
-                    reasoning,
-                }
+            .map(|((q, s), reasoning)| Vote {
+                p_first: first_probability(s[0], s[1], q.swapped, clamp),
+                principle: q.principle,
+                swapped: q.swapped,
+                logprob_a: s[0],
+                logprob_b: s[1],
+                reasoning,
             })
             .collect();
         let p_a = soft_label(&votes.iter().map(|v| v.p_first).collect::<Vec<_>>());

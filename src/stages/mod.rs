@@ -71,6 +71,13 @@ pub enum Work {
         /// The requests.
         requests: Vec<ScoreRequest>,
     },
+    /// Multiple-choice questions for the named model: each context once, then its choices.
+    ScoreChoices {
+        /// Model name in the run.
+        model: String,
+        /// The questions.
+        requests: Vec<crate::model::ChoiceRequest>,
+    },
     /// No model work: the output is known already.
     Pure(Payload),
 }
@@ -82,7 +89,8 @@ impl Work {
             Work::Generate { model, .. }
             | Work::Score { model, .. }
             | Work::GenerateMany { model, .. }
-            | Work::ScoreMany { model, .. } => Some(model),
+            | Work::ScoreMany { model, .. }
+            | Work::ScoreChoices { model, .. } => Some(model),
             Work::Pure(_) => None,
         }
     }
@@ -125,6 +133,8 @@ pub enum Reply {
     GeneratedMany(Vec<Generation>),
     /// For [`Work::ScoreMany`], in request order.
     ScoredMany(Vec<Scored>),
+    /// For [`Work::ScoreChoices`]: per question, each choice's total log-probability.
+    ChoiceScores(Vec<Vec<f32>>),
     /// For [`Work::Pure`].
     Pure(Payload),
 }

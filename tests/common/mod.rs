@@ -117,16 +117,17 @@ fn byte_level_alphabet() -> Vec<String> {
         .collect()
 }
 
-/// Writes `cairn report` for `log` into `out`, checks every plot has points, renders the page
+/// Writes `cairn report` for `log` (plus the eval logs `with`) into `out`, checks every plot has points, renders the page
 /// in headless Chromium when it is installed (required when `CAIRN_REQUIRE_CHROMIUM=1`, as
 /// `scripts/test` sets it after installing Chromium) and checks each line was drawn; returns
 /// the page.
-pub fn check_report(log: &Path, out: &Path) -> String {
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(["-q", "report"])
-        .arg(log)
-        .arg("--out")
-        .arg(out)
+pub fn check_report(log: &Path, out: &Path, with: &[&Path]) -> String {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+    cmd.args(["-q", "report"]).arg(log).arg("--out").arg(out);
+    for w in with {
+        cmd.arg("--with").arg(w);
+    }
+    let status = cmd
         .stdout(std::process::Stdio::null())
         .status()
         .expect("report");
