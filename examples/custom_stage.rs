@@ -132,6 +132,7 @@ fn main() -> anyhow::Result<()> {
             stop: None,
             progress: None,
             parent: None,
+            cluster: None,
         },
         &kinds,
     )?;

@@ -231,6 +231,7 @@ held_out = 0.0
         stop: None,
         progress: None,
         parent: None,
+        cluster: None,
     };
     let first = cairn::engine::run(&spec, &opts).expect("run");
     assert_eq!(first.stages["sample"].computed, 3);
@@ -328,6 +329,7 @@ fn cai_pipeline_runs_on_the_default_model() {
         stop: None,
         progress: None,
         parent: None,
+        cluster: None,
     };
     let first = cairn::engine::run(&spec, &opts).expect("run");
     assert_eq!(first.stages["pairs"].computed, 3);

@@ -154,6 +154,7 @@ minibatch = 1
                 stop: None,
                 progress: None,
                 parent: None,
+                cluster: None,
             },
         )
     }
@@ -660,6 +661,7 @@ fn eval_compares_two_models_with_confidence_intervals_and_elo() {
         stop: None,
         progress: None,
         parent: None,
+        cluster: None,
     };
     let (result, summary) = cairn::eval::evaluate(&opts, &run("eval")).expect("eval");
     assert_eq!(

@@ -67,6 +67,9 @@ pub struct EngineBench {
     /// Few-shot examples in critique/revision prompts (tokenising them is engine work).
     #[arg(long, default_value_t = 1)]
     few_shot: usize,
+    /// Worker counts to compare (comma-separated); the first is the baseline of the ratios.
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    workers: Vec<usize>,
 }
 
 /// Arguments of `cairn bench generate`.
@@ -405,18 +408,39 @@ fn engine_bench(args: EngineBench) -> anyhow::Result<ExitCode> {
     let spec_path = dir.join("bench.toml");
     std::fs::write(&spec_path, &spec)?;
     let spec = cairn::spec::Spec::load(&spec_path)?;
-    let log = dir.join("log");
-    let summary = cairn::engine::run(
-        &spec,
-        &cairn::engine::RunOptions {
-            log: log.clone(),
-            device: Device::Cpu,
-            new_run: false,
-            stop: None,
-            progress: None,
-            parent: None,
-        },
-    )?;
+    let mut by_workers = Vec::new();
+    for (i, &w) in args.workers.iter().enumerate() {
+        let log = dir.join(format!("log-{i}-{w}"));
+        let summary = cairn::engine::run(
+            &spec,
+            &cairn::engine::RunOptions {
+                log: log.clone(),
+                device: Device::Cpu,
+                new_run: false,
+                stop: None,
+                progress: None,
+                parent: None,
+                cluster: (w > 1).then(|| cairn::engine::Cluster {
+                    workers: w,
+                    process: 0,
+                    hosts: Vec::new(),
+                }),
+            },
+        )?;
+        let records: u64 =
+            summary.stages.values().map(|s| s.computed).sum::<u64>() + summary.prompts;
+        by_workers.push((w, records as f64 / summary.wall_seconds, summary, log));
+    }
+    if by_workers.len() > 1 {
+        let base = by_workers[0].1;
+        for (w, rate, _, _) in &by_workers {
+            println!(
+                "{w} worker(s): {rate:.0} records/s, {:.2}x the first",
+                rate / base
+            );
+        }
+    }
+    let (_, _, summary, log) = by_workers.swap_remove(0);
     let records: u64 = summary.stages.values().map(|s| s.computed).sum::<u64>() + summary.prompts;
     let engine_rate = records as f64 / summary.wall_seconds;
     let bytes = cairn::log::stats(&log)?.bytes;
@@ -528,6 +552,7 @@ fn rl_bench(args: RlBench) -> anyhow::Result<ExitCode> {
                 stop: None,
                 progress: None,
                 parent: None,
+                cluster: None,
             },
         )?)
     };

@@ -101,6 +101,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
             stop: None,
             progress: None,
             parent: None,
+            cluster: None,
         },
     )
     .context("evaluating")?;

@@ -54,8 +54,41 @@ pub enum LogCommand {
     },
 }
 
-/// Runs a log subcommand.
+/// Runs a log subcommand. Checks of a partitioned log (`cairn run --workers`) check each
+/// partition in turn.
 pub fn run(cmd: LogCommand) -> anyhow::Result<ExitCode> {
+    let each = |dir: &std::path::Path, f: &dyn Fn(PathBuf) -> LogCommand| {
+        let parts = log::partitions(dir).unwrap_or_default();
+        if parts.len() > 1 {
+            let mut code = ExitCode::SUCCESS;
+            for part in parts {
+                if run(f(part))? != ExitCode::SUCCESS {
+                    code = ExitCode::FAILURE;
+                }
+            }
+            return Ok(Some(code));
+        }
+        anyhow::Ok(None)
+    };
+    match &cmd {
+        LogCommand::Verify { dir } => {
+            if let Some(code) = each(dir, &|d| LogCommand::Verify { dir: d })? {
+                return Ok(code);
+            }
+        }
+        LogCommand::Repair { dir } => {
+            if let Some(code) = each(dir, &|d| LogCommand::Repair { dir: d })? {
+                return Ok(code);
+            }
+        }
+        LogCommand::Stats { dir, json } => {
+            let json = *json;
+            if let Some(code) = each(dir, &|d| LogCommand::Stats { dir: d, json })? {
+                return Ok(code);
+            }
+        }
+        _ => {}
+    }
     match cmd {
         LogCommand::Verify { dir } => {
             let report =

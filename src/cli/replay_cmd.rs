@@ -177,6 +177,7 @@ pub fn fork(args: ForkArgs) -> anyhow::Result<ExitCode> {
             stop: None,
             progress: None,
             parent: None,
+            cluster: None,
         },
     )
     .with_context(|| format!("forking {}", args.log.display()))?;

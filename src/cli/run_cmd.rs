@@ -37,6 +37,20 @@ pub struct RunArgs {
     /// (develop a new stage against a finished run). Repeatable.
     #[arg(long = "reuse", value_name = "LOG")]
     reuse: Vec<PathBuf>,
+    /// Timely worker threads in this process (each with its own model worker; the log is
+    /// then partitioned, one `part-NNNN/` per worker).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Processes in the cluster (each started with the same command and its own
+    /// --process-id); needs --hosts.
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// This process's index in the cluster, from 0.
+    #[arg(long, default_value_t = 0)]
+    process_id: usize,
+    /// File with one `host:port` per process, in process order.
+    #[arg(long)]
+    hosts: Option<PathBuf>,
 }
 
 /// Runs `cairn run`.
@@ -61,6 +75,36 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
     let device = cairn::model::parse_device(&args.device)?;
+    let cluster = match (&args.hosts, args.processes) {
+        (_, 0) => anyhow::bail!("--processes must be at least 1"),
+        (None, 1) => (args.workers > 1).then(|| engine::Cluster {
+            workers: args.workers,
+            process: 0,
+            hosts: Vec::new(),
+        }),
+        (None, _) => {
+            anyhow::bail!("--processes above 1 needs --hosts FILE (one host:port per process)")
+        }
+        (Some(file), p) => {
+            let hosts = engine::Cluster::read_hosts(file)?;
+            anyhow::ensure!(
+                hosts.len() == p,
+                "{}: {} host(s) for --processes {p}",
+                file.display(),
+                hosts.len()
+            );
+            anyhow::ensure!(
+                args.process_id < p,
+                "--process-id {} is not below --processes {p}",
+                args.process_id
+            );
+            Some(engine::Cluster {
+                workers: args.workers.max(1),
+                process: args.process_id,
+                hosts,
+            })
+        }
+    };
     if !args.reuse.is_empty() {
         let names: std::collections::HashSet<String> = std::iter::once("prompts".to_string())
             .chain(spec.stages.iter().map(|s| s.name.clone()))
@@ -92,6 +136,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             stop: Some(stop),
             progress: Some(progress),
             parent: None,
+            cluster,
         },
     )
     .with_context(|| format!("running {}", args.spec.display()))?;

@@ -10,6 +10,7 @@
 //!
 //! Adding a stage never touches this module: see `crate::stages`.
 
+mod cluster;
 mod fork;
 mod operator;
 mod verify;
@@ -33,6 +34,7 @@ use crate::record::{Key, NewEvent, Payload, PromptPurpose, PromptRecord, RunId, 
 use crate::spec::Spec;
 use crate::stages::{Rec, StageContext, StageError, StageKind};
 
+pub use cluster::{Cluster, partition_dir};
 pub use fork::{ForkReport, fork, import_events};
 pub use operator::OperatorStats;
 pub use verify::{VerifyReport, verify};
@@ -52,6 +54,8 @@ pub struct RunOptions {
     pub progress: Option<ProgressFn>,
     /// The run this one was forked from (recorded in `run_started`).
     pub parent: Option<RunId>,
+    /// Run on several timely workers (threads, processes); `None`: one worker.
+    pub cluster: Option<Cluster>,
 }
 
 /// Receives [`Progress`] snapshots.
@@ -313,6 +317,11 @@ pub fn run_with(
     opts: &RunOptions,
     kinds: &[StageKind],
 ) -> Result<RunSummary, EngineError> {
+    if let Some(c) = &opts.cluster
+        && c.total() > 1
+    {
+        return cluster::run_cluster(spec, opts, kinds, c);
+    }
     let constitution = Arc::new(
         Constitution::load(&spec.constitution).map_err(|e| EngineError::Input(e.to_string()))?,
     );

@@ -138,6 +138,31 @@ pub(super) enum Built {
 /// The stages of a spec, built and ready to attach.
 pub struct Plan {
     pub(super) stages: Vec<Built>,
+    /// Per stage: run it on worker 0 only (its input exchanged there) — set for multi-worker
+    /// runs by [`Plan::centralise`].
+    central: Vec<bool>,
+}
+
+/// The models a spec's training stages train (each stage's `model`, or its kind's default).
+pub fn trained_models(spec: &Spec) -> std::collections::HashSet<String> {
+    spec.stages
+        .iter()
+        .filter_map(|s| {
+            let default = match s.kind.as_str() {
+                "sft" => "sft",
+                "pm" => "pm",
+                "ppo" => "policy",
+                _ => return None,
+            };
+            Some(
+                s.settings
+                    .get("model")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or(default)
+                    .to_string(),
+            )
+        })
+        .collect()
 }
 
 impl Plan {
@@ -213,7 +238,37 @@ impl Plan {
                 after,
             });
         }
-        Ok(Plan { stages })
+        let central = vec![false; stages.len()];
+        Ok(Plan { stages, central })
+    }
+
+    /// Marks the stages that must run on worker 0 of a multi-worker run: training stages
+    /// (they see every epoch, in order), gated stages, stages in the PPO loop, and stages
+    /// whose models the run trains (their weights exist only where the training ran). Every
+    /// other stage runs where its epoch's prompts were fed. Returns the central stages' names.
+    pub fn centralise(&mut self, spec: &Spec) -> Vec<String> {
+        let trained = trained_models(spec);
+        let mut names = Vec::new();
+        for ((built, s), central) in self.stages.iter().zip(&spec.stages).zip(&mut self.central) {
+            let uses_trained = ["model", "model_b", "pm", "reference"].iter().any(|k| {
+                let default = if *k == "model" { Some("policy") } else { None };
+                s.settings
+                    .get(*k)
+                    .and_then(|v| v.as_str())
+                    .or(default)
+                    .is_some_and(|m| trained.contains(m))
+            });
+            *central = match built {
+                Built::Training { .. } => true,
+                Built::Model { after, .. } => {
+                    after.is_some() || uses_trained || s.kind == "rollout"
+                }
+            };
+            if *central {
+                names.push(s.name.clone());
+            }
+        }
+        names
     }
 
     /// Whether any stage waits for another to finish (then only the stages before the first
@@ -233,9 +288,10 @@ impl Plan {
         shared: &Shared,
     ) -> (Stream<'s, u64, Vec<Rec>>, Stream<'s, u64, Vec<Rec>>) {
         use timely::dataflow::operators::vec::Filter;
-        use timely::dataflow::operators::{Concatenate, ConnectLoop, Feedback};
+        use timely::dataflow::operators::{Concatenate, ConnectLoop, Exchange, Feedback};
         let scope = stream.scope();
         let first_gated = self.first_gated();
+        let central = self.central.clone();
         // A feedback edge into every stage that a `ppo` stage consumes from.
         let looped: Vec<String> = self
             .stages
@@ -255,6 +311,11 @@ impl Plan {
         let mut stream = stream;
         let mut lag_point = None;
         for (i, built) in self.stages.into_iter().enumerate() {
+            if central[i] {
+                // Everything (consumed or passing through) moves to worker 0, so each record
+                // still exists exactly once downstream.
+                stream = stream.exchange(|_| 0);
+            }
             if Some(i) == first_gated {
                 lag_point = Some(stream.clone());
             }

@@ -65,24 +65,7 @@ pub fn verify(log: &Path, n: usize, base: Option<&Path>) -> Result<VerifyReport,
     let ctx = stage_context(&spec, constitution)?;
     let plan = Plan::build(&spec, &ctx, &crate::stages::registry())?;
     // Models the run trains, and the model stages that use them.
-    let mut trained: HashSet<String> = HashSet::new();
-    for s in &spec.stages {
-        let default = match s.kind.as_str() {
-            "sft" => Some("sft"),
-            "pm" => Some("pm"),
-            "ppo" => Some("policy"),
-            _ => None,
-        };
-        if let Some(d) = default {
-            trained.insert(
-                s.settings
-                    .get("model")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or(d)
-                    .to_string(),
-            );
-        }
-    }
+    let trained = super::operator::trained_models(&spec);
     let mut report = VerifyReport::default();
     let mut stages: BTreeMap<String, (&dyn Stage, usize, Vec<String>)> = BTreeMap::new();
     for (built, s) in plan.stages.iter().zip(&spec.stages) {

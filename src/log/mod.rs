@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use check::{LogStats, RepairReport, VerifyReport, repair, stats, verify};
-pub use reader::{Follower, LogReader};
+pub use reader::{Follower, LogReader, partitions};
 pub use writer::{Appended, LogWriter, RecoveryReport, TornTail};
 
 /// When appended events are made durable with `fdatasync`.

@@ -15,8 +15,40 @@ use super::scan::{Ending, check_header, read_segment, scan_frames};
 use crate::record::{Envelope, Key};
 
 /// A read handle on a log directory (a snapshot of its segment list, refreshed as needed).
+/// A partitioned log — one `part-NNNN/` log per dataflow worker, as `cairn run --workers`
+/// writes — reads as one: partition after partition, each in order, offsets per partition.
 pub struct LogReader {
     dir: PathBuf,
+    parts: Vec<PathBuf>,
+}
+
+/// The logs that make up the log at `dir`: `dir` itself when it holds segments, else its
+/// `part-*` subdirectories that do, in name order (empty when there are none).
+pub fn partitions(dir: &Path) -> Result<Vec<PathBuf>, LogError> {
+    let segments = list_segments(dir).map_err(|e| LogError::io(dir, "list segments", e))?;
+    if !segments.is_empty() {
+        return Ok(vec![dir.to_path_buf()]);
+    }
+    let mut parts = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| LogError::io(dir, "list partitions", e))? {
+        let path = entry
+            .map_err(|e| LogError::io(dir, "list partitions", e))?
+            .path();
+        let is_part = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("part-"));
+        if is_part
+            && path.is_dir()
+            && !list_segments(&path)
+                .map_err(|e| LogError::io(&path, "list segments", e))?
+                .is_empty()
+        {
+            parts.push(path);
+        }
+    }
+    parts.sort();
+    Ok(parts)
 }
 
 impl LogReader {
@@ -28,16 +60,22 @@ impl LogReader {
                 reason: "no such directory".into(),
             });
         }
-        let segments = list_segments(dir).map_err(|e| LogError::io(dir, "list segments", e))?;
-        if segments.is_empty() {
+        let parts = partitions(dir)?;
+        if parts.is_empty() {
             return Err(LogError::NotALog {
                 path: dir.to_path_buf(),
-                reason: "no segment files (*.seg)".into(),
+                reason: "no segment files (*.seg) and no partitions (part-*)".into(),
             });
         }
         Ok(LogReader {
             dir: dir.to_path_buf(),
+            parts,
         })
+    }
+
+    /// The partitions read (just the log directory when it is not partitioned).
+    pub fn parts(&self) -> &[PathBuf] {
+        &self.parts
     }
 
     /// The log directory.
@@ -52,21 +90,23 @@ impl LogReader {
         offset: u64,
         mut visit: impl FnMut(&Path, u64, u64, &[u8]) -> Result<bool, LogError>,
     ) -> Result<(), LogError> {
-        let mut expected: Option<u64> = None;
         let mut buf = Vec::new();
-        for (first, path, is_last) in segments_from(&self.dir, offset)? {
-            let (next, stopped) = visit_segment(
-                &path,
-                expected.unwrap_or(first),
-                offset,
-                is_last,
-                &mut buf,
-                &mut visit,
-            )?;
-            if stopped {
-                return Ok(());
+        for part in &self.parts {
+            let mut expected: Option<u64> = None;
+            for (first, path, is_last) in segments_from(part, offset)? {
+                let (next, stopped) = visit_segment(
+                    &path,
+                    expected.unwrap_or(first),
+                    offset,
+                    is_last,
+                    &mut buf,
+                    &mut visit,
+                )?;
+                if stopped {
+                    return Ok(());
+                }
+                expected = Some(next);
             }
-            expected = Some(next);
         }
         Ok(())
     }
@@ -76,7 +116,62 @@ impl LogReader {
         &self,
         offset: u64,
     ) -> impl Iterator<Item = Result<Envelope, LogError>> + use<> {
-        let (mut segments, mut failed) = match segments_from(&self.dir, offset) {
+        let parts = self.parts.clone();
+        parts
+            .into_iter()
+            .flat_map(move |part| iter_dir(part, offset))
+    }
+
+    /// Events of one stage from `offset` on.
+    pub fn iter_stage(
+        &self,
+        offset: u64,
+        stage: &str,
+    ) -> impl Iterator<Item = Result<Envelope, LogError>> + use<> {
+        let stage = stage.to_string();
+        self.iter_from(offset)
+            .filter(move |e| e.as_ref().map(|e| e.stage == stage).unwrap_or(true))
+    }
+
+    /// Finds the event logged under `key` by scanning (the writer keeps an in-memory map;
+    /// this is for tools that only read).
+    pub fn find_key(&self, key: Key) -> Result<Option<Envelope>, LogError> {
+        let mut found = None;
+        self.visit_frames(0, |seg, pos, offset, bytes| {
+            if Envelope::peek_offset_key(bytes).map(|(_, k)| k) != Some(key) {
+                return Ok(true);
+            }
+            let env = Envelope::decode(bytes).map_err(|e| LogError::Corrupt {
+                segment: seg.to_path_buf(),
+                pos,
+                offset,
+                reason: e.to_string(),
+            })?;
+            found = Some(env);
+            Ok(false)
+        })?;
+        Ok(found)
+    }
+
+    /// A follower that yields events from `offset` on and then waits for new ones (of the
+    /// first partition of a partitioned log; open each partition to follow them all).
+    pub fn follow(&self, offset: u64) -> Follower {
+        Follower {
+            dir: self
+                .parts
+                .first()
+                .cloned()
+                .unwrap_or_else(|| self.dir.clone()),
+            next_offset: offset,
+            segment: None,
+        }
+    }
+}
+
+/// Decoded events of one (unpartitioned) log directory from `offset` on.
+fn iter_dir(dir: PathBuf, offset: u64) -> impl Iterator<Item = Result<Envelope, LogError>> {
+    {
+        let (mut segments, mut failed) = match segments_from(&dir, offset) {
             Ok(list) => (list.into_iter(), None),
             Err(e) => (Vec::new().into_iter(), Some(e)),
         };
@@ -123,46 +218,6 @@ impl LogReader {
                 }
             }
         })
-    }
-
-    /// Events of one stage from `offset` on.
-    pub fn iter_stage(
-        &self,
-        offset: u64,
-        stage: &str,
-    ) -> impl Iterator<Item = Result<Envelope, LogError>> + use<> {
-        let stage = stage.to_string();
-        self.iter_from(offset)
-            .filter(move |e| e.as_ref().map(|e| e.stage == stage).unwrap_or(true))
-    }
-
-    /// Finds the event logged under `key` by scanning (the writer keeps an in-memory map;
-    /// this is for tools that only read).
-    pub fn find_key(&self, key: Key) -> Result<Option<Envelope>, LogError> {
-        let mut found = None;
-        self.visit_frames(0, |seg, pos, offset, bytes| {
-            if Envelope::peek_offset_key(bytes).map(|(_, k)| k) != Some(key) {
-                return Ok(true);
-            }
-            let env = Envelope::decode(bytes).map_err(|e| LogError::Corrupt {
-                segment: seg.to_path_buf(),
-                pos,
-                offset,
-                reason: e.to_string(),
-            })?;
-            found = Some(env);
-            Ok(false)
-        })?;
-        Ok(found)
-    }
-
-    /// A follower that yields events from `offset` on and then waits for new ones.
-    pub fn follow(&self, offset: u64) -> Follower {
-        Follower {
-            dir: self.dir.clone(),
-            next_offset: offset,
-            segment: None,
-        }
     }
 }
 

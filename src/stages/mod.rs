@@ -40,6 +40,45 @@ pub struct Rec {
     pub payload: Payload,
 }
 
+/// How a [`Rec`] crosses between timely workers and processes: its payload as the log stores
+/// it (kind name and bincode body), so every record kind travels without serde derives.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireRec {
+    key: Key,
+    parents: Vec<Key>,
+    stage: String,
+    kind: String,
+    #[serde(with = "serde_bytes")]
+    body: Vec<u8>,
+}
+
+impl serde::Serialize for Rec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut body = Vec::new();
+        self.payload.encode_body_into(&mut body);
+        WireRec {
+            key: self.key,
+            parents: self.parents.clone(),
+            stage: self.stage.clone(),
+            kind: self.payload.kind().to_string(),
+            body,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Rec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Rec, D::Error> {
+        let w = WireRec::deserialize(d)?;
+        Ok(Rec {
+            key: w.key,
+            parents: w.parents,
+            stage: w.stage,
+            payload: Payload::decode(&w.kind, w.body).map_err(serde::de::Error::custom)?,
+        })
+    }
+}
+
 /// Model work a task needs.
 #[derive(Clone, Debug)]
 pub enum Work {

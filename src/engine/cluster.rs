@@ -1,0 +1,369 @@
+//! The same dataflow on many timely workers: threads of one process and processes over TCP.
+//!
+//! - **Sharding.** Prompts are cut into the same epochs as on one worker (key order); epoch
+//!   `e` is fed by worker `e mod W`, and each distributed stage processes it there. A chunk is
+//!   still an epoch's tasks in key order, so every model call — and every event — is the one a
+//!   single worker would make: the event set does not depend on the number of workers.
+//! - **Central stages** run on worker 0, their input exchanged there: training stages (they
+//!   need every epoch, in order, and own the weights they train), gated stages, the PPO loop,
+//!   and stages using a model the run trains. Gradients are therefore never all-reduced: one
+//!   trainer owns each trained model (see `ARCHITECTURE.md` for why).
+//! - **Logs.** Each worker appends to its own partition `LOG/part-NNNN` (NNNN = global worker
+//!   index); readers treat the partitions as one log, and resume loads all of them.
+//! - **Models.** Every worker has its own model worker, on `cuda:(local index mod devices)`
+//!   when the run asks for CUDA, else the CPU.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::Probe;
+use timely::dataflow::{InputHandle, ProbeHandle};
+
+use super::{
+    EngineError, RunOptions, RunSummary, load_prompts, model_factories, operator, settings_digest,
+    stage_context,
+};
+use crate::constitution::Constitution;
+use crate::log::{LogOptions, LogReader, LogWriter, SyncPolicy};
+use crate::model::{ModelWorker, WorkerOptions};
+use crate::record::{Key, NewEvent, Payload, RunId, RunSourceRecord, RunStarted};
+use crate::spec::Spec;
+use crate::stages::{Rec, StageKind};
+
+/// Where a run's workers are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// Worker threads per process.
+    pub workers: usize,
+    /// This process's index.
+    pub process: usize,
+    /// `host:port` of every process (one entry: a single process).
+    pub hosts: Vec<String>,
+}
+
+impl Cluster {
+    /// Workers in all processes.
+    pub fn total(&self) -> usize {
+        self.workers * self.hosts.len().max(1)
+    }
+
+    /// Reads a hosts file: one `host:port` per line (blank lines and `#` comments skipped).
+    pub fn read_hosts(path: &Path) -> Result<Vec<String>, EngineError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| EngineError::Input(format!("{}: {e}", path.display())))?;
+        let mut hosts = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            if !line.contains(':') {
+                return Err(EngineError::Input(format!(
+                    "{}:{}: expected host:port, found `{line}`",
+                    path.display(),
+                    i + 1
+                )));
+            }
+            hosts.push(line.to_string());
+        }
+        if hosts.is_empty() {
+            return Err(EngineError::Input(format!(
+                "{}: no host:port lines",
+                path.display()
+            )));
+        }
+        Ok(hosts)
+    }
+}
+
+/// The partition of global worker `index`.
+pub fn partition_dir(log: &Path, index: usize) -> PathBuf {
+    log.join(format!("part-{index:04}"))
+}
+
+/// Runs `spec` on the workers of `cluster` (this process's share of them).
+pub fn run_cluster(
+    spec: &Spec,
+    opts: &RunOptions,
+    kinds: &[StageKind],
+    cluster: &Cluster,
+) -> Result<RunSummary, EngineError> {
+    if spec.prompts.follow {
+        return Err(EngineError::Input(
+            "follow mode runs on one worker (drop --workers/--processes)".into(),
+        ));
+    }
+    if cluster.workers == 0 || cluster.process >= cluster.hosts.len().max(1) {
+        return Err(EngineError::Input(format!(
+            "cluster: {} worker(s) per process, process {} of {}",
+            cluster.workers,
+            cluster.process,
+            cluster.hosts.len()
+        )));
+    }
+    let constitution = Arc::new(
+        Constitution::load(&spec.constitution).map_err(|e| EngineError::Input(e.to_string()))?,
+    );
+    let prompts = load_prompts(spec)?;
+    let digest = settings_digest(spec, &constitution)?;
+    let ctx = stage_context(spec, constitution)?;
+    let mut check = operator::Plan::build(spec, &ctx, kinds)?;
+    let central = check.centralise(spec);
+    drop(check);
+    std::fs::create_dir_all(&opts.log)
+        .map_err(|e| EngineError::Input(format!("{}: {e}", opts.log.display())))?;
+    if crate::log::partitions(&opts.log)?.first() == Some(&opts.log) {
+        return Err(EngineError::Input(format!(
+            "{}: this log was written by a single worker; continue it without --workers/--processes",
+            opts.log.display()
+        )));
+    }
+    // Everything logged so far, in every partition: what resume re-emits.
+    let mut done: HashMap<Key, Rec> = HashMap::new();
+    let mut previous: Option<(RunId, u128)> = None;
+    if !crate::log::partitions(&opts.log)?.is_empty() {
+        for env in LogReader::open(&opts.log)?.iter_from(0) {
+            let env = env?;
+            if let Payload::RunStarted(r) = &env.payload {
+                previous = Some((env.run_id, r.settings_digest));
+            }
+            done.insert(
+                env.key,
+                Rec {
+                    key: env.key,
+                    parents: env.parents,
+                    stage: env.stage,
+                    payload: env.payload,
+                },
+            );
+        }
+    }
+    // Every process must agree on the run id without talking: it depends only on the settings
+    // and on the run it continues.
+    let run_id = match previous {
+        Some((id, d)) if d == digest => id,
+        Some((_, d)) if !opts.new_run => {
+            return Err(EngineError::SettingsChanged {
+                log: opts.log.clone(),
+                old: d,
+                new: digest,
+            });
+        }
+        Some((old, _)) => RunId(Key::builder("run").u128(digest).u128(old.0).finish().0),
+        None => RunId(Key::builder("run").u128(digest).str("cluster").finish().0),
+    };
+    tracing::info!(
+        workers = cluster.total(),
+        central = central.join(", "),
+        "multi-worker run: central stages run on worker 0"
+    );
+    let config = timely::Config {
+        communication: if cluster.hosts.len() > 1 {
+            timely::CommunicationConfig::Cluster {
+                threads: cluster.workers,
+                process: cluster.process,
+                addresses: cluster.hosts.clone(),
+                report: false,
+                zerocopy: false,
+            }
+        } else {
+            timely::CommunicationConfig::Process(cluster.workers)
+        },
+        worker: timely::WorkerConfig::default(),
+    };
+    let done = Arc::new(done);
+    let spec = Arc::new(spec.clone());
+    let kinds: Vec<StageKind> = kinds.to_vec();
+    let opts_shared = opts.clone();
+    let ctx_shared = ctx.clone();
+    let prompts = Arc::new(prompts);
+    let busy = Arc::new(Mutex::new(0u64));
+    let busy_in = Arc::clone(&busy);
+    let wall = std::time::Instant::now();
+    let guards = timely::execute(config, move |timely_worker| {
+        run_worker(
+            timely_worker,
+            &spec,
+            &opts_shared,
+            &kinds,
+            &ctx_shared,
+            &done,
+            &prompts,
+            run_id,
+            digest,
+            &busy_in,
+        )
+    })
+    .map_err(|e| EngineError::Input(format!("starting timely workers: {e}")))?;
+    let mut summary = RunSummary {
+        run_id,
+        ..RunSummary::default()
+    };
+    for result in guards.join() {
+        let part = result.map_err(|e| EngineError::Input(format!("worker failed: {e}")))??;
+        summary.prompts += part.prompts;
+        summary.interrupted |= part.interrupted;
+        summary.checkpoints.extend(part.checkpoints);
+        for (stage, s) in part.stages {
+            let into = summary.stages.entry(stage).or_default();
+            into.computed += s.computed;
+            into.replayed += s.replayed;
+            into.jobs += s.jobs;
+        }
+        for (k, n) in part.aggregates {
+            let into = summary.aggregates.entry(k).or_insert(0);
+            *into = (*into).max(n);
+        }
+    }
+    summary.wall_seconds = wall.elapsed().as_secs_f64();
+    summary.model_seconds = *busy.lock().unwrap_or_else(|p| p.into_inner()) as f64 / 1e9;
+    Ok(summary)
+}
+
+/// One timely worker: its partition, its model worker, its share of the epochs.
+#[allow(clippy::too_many_arguments)]
+fn run_worker(
+    timely_worker: &mut timely::worker::Worker,
+    spec: &Spec,
+    opts: &RunOptions,
+    kinds: &[StageKind],
+    ctx: &crate::stages::StageContext,
+    done: &Arc<HashMap<Key, Rec>>,
+    prompts: &[Rec],
+    run_id: RunId,
+    digest: u128,
+    busy: &Mutex<u64>,
+) -> Result<RunSummary, EngineError> {
+    let index = timely_worker.index();
+    let peers = timely_worker.peers();
+    let mut plan = operator::Plan::build(spec, ctx, kinds)?;
+    plan.centralise(spec);
+    let part = partition_dir(&opts.log, index);
+    let writer = LogWriter::open(
+        &part,
+        LogOptions {
+            sync: SyncPolicy::Interval(Duration::from_millis(20)),
+            ..LogOptions::default()
+        },
+    )?;
+    // The run's bookkeeping lives in worker 0's partition (readers merge partitions).
+    if index == 0 {
+        writer.append(NewEvent::new(
+            Key::builder("run_started").u128(run_id.0).finish(),
+            run_id,
+            "run",
+            vec![],
+            0,
+            Payload::RunStarted(RunStarted {
+                cairn_version: crate::version().to_string(),
+                seed: spec.seed,
+                settings_digest: digest,
+                settings: spec.text.clone(),
+                parent_run: opts.parent,
+            }),
+        ))?;
+        let spec_path = std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone());
+        writer.append(NewEvent::new(
+            Key::builder("run_source")
+                .u128(run_id.0)
+                .str(&spec_path.display().to_string())
+                .finish(),
+            run_id,
+            "run",
+            vec![],
+            0,
+            Payload::RunSource(RunSourceRecord {
+                spec_path: spec_path.display().to_string(),
+            }),
+        ))?;
+    }
+    // This worker's device: the run's CUDA devices shared round-robin by local index.
+    let device = match opts.device {
+        tch::Device::Cuda(_) => {
+            let count = tch::Cuda::device_count().max(1) as usize;
+            tch::Device::Cuda(index % count)
+        }
+        other => other,
+    };
+    let model_worker = ModelWorker::spawn(
+        model_factories(spec, None),
+        WorkerOptions {
+            device,
+            merge: spec.merge_model_calls,
+            ..WorkerOptions::default()
+        },
+    )?;
+    let handle = model_worker.handle();
+    let busy_before = handle.stats()?.busy_ns;
+    let env = operator::Env {
+        writer: writer.clone(),
+        worker: handle.clone(),
+        done: Arc::clone(done),
+        run_id,
+        checkpoint_dir: opts.log.join("checkpoints"),
+        tokenizers: ctx.tokenizers.clone(),
+    };
+    let shared = operator::Shared::default();
+    let mut input: InputHandle<u64, CapacityContainerBuilder<Vec<Rec>>> = InputHandle::new();
+    let probe: ProbeHandle<u64> = ProbeHandle::new();
+    let lag_probe: ProbeHandle<u64> = ProbeHandle::new();
+    {
+        let (input_ref, probe_ref, lag_ref, shared_in) = (&mut input, &probe, &lag_probe, &shared);
+        timely_worker.dataflow::<u64, _, _>(move |scope| {
+            let stream = input_ref.to_stream(scope);
+            let (out, lag_point) = plan.attach(stream, &env, shared_in);
+            out.probe_with(probe_ref);
+            lag_point.probe_with(lag_ref);
+        });
+    }
+    let stopped = || opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+    let mut fed = 0u64;
+    let mut epoch = 0u64;
+    for chunk in prompts.chunks(spec.prompts.epoch_size) {
+        if stopped() {
+            break;
+        }
+        if epoch as usize % peers == index {
+            let events: Vec<NewEvent> = chunk
+                .iter()
+                .map(|r| NewEvent::new(r.key, run_id, "prompts", vec![], epoch, r.payload.clone()))
+                .collect();
+            writer.append_batch(events)?;
+            for rec in chunk {
+                input.send(rec.clone());
+            }
+            fed += chunk.len() as u64;
+        }
+        epoch += 1;
+        input.advance_to(epoch);
+        while lag_probe.less_than(&epoch.saturating_sub(2)) {
+            timely_worker.step_or_park(Some(Duration::from_millis(20)));
+            shared.check()?;
+        }
+    }
+    let interrupted = stopped();
+    drop(input);
+    while !probe.done() {
+        timely_worker.step_or_park(Some(Duration::from_millis(20)));
+        shared.check()?;
+    }
+    shared.check()?;
+    let spent = handle.stats()?.busy_ns - busy_before;
+    *busy.lock().unwrap_or_else(|p| p.into_inner()) += spent;
+    writer.close()?;
+    drop(model_worker);
+    Ok(RunSummary {
+        run_id,
+        stages: shared.stats(),
+        prompts: fed,
+        checkpoints: shared.checkpoints(),
+        interrupted,
+        aggregates: shared.aggregates(),
+        wall_seconds: 0.0,
+        model_seconds: 0.0,
+    })
+}
