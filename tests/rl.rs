@@ -704,3 +704,40 @@ fn eval_compares_two_models_with_confidence_intervals_and_elo() {
     assert_eq!(summary.stages["answers"].computed, 0);
     assert_eq!(again, result);
 }
+
+/// The whole pipeline (SL, then RL with its loop) on three workers gives the events of one:
+/// SL stages are spread by epoch, training and RL run on worker 0.
+#[test]
+fn cai_pipeline_on_three_workers_gives_the_events_of_one() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("cai.toml", 19, "");
+    fx.run(&spec, "one").expect("one worker");
+    let parsed = Spec::load(&spec).expect("spec");
+    let summary = engine::run(
+        &parsed,
+        &RunOptions {
+            log: fx.dir.path().join("three"),
+            device: Device::Cpu,
+            new_run: false,
+            stop: None,
+            progress: None,
+            parent: None,
+            cluster: Some(engine::Cluster {
+                workers: 3,
+                process: 0,
+                hosts: Vec::new(),
+            }),
+        },
+    )
+    .expect("three workers");
+    assert_eq!(summary.checkpoints.len(), 3, "{:?}", summary.checkpoints);
+    let strip = |m: BTreeMap<String, (String, Vec<String>, String)>| {
+        m.into_iter()
+            .filter(|(_, (s, _, _))| s != "run")
+            .collect::<BTreeMap<_, _>>()
+    };
+    assert_eq!(
+        strip(events(&fx.dir.path().join("three"))),
+        strip(events(&fx.dir.path().join("one")))
+    );
+}
