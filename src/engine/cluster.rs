@@ -281,11 +281,17 @@ fn run_worker(
             }),
         ))?;
     }
-    // This worker's device: the run's CUDA devices shared round-robin by local index.
+    // This worker's device: the machine's CUDA devices shared round-robin by the worker's
+    // index within its process.
+    let local = opts
+        .cluster
+        .as_ref()
+        .map(|c| index % c.workers.max(1))
+        .unwrap_or(0);
     let device = match opts.device {
         tch::Device::Cuda(_) => {
             let count = tch::Cuda::device_count().max(1) as usize;
-            tch::Device::Cuda(index % count)
+            tch::Device::Cuda(local % count)
         }
         other => other,
     };
