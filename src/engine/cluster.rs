@@ -28,7 +28,7 @@ use super::{
     stage_context,
 };
 use crate::constitution::Constitution;
-use crate::log::{LogOptions, LogReader, LogWriter, SyncPolicy};
+use crate::log::{LogOptions, LogWriter, SyncPolicy};
 use crate::model::{ModelWorker, WorkerOptions};
 use crate::record::{Key, NewEvent, Payload, RunId, RunSourceRecord, RunStarted};
 use crate::spec::Spec;
@@ -123,25 +123,11 @@ pub fn run_cluster(
         )));
     }
     // Everything logged so far, in every partition: what resume re-emits.
-    let mut done: HashMap<Key, Rec> = HashMap::new();
-    let mut previous: Option<(RunId, u128)> = None;
-    if !crate::log::partitions(&opts.log)?.is_empty() {
-        for env in LogReader::open(&opts.log)?.iter_from(0) {
-            let env = env?;
-            if let Payload::RunStarted(r) = &env.payload {
-                previous = Some((env.run_id, r.settings_digest));
-            }
-            done.insert(
-                env.key,
-                Rec {
-                    key: env.key,
-                    parents: env.parents,
-                    stage: env.stage,
-                    payload: env.payload,
-                },
-            );
-        }
-    }
+    let (done, previous) = if crate::log::partitions(&opts.log)?.is_empty() {
+        (HashMap::new(), None)
+    } else {
+        super::logged(&opts.log)?
+    };
     // Every process must agree on the run id without talking: it depends only on the settings
     // and on the run it continues.
     let run_id = match previous {

@@ -280,6 +280,32 @@ fn stage_context(
     })
 }
 
+/// Everything a log (every partition) holds, by key — what exactly-once resume re-emits —
+/// and the last run recorded in it with its settings digest.
+fn logged(log: &Path) -> Result<LoggedRun, EngineError> {
+    let mut done: HashMap<Key, Rec> = HashMap::new();
+    let mut previous = None;
+    for env in LogReader::open(log)?.iter_from(0) {
+        let env = env?;
+        if let Payload::RunStarted(r) = &env.payload {
+            previous = Some((env.run_id, r.settings_digest));
+        }
+        done.insert(
+            env.key,
+            Rec {
+                key: env.key,
+                parents: env.parents,
+                stage: env.stage,
+                payload: env.payload,
+            },
+        );
+    }
+    Ok((done, previous))
+}
+
+/// Logged records by key, and the last run with its settings digest.
+type LoggedRun = (HashMap<Key, Rec>, Option<(RunId, u128)>);
+
 /// The model factories of `spec` (built on the worker thread).
 fn model_factories(spec: &Spec, only: Option<&HashSet<String>>) -> Vec<(String, ModelFactory)> {
     spec.models
@@ -339,25 +365,11 @@ pub fn run_with(
             ..LogOptions::default()
         },
     )?;
-    let mut done: HashMap<Key, Rec> = HashMap::new();
-    let mut previous: Option<(RunId, u128)> = None;
-    if writer.next_offset() > 0 {
-        for env in LogReader::open(&opts.log)?.iter_from(0) {
-            let env = env?;
-            if let Payload::RunStarted(r) = &env.payload {
-                previous = Some((env.run_id, r.settings_digest));
-            }
-            done.insert(
-                env.key,
-                Rec {
-                    key: env.key,
-                    parents: env.parents,
-                    stage: env.stage,
-                    payload: env.payload,
-                },
-            );
-        }
-    }
+    let (done, previous) = if writer.next_offset() > 0 {
+        logged(&opts.log)?
+    } else {
+        (HashMap::new(), None)
+    };
     let run_id = match previous {
         Some((id, d)) if d == digest => id,
         Some((_, d)) if !opts.new_run => {
