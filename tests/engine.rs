@@ -1047,6 +1047,19 @@ fn four_workers_give_the_events_of_one() {
         .filter(|p| count_kind(p, "sample") > 0)
         .count();
     assert!(with_samples > 1, "samples in {with_samples} partition(s)");
+    // `watch` reads every partition.
+    let watch = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["-q", "watch", "--once"])
+        .arg(&four)
+        .output()
+        .expect("watch");
+    let shown = String::from_utf8_lossy(&watch.stdout);
+    let samples = shown
+        .lines()
+        .find(|l| l.starts_with("sample "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse::<usize>().ok());
+    assert_eq!(samples, Some(7), "{shown}");
     let again = engine::run(&parsed, &opts).expect("resume");
     assert_eq!(again.stages["sample"].computed, 0);
     assert_eq!(

@@ -200,18 +200,25 @@ struct StageView {
 pub fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let reader = cairn::log::LogReader::open(&args.log)
         .with_context(|| format!("opening {}", args.log.display()))?;
-    let mut follower = reader.follow(0);
+    // One follower per partition (a multi-worker run writes one per worker).
+    let mut followers = reader
+        .parts()
+        .iter()
+        .map(|p| cairn::log::LogReader::open(p).map(|r| r.follow(0)))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut stages: BTreeMap<String, StageView> = BTreeMap::new();
     let mut wiring: Vec<(String, Vec<String>)> = Vec::new();
     let mut latest: BTreeMap<&'static str, String> = BTreeMap::new();
     let interval = Duration::from_secs_f64(args.interval.max(0.1));
     let mut last = Instant::now();
     loop {
-        let events = follower.wait(if args.once {
-            Duration::from_millis(0)
-        } else {
-            interval
-        })?;
+        let mut events = Vec::new();
+        for f in &mut followers {
+            events.extend(f.poll()?);
+        }
+        if events.is_empty() && !args.once {
+            std::thread::sleep(Duration::from_millis(100).min(interval));
+        }
         for env in &events {
             let view = stages.entry(env.stage.clone()).or_default();
             view.total += 1;
@@ -271,11 +278,8 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
             if !args.once {
                 print!("\x1b[2J\x1b[H");
             }
-            println!(
-                "cairn watch {} — {} events",
-                args.log.display(),
-                follower.next_offset()
-            );
+            let total: u64 = followers.iter().map(|f| f.next_offset()).sum();
+            println!("cairn watch {} — {total} events", args.log.display());
             println!(
                 "{:<14} {:>8} {:>9} {:>9}",
                 "stage", "records", "per sec", "waiting"
