@@ -101,18 +101,7 @@ held_out = 0.3
 
     fn run(&self, spec: &Path, log: &str) -> Result<RunSummary, EngineError> {
         let spec = Spec::load(spec).expect("spec");
-        engine::run(
-            &spec,
-            &RunOptions {
-                log: self.dir.path().join(log),
-                device: Device::Cpu,
-                new_run: false,
-                stop: None,
-                progress: None,
-                parent: None,
-                cluster: None,
-            },
-        )
+        engine::run(&spec, &common::cpu_run(self.dir.path().join(log)))
     }
 }
 
@@ -425,20 +414,7 @@ fn a_stage_from_outside_the_crate_runs_in_the_dataflow() {
     let mut kinds = cairn::stages::registry();
     kinds.push(custom_stage::kind());
     let log = fx.dir.path().join("log");
-    let summary = engine::run_with(
-        &spec,
-        &RunOptions {
-            log: log.clone(),
-            device: Device::Cpu,
-            new_run: false,
-            stop: None,
-            progress: None,
-            parent: None,
-            cluster: None,
-        },
-        &kinds,
-    )
-    .expect("run");
+    let summary = engine::run_with(&spec, &common::cpu_run(log.clone()), &kinds).expect("run");
     // Exactly the answers containing a listed word are flagged.
     let mut expected = 0;
     for env in LogReader::open(&log).expect("log").iter_from(0) {
@@ -728,20 +704,7 @@ fn a_stage_mixing_pure_and_model_work_completes_every_task() {
     let mut kinds = cairn::stages::registry();
     kinds.push(("mixed", "pure and model work together", build));
     let log = fx.dir.path().join("log");
-    engine::run_with(
-        &spec,
-        &RunOptions {
-            log: log.clone(),
-            device: Device::Cpu,
-            new_run: false,
-            stop: None,
-            progress: None,
-            parent: None,
-            cluster: None,
-        },
-        &kinds,
-    )
-    .expect("run");
+    engine::run_with(&spec, &common::cpu_run(log.clone()), &kinds).expect("run");
     let reasons: Vec<String> = LogReader::open(&log)
         .expect("log")
         .iter_stage(0, "mixed")
@@ -861,15 +824,7 @@ fn fork_reuses_upstream_events_and_recomputes_downstream() {
     fx.run(&spec, "log").expect("run");
     let log = fx.dir.path().join("log");
     let original = events(&log);
-    let opts = |out: &str| RunOptions {
-        log: fx.dir.path().join(out),
-        device: Device::Cpu,
-        new_run: false,
-        stop: None,
-        progress: None,
-        parent: None,
-        cluster: None,
-    };
+    let opts = |out: &str| common::cpu_run(fx.dir.path().join(out));
     let same = cairn::engine::fork(&log, "critique_1", &[], None, &opts("same")).expect("fork");
     assert_eq!(same.reused_stages, vec!["prompts", "sample"]);
     assert_eq!(same.summary.stages["sample"].computed, 0);
@@ -965,20 +920,8 @@ fn recorded_streams_feed_a_new_stage() {
     assert!(copied > 0);
     let mut kinds = cairn::stages::registry();
     kinds.push(custom_stage::kind());
-    let summary = engine::run_with(
-        &with_flag,
-        &RunOptions {
-            log: dev.clone(),
-            device: Device::Cpu,
-            new_run: false,
-            stop: None,
-            progress: None,
-            parent: None,
-            cluster: None,
-        },
-        &kinds,
-    )
-    .expect("run with a new stage");
+    let summary = engine::run_with(&with_flag, &common::cpu_run(dev.clone()), &kinds)
+        .expect("run with a new stage");
     for stage in ["sample", "critique_1", "revise_1", "critique_2", "revise_2"] {
         assert_eq!(summary.stages[stage].computed, 0, "{stage} recomputed");
         assert!(summary.stages[stage].replayed > 0);

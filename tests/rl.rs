@@ -132,18 +132,7 @@ minibatch = 1
 
     fn run(&self, spec: &Path, log: &str) -> Result<RunSummary, EngineError> {
         let spec = Spec::load(spec).expect("spec");
-        engine::run(
-            &spec,
-            &RunOptions {
-                log: self.dir.path().join(log),
-                device: Device::Cpu,
-                new_run: false,
-                stop: None,
-                progress: None,
-                parent: None,
-                cluster: None,
-            },
-        )
+        engine::run(&spec, &common::cpu_run(self.dir.path().join(log)))
     }
 }
 
@@ -641,15 +630,7 @@ fn eval_compares_two_models_with_confidence_intervals_and_elo() {
         principles: vec!["less-harmful".into(), "lawful".into()],
         helpful_principles: vec!["overall".into()],
     };
-    let run = |log: &str| RunOptions {
-        log: dir.join(log),
-        device: Device::Cpu,
-        new_run: false,
-        stop: None,
-        progress: None,
-        parent: None,
-        cluster: None,
-    };
+    let run = |log: &str| common::cpu_run(dir.join(log));
     let (result, summary) = cairn::eval::evaluate(&opts, &run("eval")).expect("eval");
     assert_eq!(
         result.comparisons, 6,

@@ -30,7 +30,7 @@ use super::{
 use crate::constitution::Constitution;
 use crate::log::{LogOptions, LogWriter, SyncPolicy};
 use crate::model::{ModelWorker, WorkerOptions};
-use crate::record::{Key, NewEvent, Payload, RunId, RunSourceRecord, RunStarted};
+use crate::record::{Key, NewEvent, RunId};
 use crate::spec::Spec;
 use crate::stages::{Rec, StageKind};
 
@@ -238,34 +238,7 @@ fn run_worker(
     )?;
     // The run's bookkeeping lives in worker 0's partition (readers merge partitions).
     if index == 0 {
-        writer.append(NewEvent::new(
-            Key::builder("run_started").u128(run_id.0).finish(),
-            run_id,
-            "run",
-            vec![],
-            0,
-            Payload::RunStarted(RunStarted {
-                cairn_version: crate::version().to_string(),
-                seed: spec.seed,
-                settings_digest: digest,
-                settings: spec.text.clone(),
-                parent_run: opts.parent,
-            }),
-        ))?;
-        let spec_path = std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone());
-        writer.append(NewEvent::new(
-            Key::builder("run_source")
-                .u128(run_id.0)
-                .str(&spec_path.display().to_string())
-                .finish(),
-            run_id,
-            "run",
-            vec![],
-            0,
-            Payload::RunSource(RunSourceRecord {
-                spec_path: spec_path.display().to_string(),
-            }),
-        ))?;
+        super::append_run_events(&writer, spec, run_id, digest, opts.parent)?;
     }
     // This worker's device: the machine's CUDA devices shared round-robin by the worker's
     // index within its process.

@@ -303,6 +303,46 @@ fn logged(log: &Path) -> Result<LoggedRun, EngineError> {
     Ok((done, previous))
 }
 
+/// Appends a run's bookkeeping: `run_started` (the settings that determine its results) and
+/// `run_source` (where its spec file is, for forks).
+fn append_run_events(
+    writer: &LogWriter,
+    spec: &Spec,
+    run_id: RunId,
+    digest: u128,
+    parent: Option<RunId>,
+) -> Result<(), EngineError> {
+    writer.append(NewEvent::new(
+        Key::builder("run_started").u128(run_id.0).finish(),
+        run_id,
+        "run",
+        vec![],
+        0,
+        Payload::RunStarted(RunStarted {
+            cairn_version: crate::version().to_string(),
+            seed: spec.seed,
+            settings_digest: digest,
+            settings: spec.text.clone(),
+            parent_run: parent,
+        }),
+    ))?;
+    let spec_path = std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone());
+    writer.append(NewEvent::new(
+        Key::builder("run_source")
+            .u128(run_id.0)
+            .str(&spec_path.display().to_string())
+            .finish(),
+        run_id,
+        "run",
+        vec![],
+        0,
+        Payload::RunSource(crate::record::RunSourceRecord {
+            spec_path: spec_path.display().to_string(),
+        }),
+    ))?;
+    Ok(())
+}
+
 /// Logged records by key, and the last run with its settings digest.
 type LoggedRun = (HashMap<Key, Rec>, Option<(RunId, u128)>);
 
@@ -387,37 +427,11 @@ pub fn run_with(
                 .0,
         ),
     };
-    writer.append(NewEvent::new(
-        Key::builder("run_started").u128(run_id.0).finish(),
-        run_id,
-        "run",
-        vec![],
-        0,
-        Payload::RunStarted(RunStarted {
-            cairn_version: crate::version().to_string(),
-            seed: spec.seed,
-            settings_digest: digest,
-            settings: spec.text.clone(),
-            parent_run: opts
-                .parent
-                .or(previous.map(|(id, _)| id))
-                .filter(|id| *id != run_id),
-        }),
-    ))?;
-    let spec_path = std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone());
-    writer.append(NewEvent::new(
-        Key::builder("run_source")
-            .u128(run_id.0)
-            .str(&spec_path.display().to_string())
-            .finish(),
-        run_id,
-        "run",
-        vec![],
-        0,
-        Payload::RunSource(crate::record::RunSourceRecord {
-            spec_path: spec_path.display().to_string(),
-        }),
-    ))?;
+    let parent = opts
+        .parent
+        .or(previous.map(|(id, _)| id))
+        .filter(|id| *id != run_id);
+    append_run_events(&writer, spec, run_id, digest, parent)?;
 
     let factories = model_factories(spec, None);
     let worker = ModelWorker::spawn(

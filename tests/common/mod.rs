@@ -239,3 +239,16 @@ pub fn write_tiny_inputs(dir: &Path) {
     )
     .expect("write");
 }
+
+/// Options for a plain run on the CPU (one worker, no signals, no progress) into `log`.
+pub fn cpu_run(log: std::path::PathBuf) -> cairn::engine::RunOptions {
+    cairn::engine::RunOptions {
+        log,
+        device: tch::Device::Cpu,
+        new_run: false,
+        stop: None,
+        progress: None,
+        parent: None,
+        cluster: None,
+    }
+}
