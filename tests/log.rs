@@ -143,6 +143,26 @@ fn a_second_writer_is_refused() {
     assert!(err.to_string().contains("another writer"), "{err}");
 }
 
+/// Closing releases LOCK at once, even while the interval syncer thread still holds the writer
+/// for a moment: the next writer (a rerun right after a run) always gets in.
+#[test]
+fn a_closed_writer_lets_the_next_one_in_immediately() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for i in 0..40u64 {
+        let w = LogWriter::open(
+            dir.path(),
+            opts(
+                SyncPolicy::Interval(std::time::Duration::from_millis(1)),
+                1 << 20,
+            ),
+        )
+        .expect("the previous writer was closed");
+        w.append(note(i, "sample", "x")).expect("append");
+        std::thread::sleep(std::time::Duration::from_micros(500 + 50 * i));
+        w.close().expect("close");
+    }
+}
+
 /// Cuts the last record at every byte inside it: each complete record survives, none is
 /// invented, the cut bytes are kept, and the log accepts appends afterwards.
 #[test]

@@ -121,7 +121,7 @@ struct Shared {
     state: Mutex<State>,
     synced: Condvar,
     recovery: RecoveryReport,
-    _lock: File,
+    lock_file: File,
 }
 
 /// An append handle on a log directory. Cloning is cheap; clones share one writer, so
@@ -284,7 +284,7 @@ impl LogWriter {
             state: Mutex::new(state),
             synced: Condvar::new(),
             recovery: report,
-            _lock: lock,
+            lock_file: lock,
         });
         if let SyncPolicy::Interval(every) = opts.sync {
             let weak = Arc::downgrade(&shared);
@@ -450,7 +450,11 @@ impl LogWriter {
         st.closed = true;
         let mut index = st.active.index.clone();
         index.segment_len = st.active.len;
-        index.write(&SparseIndex::path_for(&st.active.path))
+        index.write(&SparseIndex::path_for(&st.active.path))?;
+        // Release LOCK now rather than when the last handle drops: the background syncer may
+        // still hold one for a moment, and a closed writer appends nothing more anyway.
+        let _ = self.shared.lock_file.unlock();
+        Ok(())
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>, LogError> {
