@@ -2,6 +2,7 @@
 //! an independent numpy implementation (`scripts/reference/parity.py` wrote the fixture),
 //! a sensible greedy answer, and a checkpoint round trip through safetensors.
 
+mod common;
 use cairn::model::{self, GenerateRequest, LoadedModel, Message, Role, SamplingParams};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -224,15 +225,7 @@ held_out = 0.0
     let spec_path = dir.path().join("e2e.toml");
     std::fs::write(&spec_path, spec_text).expect("write");
     let spec = cairn::spec::Spec::load(&spec_path).expect("spec");
-    let opts = cairn::engine::RunOptions {
-        log: dir.path().join("log"),
-        device: Device::Cpu,
-        new_run: false,
-        stop: None,
-        progress: None,
-        parent: None,
-        cluster: None,
-    };
+    let opts = common::cpu_run(dir.path().join("log"));
     let first = cairn::engine::run(&spec, &opts).expect("run");
     assert_eq!(first.stages["sample"].computed, 3);
     assert_eq!(first.stages["critique_1"].computed, 2);
@@ -322,15 +315,7 @@ fn cai_pipeline_runs_on_the_default_model() {
     let spec_path = dir.path().join("cai.toml");
     std::fs::write(&spec_path, small).expect("write");
     let spec = cairn::spec::Spec::load(&spec_path).expect("spec");
-    let opts = cairn::engine::RunOptions {
-        log: dir.path().join("log"),
-        device: Device::Cpu,
-        new_run: false,
-        stop: None,
-        progress: None,
-        parent: None,
-        cluster: None,
-    };
+    let opts = common::cpu_run(dir.path().join("log"));
     let first = cairn::engine::run(&spec, &opts).expect("run");
     assert_eq!(first.stages["pairs"].computed, 3);
     assert_eq!(first.stages["judge"].computed, 3);

@@ -143,6 +143,19 @@ pub struct Plan {
     central: Vec<bool>,
 }
 
+/// The models a model stage calls, from its settings: `model` (default `policy`), `model_b`
+/// when set, and for `rollout` its `pm` and `reference` (defaults `pm`, `reference`).
+pub fn stage_models(s: &crate::spec::StageSpec) -> Vec<String> {
+    let get = |k: &str| s.settings.get(k).and_then(|v| v.as_str());
+    let mut models = vec![get("model").unwrap_or("policy").to_string()];
+    models.extend(get("model_b").map(str::to_string));
+    if s.kind == "rollout" {
+        models.push(get("pm").unwrap_or("pm").to_string());
+        models.push(get("reference").unwrap_or("reference").to_string());
+    }
+    models
+}
+
 /// The models a spec's training stages train (each stage's `model`, or its kind's default).
 pub fn trained_models(spec: &Spec) -> std::collections::HashSet<String> {
     spec.stages
@@ -250,14 +263,7 @@ impl Plan {
         let trained = trained_models(spec);
         let mut names = Vec::new();
         for ((built, s), central) in self.stages.iter().zip(&spec.stages).zip(&mut self.central) {
-            let uses_trained = ["model", "model_b", "pm", "reference"].iter().any(|k| {
-                let default = if *k == "model" { Some("policy") } else { None };
-                s.settings
-                    .get(*k)
-                    .and_then(|v| v.as_str())
-                    .or(default)
-                    .is_some_and(|m| trained.contains(m))
-            });
+            let uses_trained = stage_models(s).iter().any(|m| trained.contains(m));
             *central = match built {
                 Built::Training { .. } => true,
                 Built::Model { after, .. } => {

@@ -70,24 +70,7 @@ pub fn verify(log: &Path, n: usize, base: Option<&Path>) -> Result<VerifyReport,
     let mut stages: BTreeMap<String, (&dyn Stage, usize, Vec<String>)> = BTreeMap::new();
     for (built, s) in plan.stages.iter().zip(&spec.stages) {
         if let Built::Model { stage, batch, .. } = built {
-            let model = s
-                .settings
-                .get("model")
-                .and_then(|v| v.as_str())
-                .unwrap_or("policy")
-                .to_string();
-            let mut models = vec![model];
-            for extra in ["pm", "reference"] {
-                if s.kind == "rollout" {
-                    models.push(
-                        s.settings
-                            .get(extra)
-                            .and_then(|v| v.as_str())
-                            .unwrap_or(extra)
-                            .to_string(),
-                    );
-                }
-            }
+            let models = super::operator::stage_models(s);
             if s.kind == "rollout" || models.iter().any(|m| trained.contains(m)) {
                 report.skipped.push(s.name.clone());
             } else {

@@ -459,6 +459,24 @@ pub fn decode(tok: &Tokenizer, g: &Generation) -> String {
     tok.decode(&g.tokens).unwrap_or_default().trim().to_string()
 }
 
+/// The key of a training step: the stage, the step (or policy version), the run seed, the
+/// stage's settings digest and the keys of the records the step learns from.
+pub fn step_key<'a>(
+    stage: &str,
+    step: u64,
+    seed: u64,
+    digest: u128,
+    inputs: impl IntoIterator<Item = &'a Key>,
+) -> Key {
+    inputs
+        .into_iter()
+        .fold(
+            Key::builder(stage).u64(step).u64(seed).u128(digest),
+            |k, input| k.key(*input),
+        )
+        .finish()
+}
+
 /// Turns a model's reply to a training job into the event to log (`None`: log nothing).
 pub type RecordFn =
     Box<dyn FnOnce(crate::model::JobOutput) -> Result<Option<Payload>, StageError> + Send>;

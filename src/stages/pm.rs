@@ -185,14 +185,13 @@ impl PmStage {
 
     fn step_work(&mut self, batch: Vec<(Key, PmExample)>) -> TrainWork {
         self.step += 1;
-        let mut key = Key::builder(&self.name)
-            .u64(self.step)
-            .u64(self.ctx.seed)
-            .u128(self.digest);
-        for (k, _) in &batch {
-            key = key.key(*k);
-        }
-        let key = key.finish();
+        let key = super::step_key(
+            &self.name,
+            self.step,
+            self.ctx.seed,
+            self.digest,
+            batch.iter().map(|(k, _)| k),
+        );
         self.step_keys.push(key);
         let s = &self.settings;
         let optim = OptimConfig {

@@ -217,14 +217,7 @@ impl TrainingStage for PpoStage {
         }
         self.version += 1;
         let version = self.version;
-        let mut key = Key::builder(&self.name)
-            .u64(version)
-            .u64(self.ctx.seed)
-            .u128(self.digest);
-        for k in &parents {
-            key = key.key(*k);
-        }
-        let key = key.finish();
+        let key = super::step_key(&self.name, version, self.ctx.seed, self.digest, &parents);
         self.update_keys.push(key);
         let s = &self.settings;
         let config = PpoConfig {
