@@ -669,7 +669,10 @@ fn eval_compares_two_models_with_confidence_intervals_and_elo() {
 
     // Its model steps re-execute exactly — both answers (two models) and the judgements.
     let verified = cairn::engine::verify(&eval_log, 12, None).expect("verify the eval");
-    assert!(verified.checked >= 12 && verified.diverged.is_empty(), "{verified:?}");
+    assert!(
+        verified.checked >= 12 && verified.diverged.is_empty(),
+        "{verified:?}"
+    );
 
     // Rerun: resumes, recomputes nothing, same outcome.
     let (again, summary) = cairn::eval::evaluate(&opts, &run("eval")).expect("rerun");
