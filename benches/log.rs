@@ -7,8 +7,11 @@
 //!   Building the events is not timed; the final sync of `20ms` and `explicit` is.
 //!   Throughput counts framed bytes (frame header + envelope), which both sides write.
 //! - `log_read/<size>`: replaying a log of about 64 MiB from the page cache with
-//!   `LogReader::visit_frames(0, ..)` (checked frames, no copies) and `iter_from(0)` (decoded envelopes),
-//!   against `raw`: `std::fs::read` of the same segment files.
+//!   `LogReader::visit_frames(0, ..)` (checked frames, no copies) and `iter_from(0)` (decoded
+//!   envelopes), against two raw reads of the same segment files: `raw` (`std::fs::read`, the
+//!   whole file into a fresh buffer of its size) and `raw_stream` (`read` calls of the
+//!   reader's window size, 1 MiB, into one reused buffer: the cheapest plain sequential read,
+//!   and the one the reader itself does).
 //!
 //! Logs live in a scratch directory under `target/` so that `fdatasync` reaches a real disk
 //! (the run prints the file system it found). After the criterion groups, a summary of
@@ -307,6 +310,25 @@ fn read_raw(dir: &Path) -> u64 {
         .sum()
 }
 
+/// The streamed read baseline: each segment read front to back in windows of the reader's
+/// size into one reused buffer, bytes untouched.
+fn read_raw_stream(dir: &Path) -> u64 {
+    use std::io::Read;
+    let mut buf = vec![0u8; cairn::log::READ_WINDOW];
+    let mut total = 0u64;
+    for (_, p) in list_segments(dir).expect("list segments") {
+        let mut f = File::open(&p).expect("open segment");
+        loop {
+            let n = f.read(&mut buf).expect("read segment");
+            if n == 0 {
+                break;
+            }
+            total += black_box(&buf[..n]).len() as u64;
+        }
+    }
+    total
+}
+
 fn append_benches(c: &mut Criterion) {
     for policy in Policy::ALL {
         for (label, size) in SIZES {
@@ -335,6 +357,7 @@ fn read_benches(c: &mut Criterion, log_bytes: u64) {
         group.bench_function("frames", |b| b.iter(|| read_frames(dir)));
         group.bench_function("decoded", |b| b.iter(|| read_decoded(dir)));
         group.bench_function("raw", |b| b.iter(|| read_raw(dir)));
+        group.bench_function("raw_stream", |b| b.iter(|| read_raw_stream(dir)));
         group.finish();
     }
 }
@@ -425,10 +448,15 @@ fn summary() {
             ("frames", read_frames as fn(&Path) -> u64),
             ("decoded", read_decoded),
         ] {
-            let (log, raw) = runs(5, || timed(|| read(dir)), || timed(|| read_raw(dir)));
-            let what = format!("read {what} {label}");
-            let (l, r) = (median(&log, |d| *d), median(&raw, |d| *d));
-            eprintln!("{}", line(&what, bytes, l, r, 0.9));
+            for (baseline, raw_read) in [
+                ("whole-file read", read_raw as fn(&Path) -> u64),
+                ("streamed read", read_raw_stream),
+            ] {
+                let (log, raw) = runs(5, || timed(|| read(dir)), || timed(|| raw_read(dir)));
+                let what = format!("read {what} {label}");
+                let (l, r) = (median(&log, |d| *d), median(&raw, |d| *d));
+                eprintln!("{}  [raw = {baseline}]", line(&what, bytes, l, r, 0.9));
+            }
         }
     }
 }

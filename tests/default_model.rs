@@ -161,9 +161,41 @@ fn answers_the_capital_of_france_and_round_trips_as_a_checkpoint() {
             .expect("encode"),
         prompt
     );
-    let again = model::generate::generate(&back.model, back.tokenizer.eos_ids(), &[request])
-        .expect("generate");
+    let again = model::generate::generate(
+        &back.model,
+        back.tokenizer.eos_ids(),
+        std::slice::from_ref(&request),
+    )
+    .expect("generate");
     assert_eq!(again[0].tokens, out[0].tokens);
+
+    // With bf16 weights the answer is the same fact, and the next-token logits stay within
+    // bfloat16 rounding of the f32 ones.
+    let mut bf16 = back;
+    bf16.model.set_dtype(model::Dtype::Bf16);
+    let fast = model::generate::generate(&bf16.model, bf16.tokenizer.eos_ids(), &[request])
+        .expect("generate bf16");
+    let text = bf16.tokenizer.decode(&fast[0].tokens).expect("decode");
+    assert!(text.contains("Paris"), "bf16: {text}");
+    let last_logits = |m: &model::Llama| {
+        let _g = tch::no_grad_guard();
+        let n = prompt.len() as i64;
+        let tokens =
+            Tensor::from_slice(&prompt.iter().map(|&t| t as i64).collect::<Vec<_>>()).view([1, n]);
+        let positions = Tensor::arange(n, (Kind::Int64, Device::Cpu)).view([1, n]);
+        let valid = Tensor::ones([1, n], (Kind::Bool, Device::Cpu));
+        let hidden = m
+            .forward(&tokens, &positions, &valid, None)
+            .expect("forward");
+        m.logits(&hidden.select(1, n - 1)).squeeze_dim(0)
+    };
+    let (exact, rounded) = (last_logits(&loaded.model), last_logits(&bf16.model));
+    let diff = (&exact - &rounded).abs().max().double_value(&[]);
+    assert!(
+        diff > 0.0 && diff < 1.0,
+        "bf16 vs f32 logits: max diff {diff}"
+    );
+    assert_eq!(exact.argmax(0, false), rounded.argmax(0, false));
 }
 
 /// SL-CAI end to end on the real default model, tiny counts: every stage produces records,

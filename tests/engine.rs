@@ -386,6 +386,34 @@ fn configuration_errors_name_the_place_and_leave_the_log_untouched() {
         assert!(err.contains("rl.toml:") && err.contains(needle), "{err}");
     }
 
+    // Model number formats: an unknown one, and a trained model loaded as bf16.
+    let bad_dtype = fx.spec_text(7, "").replace(
+        "[models.sft]\npath = \"tiny.gguf\"",
+        "[models.sft]\npath = \"tiny.gguf\"\ndtype = \"fp8\"",
+    );
+    let bf16_trained = fx.spec_text(7, "").replace(
+        "[models.sft]\npath = \"tiny.gguf\"",
+        "[models.sft]\npath = \"tiny.gguf\"\ndtype = \"bf16\"",
+    );
+    assert!(bad_dtype.contains("fp8") && bf16_trained.contains("bf16"));
+    let dtype_path = fx.dir.path().join("dtype.toml");
+    std::fs::write(&dtype_path, bad_dtype).expect("write");
+    let err = Spec::load(&dtype_path).expect_err("bad dtype").to_string();
+    assert!(
+        err.contains("dtype.toml:") && err.contains("unknown dtype `fp8`"),
+        "{err}"
+    );
+    let bf16_path = fx.dir.path().join("bf16.toml");
+    std::fs::write(&bf16_path, bf16_trained).expect("write");
+    let err = fx
+        .run(&bf16_path, "log")
+        .expect_err("bf16 trained")
+        .to_string();
+    assert!(
+        err.contains("bf16.toml:") && err.contains("a trained model needs dtype f32"),
+        "{err}"
+    );
+
     let changed = fx.write_spec("changed.toml", 8, "");
     let err = fx.run(&changed, "log").expect_err("settings changed");
     assert!(matches!(err, EngineError::SettingsChanged { .. }), "{err}");

@@ -1,6 +1,6 @@
 //! The model runtime on tiny random Llamas built in the test: save → load, KV cache against
 //! full recomputation, batching against one-at-a-time, seeding against batch composition,
-//! the GGUF path (llama.cpp's Q/K row order), the model worker, and bad input.
+//! the GGUF path (llama.cpp's Q/K row order), bf16 weights, the model worker, and bad input.
 
 mod common;
 
@@ -11,7 +11,7 @@ use cairn::model::gguf::{GgufFile, GgufWriter, MetaValue};
 use cairn::model::llama::{KvCache, Llama};
 use cairn::model::load::{load_gguf, load_hf_weights};
 use cairn::model::worker::{Job, JobOutput, ModelWorker, ServedModel, WorkerOptions};
-use cairn::model::{GenerateRequest, LlamaConfig, ModelError, SamplingParams, ScoreRequest};
+use cairn::model::{Dtype, GenerateRequest, LlamaConfig, ModelError, SamplingParams, ScoreRequest};
 use tch::{Device, Kind, Tensor};
 
 use common::VOCAB;
@@ -601,4 +601,68 @@ fn sft_steps_through_the_worker_lower_the_loss_and_accumulation_matches_one_batc
         (loss - after).abs() < 1e-5,
         "reloaded {loss} vs worker {after}"
     );
+}
+
+#[test]
+fn bf16_weights_track_f32_and_keep_the_runtime_invariants() {
+    let f32_model = tiny(6);
+    let mut model = tiny(6);
+    model.set_dtype(Dtype::Bf16);
+    assert_eq!(model.dtype(), Dtype::Bf16);
+    let ids: Vec<u32> = vec![7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+    let exact = full_logits(&f32_model, &ids);
+    let full = full_logits(&model, &ids);
+    assert_eq!(full.kind(), Kind::Float, "logits come back as f32");
+    // bfloat16 keeps ~3 significant digits: close to f32, but not equal (the conversion
+    // really happened).
+    let diff = max_abs_diff(&full, &exact);
+    let scale = exact.abs().max().double_value(&[]);
+    assert!(
+        diff > 0.0,
+        "bf16 logits equal f32 ones: nothing was converted"
+    );
+    assert!(
+        diff < 0.05 * scale,
+        "bf16 vs f32: {diff} (logit scale {scale})"
+    );
+
+    // The KV cache path computes what a full forward pass computes.
+    let _g = tch::no_grad_guard();
+    let mut cache = KvCache::new(model.config(), 1, 32, Device::Cpu);
+    let mut steps = Vec::new();
+    for (i, &t) in ids.iter().enumerate() {
+        let h = model
+            .forward(
+                &Tensor::from_slice(&[t as i64]).view([1, 1]),
+                &Tensor::from_slice(&[i as i64]).view([1, 1]),
+                &Tensor::ones([1, 1], (Kind::Bool, Device::Cpu)),
+                Some(&mut cache),
+            )
+            .expect("step");
+        steps.push(model.logits(&h).squeeze_dim(0));
+    }
+    let diff = max_abs_diff(&Tensor::cat(&steps, 0), &full);
+    assert!(diff < 0.02 * scale, "bf16 cached vs full: {diff}");
+
+    // Batching does not change a greedy sequence's tokens.
+    let requests: Vec<GenerateRequest> = prompts()
+        .into_iter()
+        .map(|prompt| GenerateRequest {
+            prompt,
+            params: SamplingParams::greedy(10),
+        })
+        .collect();
+    let batched = cairn::model::generate::generate(&model, &[], &requests).expect("batched");
+    for (r, b) in requests.iter().zip(&batched) {
+        let alone =
+            cairn::model::generate::generate(&model, &[], std::slice::from_ref(r)).expect("alone");
+        assert_eq!(alone[0].tokens, b.tokens);
+    }
+
+    // A bf16 model is for inference: training it is refused, not silently degraded.
+    let err = cairn::train::Trainer::new(&model, &cairn::train::OptimConfig::default())
+        .err()
+        .expect("training a bf16 model must fail")
+        .to_string();
+    assert!(err.contains("bf16"), "{err}");
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference peer: Hugging Face transformers `generate` on CPU, f32 weights.
+"""Reference peer: Hugging Face transformers `generate` on CPU, f32 (or bf16) weights.
 
 What it measures (SmolLM2-135M-Instruct by default, loaded from the same GGUF file cairn
 uses; transformers dequantises the Q4_1 tensors to f32 on load):
@@ -17,6 +17,9 @@ uses; transformers dequantises the Q4_1 tensors to f32 on load):
   position, as `generate` does) over a batch of --prefill-batch sequences of
   --prefill-len fixed pseudo-random token ids; tokens/s = batch*len / wall time, median
   of --repeats after a warm-up.
+
+--dtype bfloat16 loads the weights as bf16 instead (the whole model then runs in bf16, as
+transformers does for `dtype=torch.bfloat16`): the peer for cairn's `--dtype bf16`.
 
 Threads: torch.set_num_threads(--threads), default 2 (the machine's size).
 
@@ -64,6 +67,8 @@ def parse_args():
     ap.add_argument("--prefill-len", type=int, default=256)
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill measurement")
     ap.add_argument("--prompt", default=USER_PROMPT, help="user message of the chat prompt")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights dtype after dequantisation")
     a = ap.parse_args()
     a.batches = [int(b) for b in a.batch.split(",") if b.strip()]
     if not a.batches or min(a.batches) < 1 or a.new_tokens < 2 or a.repeats < 1:
@@ -93,11 +98,11 @@ def main():
     if not model_path.is_file():
         sys.exit(f"hf_generate: model not found: {model_path} (run scripts/setup)")
 
-    log(f"loading {model_path.name} (dequantising to f32)")
+    log(f"loading {model_path.name} (dequantising to {a.dtype})")
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
     model = AutoModelForCausalLM.from_pretrained(
-        str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32
+        str(model_path.parent), gguf_file=model_path.name, dtype=getattr(torch, a.dtype)
     )
     model.eval()
     load_s = time.perf_counter() - t0
@@ -172,7 +177,7 @@ def main():
             "numpy": np.__version__,
         },
         "model": model_path.name,
-        "weights_dtype": "float32",
+        "weights_dtype": a.dtype,
         "threads": torch.get_num_threads(),
         "new_tokens": a.new_tokens,
         "prompt_tokens": prompt_tokens,

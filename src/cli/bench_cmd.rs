@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use tch::{Device, Kind, Tensor};
 
-use cairn::model::{self, GenerateRequest, Llama, Message, Role, SamplingParams};
+use cairn::model::{self, Dtype, GenerateRequest, Llama, Message, Role, SamplingParams};
 use cairn::paths;
 
 /// Benchmarks.
@@ -87,6 +87,9 @@ pub struct GenerateBench {
     /// Timed repetitions per point (median reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Weight formats to measure, comma-separated (`f32`, `bf16`).
+    #[arg(long, default_value = "f32,bf16", value_delimiter = ',')]
+    dtype: Vec<Dtype>,
     /// Also run the peers in benches/peers/ (needs benches/peers/setup.sh).
     #[arg(long)]
     peers: bool,
@@ -124,16 +127,41 @@ fn time_it(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow:
 }
 
 /// Seconds of one decode step's matmuls alone: 30 layers' projections and the vocabulary
-/// projection on distinct weights, at batch `b`. `fused` uses the runtime's fused q/k/v and
-/// gate/up matrices; otherwise the seven separate projections of the reference definition.
+/// projection on distinct weights, at batch `b`, in the model's number format. `fused` uses
+/// the runtime's fused q/k/v and gate/up matrices; otherwise the seven separate projections
+/// of the reference definition. Each weight is timed in both layouts (`x · W` on a
+/// contiguous transposed copy, and `x · Wᵀ` on the stored matrix, which the library may
+/// pack differently) and the faster chain counts, so the ceiling is the best the matmul
+/// library does, not an artefact of one layout.
 fn chain_step_seconds(model: &Llama, b: i64, fused: bool, repeats: usize) -> anyhow::Result<f64> {
+    let mut best = f64::INFINITY;
+    for transposed_copy in [true, false] {
+        best = best.min(chain_layout_seconds(
+            model,
+            b,
+            fused,
+            transposed_copy,
+            repeats,
+        )?);
+    }
+    Ok(best)
+}
+
+fn chain_layout_seconds(
+    model: &Llama,
+    b: i64,
+    fused: bool,
+    transposed_copy: bool,
+    repeats: usize,
+) -> anyhow::Result<f64> {
     let _g = tch::no_grad_guard();
     let tensors = model.named_tensors();
+    // Weights as `[out, in]`; the transposed copies become `[in, out]` for `x · W`.
     let get = |name: &str| {
         tensors
             .iter()
             .find(|(n, _)| n == name)
-            .map(|(_, t)| t.tr().contiguous().to_device(model.device()))
+            .map(|(_, t)| t.to_device(model.device()))
             .with_context(|| format!("tensor {name}"))
     };
     let c = model.config();
@@ -155,31 +183,44 @@ fn chain_step_seconds(model: &Llama, b: i64, fused: bool, repeats: usize) -> any
             .collect::<anyhow::Result<_>>()?;
         if fused {
             chain.push(vec![
-                Tensor::cat(&[&w[0], &w[1], &w[2]], 1),
+                Tensor::cat(&[&w[0], &w[1], &w[2]], 0),
                 w[3].shallow_clone(),
-                Tensor::cat(&[&w[4], &w[5]], 1),
+                Tensor::cat(&[&w[4], &w[5]], 0),
                 w[6].shallow_clone(),
             ]);
         } else {
             chain.push(w);
         }
     }
-    let vocab = get("model.embed_tokens.weight")?;
+    chain.push(vec![get("model.embed_tokens.weight")?]);
+    if transposed_copy {
+        for layer in &mut chain {
+            for w in layer.iter_mut() {
+                *w = w.tr().contiguous();
+            }
+        }
+    }
+    let kind = model.dtype().kind();
     let h = c.hidden_size as i64;
-    let x = Tensor::randn([b, h], (Kind::Float, model.device()));
-    let ffn_in = Tensor::randn(
-        [b, c.intermediate_size as i64],
-        (Kind::Float, model.device()),
-    );
+    let x = Tensor::randn([b, h], (kind, model.device()));
+    let ffn_in = Tensor::randn([b, c.intermediate_size as i64], (kind, model.device()));
     let per_step = || {
         for layer in &chain {
             for w in layer {
                 // Each matmul reads its own weight; inputs of the right width.
-                let input = if w.size()[0] == h { &x } else { &ffn_in };
-                let _ = input.matmul(w);
+                let width = if transposed_copy {
+                    w.size()[0]
+                } else {
+                    w.size()[1]
+                };
+                let input = if width == h { &x } else { &ffn_in };
+                let _ = if transposed_copy {
+                    input.matmul(w)
+                } else {
+                    input.matmul(&w.tr())
+                };
             }
         }
-        let _ = x.matmul(&vocab);
     };
     let reps = 10;
     let t = time_it(repeats.max(3), || {
@@ -191,6 +232,48 @@ fn chain_step_seconds(model: &Llama, b: i64, fused: bool, repeats: usize) -> any
     Ok(t / reps as f64)
 }
 
+/// The transformers peer's results for one weights dtype.
+fn peer_key(name: &str, dtype: Dtype) -> String {
+    match dtype {
+        Dtype::F32 => name.to_string(),
+        other => format!("{name}_{other}"),
+    }
+}
+
+fn run_peer(
+    python: &std::path::Path,
+    script: &str,
+    args: &[String],
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let out = Command::new(python)
+        .arg(script)
+        .args(args)
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} {script} (run benches/peers/setup.sh first)",
+                python.display()
+            )
+        })?;
+    // A failing peer is reported, not fatal: the measurements already taken stand.
+    if !out.status.success() {
+        eprintln!(
+            "peer {script} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    match serde_json::from_str::<serde_json::Value>(last) {
+        Ok(value) => Ok(Some(value)),
+        Err(_) => {
+            eprintln!("peer {script} printed no JSON: {text}");
+            Ok(None)
+        }
+    }
+}
+
 fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
     let path = args.model.clone().unwrap_or_else(paths::default_model);
     anyhow::ensure!(
@@ -199,7 +282,7 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
         path.display(),
         paths::SETUP_HINT
     );
-    let loaded =
+    let mut loaded =
         model::load(&path, Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
     let prompt = loaded.tokenizer.encode_chat(&[Message::new(
         Role::User,
@@ -213,37 +296,44 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
         tch::get_num_threads()
     );
     let mut rows = Vec::new();
-    for &b in &args.batch {
-        let requests: Vec<GenerateRequest> = (0..b)
-            .map(|i| GenerateRequest {
-                prompt: prompt.clone(),
-                params: SamplingParams {
-                    seed: i as u64,
-                    ..SamplingParams::greedy(args.new_tokens)
-                },
-            })
-            .collect();
-        // No end-of-turn tokens: every sequence runs the full length, as the peers do.
-        let secs = time_it(args.repeats, || {
-            model::generate::generate(&loaded.model, &[], &requests)?;
-            Ok(())
-        })?;
-        let tok_s = (b * args.new_tokens) as f64 / secs;
-        let unfused = chain_step_seconds(&loaded.model, b as i64, false, args.repeats)?;
-        let fused = chain_step_seconds(&loaded.model, b as i64, true, args.repeats)?;
-        let ceiling = b as f64 / unfused;
-        eprintln!(
-            "batch {b:>3}: {tok_s:>8.1} tok/s | chain ceiling {ceiling:>8.1} tok/s (fused chain {:>8.1}) | {:>5.1}% of ceiling",
-            b as f64 / fused,
-            100.0 * tok_s / ceiling
-        );
-        rows.push(serde_json::json!({
-            "batch": b, "cairn_tok_s": tok_s, "chain_ceiling_tok_s": ceiling,
-            "fused_chain_tok_s": b as f64 / fused, "share_of_ceiling": tok_s / ceiling,
-        }));
-    }
-    // Prefill: 8 sequences of 256 tokens, one forward pass and the last position's logits.
-    let prefill = {
+    let mut prefill = serde_json::Map::new();
+    let mut dtypes = args.dtype.clone();
+    // f32 first: converting to bf16 is one-way.
+    dtypes.sort_by_key(|d| *d != Dtype::F32);
+    dtypes.dedup();
+    for &dtype in &dtypes {
+        loaded.model.set_dtype(dtype);
+        for &b in &args.batch {
+            let requests: Vec<GenerateRequest> = (0..b)
+                .map(|i| GenerateRequest {
+                    prompt: prompt.clone(),
+                    params: SamplingParams {
+                        seed: i as u64,
+                        ..SamplingParams::greedy(args.new_tokens)
+                    },
+                })
+                .collect();
+            // No end-of-turn tokens: every sequence runs the full length, as the peers do.
+            let secs = time_it(args.repeats, || {
+                model::generate::generate(&loaded.model, &[], &requests)?;
+                Ok(())
+            })?;
+            let tok_s = (b * args.new_tokens) as f64 / secs;
+            let unfused = chain_step_seconds(&loaded.model, b as i64, false, args.repeats)?;
+            let fused = chain_step_seconds(&loaded.model, b as i64, true, args.repeats)?;
+            let ceiling = b as f64 / unfused;
+            eprintln!(
+                "{dtype} batch {b:>3}: {tok_s:>8.1} tok/s | chain ceiling {ceiling:>8.1} tok/s (fused chain {:>8.1}) | {:>5.1}% of ceiling",
+                b as f64 / fused,
+                100.0 * tok_s / ceiling
+            );
+            rows.push(serde_json::json!({
+                "dtype": dtype.to_string(), "batch": b, "cairn_tok_s": tok_s,
+                "chain_ceiling_tok_s": ceiling, "fused_chain_tok_s": b as f64 / fused,
+                "share_of_ceiling": tok_s / ceiling,
+            }));
+        }
+        // Prefill: 8 sequences of 256 tokens, one forward pass and the last position's logits.
         let _g = tch::no_grad_guard();
         let (b, t) = (8i64, 256i64);
         let vocab = loaded.model.config().vocab_size as i64;
@@ -257,9 +347,10 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
             let _ = loaded.model.logits(&h.select(1, t - 1));
             Ok(())
         })?;
-        (b * t) as f64 / secs
-    };
-    eprintln!("prefill 8x256: {prefill:.0} tok/s");
+        let tok_s = (b * t) as f64 / secs;
+        eprintln!("{dtype} prefill 8x256: {tok_s:.0} tok/s");
+        prefill.insert(dtype.to_string(), tok_s.into());
+    }
     let mut peers = serde_json::Map::new();
     if args.peers {
         let python = args.peer_python.clone().unwrap_or_else(|| {
@@ -274,67 +365,62 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
             .map(|b| b.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        let n = args.new_tokens.to_string();
-        let reps = args.repeats.to_string();
-        let model_arg = path.display().to_string();
-        let hf_args = ["--batch", batches.as_str()];
-        let peers_to_run: [(&str, &str, &[&str]); 2] = [
-            ("transformers", "benches/peers/hf_generate.py", &hf_args),
-            // llama.cpp is measured at batch 1 only.
-            ("llama.cpp", "benches/peers/llamacpp_generate.py", &[]),
+        let common = vec![
+            "--model".to_string(),
+            path.display().to_string(),
+            "--new-tokens".into(),
+            args.new_tokens.to_string(),
+            "--repeats".into(),
+            args.repeats.to_string(),
         ];
-        for (name, script, extra) in peers_to_run {
-            eprintln!("running peer {name} …");
-            let out = Command::new(&python)
-                .args([
-                    script,
-                    "--model",
-                    &model_arg,
-                    "--new-tokens",
-                    &n,
-                    "--repeats",
-                    &reps,
-                ])
-                .args(extra)
-                .output()
-                .with_context(|| {
-                    format!(
-                        "running {} {script} (run benches/peers/setup.sh first)",
-                        python.display()
-                    )
-                })?;
-            // A failing peer is reported, not fatal: the measurements already taken stand.
-            if !out.status.success() {
-                eprintln!(
-                    "peer {name} failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                continue;
+        // transformers in f32 is the reference peer; in bf16 it is the like-for-like peer of
+        // cairn's bf16 rows.
+        let mut hf_dtypes = vec![Dtype::F32];
+        hf_dtypes.extend(dtypes.iter().copied().filter(|d| *d != Dtype::F32));
+        for dtype in hf_dtypes {
+            eprintln!("running peer transformers ({dtype}) …");
+            let mut a = common.clone();
+            a.extend([
+                "--batch".to_string(),
+                batches.clone(),
+                "--dtype".into(),
+                match dtype {
+                    Dtype::F32 => "float32".into(),
+                    Dtype::Bf16 => "bfloat16".into(),
+                },
+            ]);
+            if let Some(v) = run_peer(&python, "benches/peers/hf_generate.py", &a)? {
+                peers.insert(peer_key("transformers", dtype), v);
             }
-            let text = String::from_utf8_lossy(&out.stdout);
-            let last = text.lines().last().unwrap_or_default();
-            match serde_json::from_str::<serde_json::Value>(last) {
-                Ok(value) => {
-                    peers.insert(name.to_string(), value);
-                }
-                Err(_) => eprintln!("peer {name} printed no JSON: {text}"),
-            }
+        }
+        // llama.cpp runs the quantised file itself, at batch 1 only.
+        eprintln!("running peer llama.cpp …");
+        if let Some(v) = run_peer(&python, "benches/peers/llamacpp_generate.py", &common)? {
+            peers.insert("llama.cpp".into(), v);
         }
         for row in &mut rows {
             let b = row["batch"].as_u64().unwrap_or(0).to_string();
             let ours = row["cairn_tok_s"].as_f64().unwrap_or(0.0);
-            for (name, value) in &peers {
-                if let Some(theirs) = value["decode_tok_s"][&b].as_f64() {
-                    row[format!("{name}_tok_s")] = theirs.into();
-                    row[format!("ratio_vs_{name}")] = (ours / theirs).into();
+            let same: Dtype = row["dtype"]
+                .as_str()
+                .unwrap_or("f32")
+                .parse()
+                .unwrap_or_default();
+            let mut set = |column: &str, peer: &str| {
+                if let Some(theirs) = peers.get(peer).and_then(|v| v["decode_tok_s"][&b].as_f64()) {
+                    row[format!("{column}_tok_s")] = theirs.into();
+                    row[format!("ratio_vs_{column}")] = (ours / theirs).into();
                 }
-            }
+            };
+            set("transformers", "transformers");
+            set("transformers_same_dtype", &peer_key("transformers", same));
+            set("llama.cpp", "llama.cpp");
         }
     }
     println!(
-        "| batch | cairn tok/s | chain ceiling | share of ceiling | transformers | cairn / transformers | llama.cpp | cairn / llama.cpp |"
+        "| dtype | batch | cairn tok/s | chain ceiling (same dtype) | share of ceiling | transformers f32 | cairn / transformers f32 | transformers same dtype | cairn / transformers same dtype | llama.cpp (Q4_1) | cairn / llama.cpp |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let cell = |v: &serde_json::Value, digits: usize| {
         v.as_f64()
             .map(|x| format!("{x:.digits$}"))
@@ -342,27 +428,35 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
     };
     for row in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row["dtype"].as_str().unwrap_or("?"),
             row["batch"],
             cell(&row["cairn_tok_s"], 1),
             cell(&row["chain_ceiling_tok_s"], 1),
             cell(&row["share_of_ceiling"], 2),
             cell(&row["transformers_tok_s"], 1),
             cell(&row["ratio_vs_transformers"], 2),
+            cell(&row["transformers_same_dtype_tok_s"], 1),
+            cell(&row["ratio_vs_transformers_same_dtype"], 2),
             cell(&row["llama.cpp_tok_s"], 1),
             cell(&row["ratio_vs_llama.cpp"], 2),
         );
     }
-    println!(
-        "\nprefill (8 × 256 tokens): cairn {prefill:.0} tok/s{}",
-        match peers
-            .get("transformers")
-            .and_then(|v| v["prefill_tok_s"].as_f64())
-        {
-            Some(p) => format!(", transformers {p:.0} tok/s, ratio {:.2}", prefill / p),
-            None => String::new(),
-        }
-    );
+    for (dtype, ours) in &prefill {
+        let ours = ours.as_f64().unwrap_or(0.0);
+        let peer = dtype
+            .parse::<Dtype>()
+            .ok()
+            .and_then(|d| peers.get(&peer_key("transformers", d)))
+            .and_then(|v| v["prefill_tok_s"].as_f64());
+        println!(
+            "prefill {dtype} (8 × 256 tokens): cairn {ours:.0} tok/s{}",
+            match peer {
+                Some(p) => format!(", transformers {dtype} {p:.0} tok/s, ratio {:.2}", ours / p),
+                None => String::new(),
+            }
+        );
+    }
     if let Some(out) = args.json {
         let value = serde_json::json!({ "model": path.display().to_string(), "new_tokens": args.new_tokens,
             "threads": tch::get_num_threads(), "rows": rows, "prefill_tok_s": prefill, "peers": peers });

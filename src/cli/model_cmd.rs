@@ -18,6 +18,9 @@ pub struct ModelArgs {
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Weight format: f32 (exact) or bf16 (faster inference, bfloat16 rounding).
+    #[arg(long, default_value = "f32")]
+    pub dtype: model::Dtype,
 }
 
 impl ModelArgs {
@@ -31,7 +34,10 @@ impl ModelArgs {
             );
         }
         let device = model::parse_device(&self.device)?;
-        model::load(&path, device).with_context(|| format!("loading model {}", path.display()))
+        let mut loaded = model::load(&path, device)
+            .with_context(|| format!("loading model {}", path.display()))?;
+        loaded.model.set_dtype(self.dtype);
+        Ok(loaded)
     }
 }
 

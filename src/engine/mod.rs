@@ -355,6 +355,7 @@ fn model_factories(spec: &Spec, only: Option<&HashSet<String>>) -> Vec<(String, 
             let path = m.path.clone();
             let instant = m.instant;
             let score_head = m.score_head;
+            let dtype = m.dtype;
             let factory: ModelFactory = Box::new(move |device| {
                 if instant {
                     return Ok(ServedModel::instant());
@@ -363,6 +364,7 @@ fn model_factories(spec: &Spec, only: Option<&HashSet<String>>) -> Vec<(String, 
                 if score_head {
                     loaded.model.ensure_score_head();
                 }
+                loaded.model.set_dtype(dtype);
                 let eos = loaded.tokenizer.eos_ids().to_vec();
                 Ok(ServedModel::llama(loaded.model, eos))
             });

@@ -158,24 +158,24 @@ pub fn stage_models(s: &crate::spec::StageSpec) -> Vec<String> {
 
 /// The models a spec's training stages train (each stage's `model`, or its kind's default).
 pub fn trained_models(spec: &Spec) -> std::collections::HashSet<String> {
-    spec.stages
-        .iter()
-        .filter_map(|s| {
-            let default = match s.kind.as_str() {
-                "sft" => "sft",
-                "pm" => "pm",
-                "ppo" => "policy",
-                _ => return None,
-            };
-            Some(
-                s.settings
-                    .get("model")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or(default)
-                    .to_string(),
-            )
-        })
-        .collect()
+    spec.stages.iter().filter_map(trained_model).collect()
+}
+
+/// The model a training stage trains (`None` for other stages).
+fn trained_model(s: &crate::spec::StageSpec) -> Option<String> {
+    let default = match s.kind.as_str() {
+        "sft" => "sft",
+        "pm" => "pm",
+        "ppo" => "policy",
+        _ => return None,
+    };
+    Some(
+        s.settings
+            .get("model")
+            .and_then(|v| v.as_str())
+            .unwrap_or(default)
+            .to_string(),
+    )
 }
 
 impl Plan {
@@ -222,6 +222,16 @@ impl Plan {
                 EngineError::Input(format!("{}:{}: {e}", spec.path.display(), s.line))
             };
             if let Some((_, _, builder)) = training.iter().find(|(k, _, _)| *k == s.kind) {
+                if let Some(m) = trained_model(s)
+                    && let Some(model) = spec.models.iter().find(|x| x.name == m)
+                    && model.dtype != crate::model::Dtype::F32
+                {
+                    return Err(at(format!(
+                        "trains model `{m}`, which is loaded as {}; a trained model needs \
+                         dtype f32",
+                        model.dtype
+                    )));
+                }
                 stages.push(Built::Training {
                     name: s.name.clone(),
                     kind: s.kind.clone(),

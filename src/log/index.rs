@@ -43,7 +43,7 @@ impl SparseIndex {
             return None;
         }
         let (body, crc) = bytes.split_at(bytes.len() - 4);
-        if u32::from_le_bytes(crc.try_into().ok()?) != crc32c::crc32c(body) {
+        if u32::from_le_bytes(crc.try_into().ok()?) != super::format::crc32c(body) {
             return None;
         }
         if u32::from_le_bytes(body[8..12].try_into().ok()?) != INDEX_VERSION {
@@ -81,7 +81,7 @@ impl SparseIndex {
             out.extend_from_slice(&offset.to_le_bytes());
             out.extend_from_slice(&pos.to_le_bytes());
         }
-        let crc = crc32c::crc32c(&out);
+        let crc = super::format::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
     }

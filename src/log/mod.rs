@@ -37,6 +37,7 @@ use std::time::Duration;
 
 pub use check::{LogStats, RepairReport, VerifyReport, repair, stats, verify};
 pub use reader::{Follower, LogReader, partitions};
+pub use scan::READ_WINDOW;
 pub use writer::{Appended, LogWriter, RecoveryReport, TornTail};
 
 /// When appended events are made durable with `fdatasync`.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::LogError;
 use super::format::{Frame, SEGMENT_HEADER_LEN, list_segments, read_frame, segment_file_name};
 use super::index::SparseIndex;
-use super::scan::{Ending, check_header, read_segment, scan_frames};
+use super::scan::{Ending, ScanBuffer, check_header, read_segment, scan_file, scan_frames};
 use crate::record::{Envelope, Key};
 
 /// A read handle on a log directory (a snapshot of its segment list, refreshed as needed).
@@ -90,7 +90,7 @@ impl LogReader {
         offset: u64,
         mut visit: impl FnMut(&Path, u64, u64, &[u8]) -> Result<bool, LogError>,
     ) -> Result<(), LogError> {
-        let mut buf = Vec::new();
+        let mut buf = ScanBuffer::default();
         for part in &self.parts {
             let mut expected: Option<u64> = None;
             for (first, path, is_last) in segments_from(part, offset)? {
@@ -177,7 +177,7 @@ fn iter_dir(dir: PathBuf, offset: u64) -> impl Iterator<Item = Result<Envelope, 
         };
         let mut pending: std::vec::IntoIter<Envelope> = Vec::new().into_iter();
         let mut expected: Option<u64> = None;
-        let mut buf = Vec::new();
+        let mut buf = ScanBuffer::default();
         std::iter::from_fn(move || {
             loop {
                 if let Some(e) = failed.take() {
@@ -239,38 +239,41 @@ fn segments_from(dir: &Path, offset: u64) -> Result<Vec<(u64, PathBuf, bool)>, L
 type FrameVisitor<'a> = dyn FnMut(&Path, u64, u64, &[u8]) -> Result<bool, LogError> + 'a;
 
 /// Visits the frames of one segment with offsets `>= from`, starting from the index entry
-/// closest to `from`, reading the file into `buf` (reused across segments, so a replay does
-/// not fault in fresh memory per segment). `visit` returns `false` to stop. Returns the
-/// offset following the segment's last record and whether the visitor stopped early.
+/// closest to `from`, streaming the file through `buf` (reused across segments, a window at
+/// a time: see [`scan_file`]). `visit` returns `false` to stop. Returns the offset
+/// following the segment's last record and whether the visitor stopped early.
 fn visit_segment(
     path: &Path,
     first: u64,
     from: u64,
     is_last: bool,
-    buf: &mut Vec<u8>,
+    buf: &mut ScanBuffer,
     visit: &mut FrameVisitor<'_>,
 ) -> Result<(u64, bool), LogError> {
-    use std::io::Read;
-    buf.clear();
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_end(buf))
-        .map_err(|e| LogError::io(path, "read segment", e))?;
-    let bytes: &[u8] = buf;
-    if check_header(path, bytes, first, is_last)?.is_none() {
+    let io = |e: std::io::Error| LogError::io(path, "read segment", e);
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut header = Vec::with_capacity(SEGMENT_HEADER_LEN as usize);
+    (&mut file)
+        .take(SEGMENT_HEADER_LEN)
+        .read_to_end(&mut header)
+        .map_err(io)?;
+    if check_header(path, &header, first, is_last)?.is_none() {
         return Ok((first, false));
     }
-    let (start_offset, start_pos) =
-        SparseIndex::load(&SparseIndex::path_for(path), bytes.len() as u64)
-            .and_then(|idx| idx.seek(from))
-            .filter(|&(o, p)| o >= first && p >= SEGMENT_HEADER_LEN)
-            .unwrap_or((first, SEGMENT_HEADER_LEN));
+    let (start_offset, start_pos) = SparseIndex::load(&SparseIndex::path_for(path), file_len)
+        .and_then(|idx| idx.seek(from))
+        .filter(|&(o, p)| o >= first && p >= SEGMENT_HEADER_LEN)
+        .unwrap_or((first, SEGMENT_HEADER_LEN));
     let mut stopped = false;
-    let scan = scan_frames(
+    let scan = scan_file(
         path,
-        bytes,
+        &mut file,
+        file_len,
         start_pos,
         start_offset,
         is_last,
+        buf,
         |offset, pos, payload| {
             if stopped || offset < from {
                 return Ok(());

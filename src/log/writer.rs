@@ -6,6 +6,13 @@
 //! confirmed. Appenders that wait for durability at the same time share one sync (group
 //! commit): whoever finds no sync in flight becomes the leader, releases the lock while the
 //! disk works, and wakes everyone whose events that sync covered.
+//!
+//! Under the buffered policies (`Interval`, `Explicit`) the `write` calls run on a flusher
+//! thread, so encoding the next batch overlaps handing the previous one to the OS: an
+//! appender encodes into its buffer, adds it to the bytes queued for the flusher (waiting
+//! only when a full megabyte is already queued) and returns. A sync, a segment
+//! roll or a close first waits for the flusher to go idle, so bytes reach each file in
+//! offset order. Under `Always` the appender writes and syncs itself (it waits anyway).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -104,8 +111,6 @@ type KeyMap = HashMap<Key, u64, std::hash::BuildHasherDefault<KeyHasher>>;
 struct State {
     active: Active,
     next_offset: u64,
-    /// Offsets below this have been handed to the OS.
-    written: u64,
     /// Offsets below this are confirmed on disk.
     durable: u64,
     buf: Vec<u8>,
@@ -119,6 +124,7 @@ struct Shared {
     dir: PathBuf,
     opts: LogOptions,
     state: Mutex<State>,
+    flusher: Arc<FlushQueue>,
     synced: Condvar,
     recovery: RecoveryReport,
     lock_file: File,
@@ -133,6 +139,117 @@ pub struct LogWriter {
 }
 
 const FLUSH_AT: usize = 1 << 20;
+
+/// Bytes handed to the flusher thread, to be written to `file` in one `write_all`.
+struct FlushJob {
+    file: Arc<File>,
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+#[derive(Default)]
+struct FlushSlot {
+    /// The bytes waiting for the flusher (one job; later appends extend it).
+    job: Option<FlushJob>,
+    /// A job is being written right now.
+    busy: bool,
+    /// A cleared buffer to hand back to the appender (saves reallocating).
+    spare: Vec<u8>,
+    /// A failed write: the writer is broken from then on.
+    error: Option<String>,
+    shutdown: bool,
+}
+
+/// The hand-over point between appenders and the flusher thread. Lock order: the writer's
+/// state, then this; the flusher takes only this, so waiting here with the state locked
+/// cannot deadlock.
+#[derive(Default)]
+struct FlushQueue {
+    slot: Mutex<FlushSlot>,
+    changed: Condvar,
+}
+
+impl FlushQueue {
+    fn lock(&self) -> MutexGuard<'_, FlushSlot> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues the frames in `bytes` (leaving it empty) for `file`, after what is queued
+    /// already. Appends to the waiting job rather than waiting for the flusher, so an
+    /// appender only blocks when a full [`FLUSH_AT`] is already waiting (backpressure).
+    fn submit(&self, file: &Arc<File>, path: &Path, bytes: &mut Vec<u8>) -> Result<(), LogError> {
+        let mut slot = self.lock();
+        loop {
+            if let Some(why) = &slot.error {
+                return Err(LogError::Failed(why.clone()));
+            }
+            match &mut slot.job {
+                None => {
+                    let spare = std::mem::take(&mut slot.spare);
+                    slot.job = Some(FlushJob {
+                        file: Arc::clone(file),
+                        path: path.to_path_buf(),
+                        bytes: std::mem::replace(bytes, spare),
+                    });
+                    self.changed.notify_all();
+                    return Ok(());
+                }
+                // Only one file at a time has queued bytes: a roll waits for the queue to
+                // drain before it switches files.
+                Some(job) if job.bytes.len() < FLUSH_AT => {
+                    job.bytes.extend_from_slice(bytes);
+                    bytes.clear();
+                    return Ok(());
+                }
+                Some(_) => slot = self.changed.wait(slot).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+
+    /// Waits until every queued byte has been written.
+    fn wait_idle(&self) -> Result<(), LogError> {
+        let mut slot = self.lock();
+        while (slot.job.is_some() || slot.busy) && slot.error.is_none() {
+            slot = self.changed.wait(slot).unwrap_or_else(|p| p.into_inner());
+        }
+        match &slot.error {
+            Some(why) => Err(LogError::Failed(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn shut_down(&self) {
+        self.lock().shutdown = true;
+        self.changed.notify_all();
+    }
+
+    /// The flusher thread: writes jobs in the order they were queued.
+    fn run(&self) {
+        let mut slot = self.lock();
+        loop {
+            let Some(mut job) = slot.job.take() else {
+                if slot.shutdown {
+                    return;
+                }
+                slot = self.changed.wait(slot).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            slot.busy = true;
+            drop(slot);
+            let result = (&*job.file).write_all(&job.bytes);
+            slot = self.lock();
+            slot.busy = false;
+            if let Err(e) = result {
+                slot.error = Some(format!("{}: write: {e}", job.path.display()));
+            }
+            job.bytes.clear();
+            if job.bytes.capacity() > slot.spare.capacity() {
+                slot.spare = job.bytes;
+            }
+            self.changed.notify_all();
+        }
+    }
+}
 
 impl LogWriter {
     /// Opens (or creates) the log in `dir`: validates every segment, truncates a torn tail
@@ -270,7 +387,6 @@ impl LogWriter {
                 since_index,
             },
             next_offset,
-            written: next_offset,
             durable: next_offset,
             buf: Vec::with_capacity(FLUSH_AT),
             syncing: false,
@@ -278,10 +394,19 @@ impl LogWriter {
             failed: None,
             closed: false,
         };
+        let flusher = Arc::new(FlushQueue::default());
+        if opts.sync != SyncPolicy::Always {
+            let queue = Arc::clone(&flusher);
+            std::thread::Builder::new()
+                .name("cairn-log-flush".into())
+                .spawn(move || queue.run())
+                .map_err(|e| LogError::io(dir, "spawn flush thread", e))?;
+        }
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             opts: opts.clone(),
             state: Mutex::new(state),
+            flusher,
             synced: Condvar::new(),
             recovery: report,
             lock_file: lock,
@@ -314,7 +439,9 @@ impl LogWriter {
 
     /// Appends events in order. An event whose key is already logged is not written again
     /// ([`Appended::Existing`]). Under [`SyncPolicy::Always`] this returns once the events
-    /// are durable; otherwise once they are handed to the OS.
+    /// are durable; otherwise once they are queued for the flusher thread, which hands them
+    /// to the OS in order without further calls (a process killed right after this returns
+    /// may lose them, as it may lose anything not yet synced).
     pub fn append_batch(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, LogError> {
         let mut results = Vec::with_capacity(events.len());
         let target = {
@@ -359,13 +486,13 @@ impl LogWriter {
                 st.next_offset += 1;
                 results.push(Appended::New(offset));
                 if st.buf.len() >= FLUSH_AT {
-                    self.flush_locked(st)?;
+                    self.hand_over_locked(st)?;
                 }
                 if st.active.len >= self.shared.opts.segment_bytes {
                     self.roll_locked(st)?;
                 }
             }
-            self.flush_locked(&mut st)?;
+            self.hand_over_locked(&mut st)?;
             st.next_offset
         };
         if self.shared.opts.sync == SyncPolicy::Always {
@@ -401,7 +528,7 @@ impl LogWriter {
                 continue;
             }
             self.flush_locked(&mut st)?;
-            let upto = st.written;
+            let upto = st.next_offset;
             let file = Arc::clone(&st.active.file);
             let path = st.active.path.clone();
             st.syncing = true;
@@ -451,6 +578,7 @@ impl LogWriter {
         let mut index = st.active.index.clone();
         index.segment_len = st.active.len;
         index.write(&SparseIndex::path_for(&st.active.path))?;
+        self.shared.flusher.shut_down();
         // Release LOCK now rather than when the last handle drops: the background syncer may
         // still hold one for a moment, and a closed writer appends nothing more anyway.
         let _ = self.shared.lock_file.unlock();
@@ -473,10 +601,13 @@ impl LogWriter {
         Ok(st)
     }
 
-    /// Hands buffered frames to the OS.
+    /// Hands buffered frames to the OS now, after whatever the flusher still holds.
     fn flush_locked(&self, st: &mut State) -> Result<(), LogError> {
+        if let Err(e) = self.shared.flusher.wait_idle() {
+            st.failed = Some(e.to_string());
+            return Err(e);
+        }
         if st.buf.is_empty() {
-            st.written = st.next_offset;
             return Ok(());
         }
         let result = (&*st.active.file).write_all(&st.buf);
@@ -486,8 +617,34 @@ impl LogWriter {
             return Err(LogError::io(path, "append", e));
         }
         st.buf.clear();
-        st.written = st.next_offset;
         Ok(())
+    }
+
+    /// Passes buffered frames on: to the flusher thread under the buffered policies, straight
+    /// to the OS under `Always` (whose caller syncs next anyway).
+    fn hand_over_locked(&self, st: &mut State) -> Result<(), LogError> {
+        if st.buf.is_empty() {
+            return Ok(());
+        }
+        if self.shared.opts.sync == SyncPolicy::Always {
+            return self.flush_locked(st);
+        }
+        match self
+            .shared
+            .flusher
+            .submit(&st.active.file, &st.active.path, &mut st.buf)
+        {
+            Ok(()) => {
+                if st.buf.capacity() == 0 {
+                    st.buf.reserve(FLUSH_AT);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                st.failed = Some(e.to_string());
+                Err(e)
+            }
+        }
     }
 
     /// Seals the active segment (sync, index) and starts the next one.
@@ -498,7 +655,7 @@ impl LogWriter {
             st.failed = Some(format!("{}: fdatasync: {e}", sealed.path.display()));
             return Err(LogError::io(sealed.path.clone(), "fdatasync", e));
         }
-        st.durable = st.durable.max(st.written);
+        st.durable = st.durable.max(st.next_offset);
         let mut index = st.active.index.clone();
         index.segment_len = st.active.len;
         index.write(&SparseIndex::path_for(&st.active.path))?;
@@ -519,11 +676,14 @@ impl LogWriter {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        let idle = self.flusher.wait_idle();
+        self.flusher.shut_down();
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if st.failed.is_some() || st.closed {
             return;
         }
-        let flushed = st.buf.is_empty() || (&*st.active.file).write_all(&st.buf).is_ok();
+        let flushed =
+            idle.is_ok() && (st.buf.is_empty() || (&*st.active.file).write_all(&st.buf).is_ok());
         if !flushed || st.active.file.sync_data().is_err() {
             tracing::error!(segment = %st.active.path.display(), "final flush of the event log failed");
         }

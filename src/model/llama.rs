@@ -12,8 +12,8 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor, nn};
 
-use super::ModelError;
 use super::config::LlamaConfig;
+use super::{Dtype, ModelError};
 
 struct Block {
     attn_norm: Tensor,
@@ -37,7 +37,9 @@ pub struct Llama {
     norm: Tensor,
     score_head: Option<Tensor>,
     rope_cos: Tensor,
+    /// Sines with the first half of each row negated (see `apply_rope`).
     rope_sin: Tensor,
+    dtype: Dtype,
 }
 
 /// Keys and values of past positions, per layer: `[batch, kv_heads, capacity, head_dim]`.
@@ -210,7 +212,55 @@ impl Llama {
             score_head,
             rope_cos,
             rope_sin,
+            dtype: Dtype::F32,
         })
+    }
+
+    /// The number format of the weight matrices.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// Converts the weight matrices (embedding, projections, untied head) to `dtype`, in
+    /// place: the variable store holds the converted tensors, so saving and copying weights
+    /// see them too. Norm weights, biases and the scalar head stay f32 (they are tiny and
+    /// feed f32 arithmetic).
+    pub fn set_dtype(&mut self, dtype: Dtype) {
+        if dtype == self.dtype {
+            return;
+        }
+        let _guard = tch::no_grad_guard();
+        let kind = dtype.kind();
+        let mut matrices: Vec<&mut Tensor> = vec![&mut self.embed];
+        if let Some(head) = self.lm_head.as_mut() {
+            matrices.push(head);
+        }
+        for blk in &mut self.blocks {
+            matrices.extend([
+                &mut blk.wqkv,
+                &mut blk.wo,
+                &mut blk.w_gate_up,
+                &mut blk.w_down,
+            ]);
+        }
+        for t in matrices {
+            // `set_data` swaps the storage of the variable itself, which the var store
+            // shares, rather than rebinding this field to a new tensor.
+            let converted = t.to_kind(kind);
+            t.set_data(&converted);
+        }
+        self.dtype = dtype;
+    }
+
+    /// `x · wᵀ` in the model's number format, returned as f32.
+    fn linear(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        match self.dtype {
+            Dtype::F32 => x.matmul(&w.tr()),
+            Dtype::Bf16 => x
+                .to_kind(Kind::BFloat16)
+                .matmul(&w.tr())
+                .to_kind(Kind::Float),
+        }
     }
 
     /// A randomly initialised model (for tests and benchmarks), reproducible from `seed`.
@@ -301,43 +351,47 @@ impl Llama {
             .unsqueeze(1);
 
         // Query rows are grouped per kv head (see the attention below): one mask row per
-        // (head in group, position).
+        // (head in group, position). Made additive (0 / −∞) once here, so attention does not
+        // convert a boolean mask in every layer.
         let group = nh / nkv;
         let rows_mask = if group > 1 {
             mask.repeat([1, 1, group, 1])
         } else {
             mask.shallow_clone()
         };
+        let rows_mask = Tensor::zeros(rows_mask.size(), (Kind::Float, tokens.device()))
+            .masked_fill(&rows_mask.logical_not(), f64::NEG_INFINITY);
+        // Rotary tables per (sequence, position), shaped to broadcast over heads of the
+        // `[b, t, heads, hd]` layout the projections come out in.
         let cos = self
             .rope_cos
             .index_select(0, &positions.flatten(0, 1))
-            .view([b, 1, t, hd]);
+            .view([b, t, 1, hd]);
         let sin = self
             .rope_sin
             .index_select(0, &positions.flatten(0, 1))
-            .view([b, 1, t, hd]);
+            .view([b, t, 1, hd]);
 
-        let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false);
+        let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false).to_kind(Kind::Float);
         for (layer, blk) in self.blocks.iter().enumerate() {
             let hidden = x.rms_norm([c.hidden_size as i64], Some(&blk.attn_norm), c.rms_norm_eps);
-            let mut qkv = hidden.matmul(&blk.wqkv.tr());
+            let mut qkv = self.linear(&hidden, &blk.wqkv);
             if let Some(bias) = &blk.bqkv {
                 qkv += bias;
             }
-            let q = qkv
-                .narrow(-1, 0, nh * hd)
-                .view([b, t, nh, hd])
-                .transpose(1, 2);
-            let k = qkv
-                .narrow(-1, nh * hd, nkv * hd)
-                .view([b, t, nkv, hd])
-                .transpose(1, 2);
+            // Queries and keys are adjacent columns: one rotary pass covers both.
+            let qk = apply_rope(
+                &qkv.narrow(-1, 0, (nh + nkv) * hd)
+                    .view([b, t, nh + nkv, hd]),
+                &cos,
+                &sin,
+            );
+            let q = qk.narrow(2, 0, nh).transpose(1, 2);
+            let k = qk.narrow(2, nh, nkv).transpose(1, 2);
             let v = qkv
                 .narrow(-1, (nh + nkv) * hd, nkv * hd)
                 .view([b, t, nkv, hd])
                 .transpose(1, 2);
-            let q = apply_rope(&q, &cos, &sin);
-            let k = apply_rope(&k, &cos, &sin);
             let (keys, values) = match cache.as_deref_mut() {
                 Some(cache) => {
                     cache.k[layer].narrow(2, past, t).copy_(&k);
@@ -356,25 +410,36 @@ impl Llama {
             } else {
                 q.shallow_clone()
             };
-            let attn = Tensor::f_scaled_dot_product_attention(
-                &q_rows,
-                &keys,
-                &values,
-                Some(&rows_mask),
-                0.0,
-                false,
-                None::<f64>,
-                false,
-            )
-            .map_err(ModelError::Torch)?
+            let attn = if t == 1 {
+                // A decode step: a handful of query rows per kv head. Plain batched matmuls
+                // beat the fused kernel here, whose per-(sequence, head) tiling costs more
+                // than the arithmetic (~2x at batch 32).
+                let scores = q_rows
+                    .matmul(&keys.transpose(-1, -2))
+                    .multiply_scalar(1.0 / (hd as f64).sqrt())
+                    + &rows_mask;
+                scores.softmax(-1, Kind::Float).matmul(&values)
+            } else {
+                Tensor::f_scaled_dot_product_attention(
+                    &q_rows,
+                    &keys,
+                    &values,
+                    Some(&rows_mask),
+                    0.0,
+                    false,
+                    None::<f64>,
+                    false,
+                )
+                .map_err(ModelError::Torch)?
+            }
             .reshape([b, nh, t, hd]);
             let attn = attn.transpose(1, 2).reshape([b, t, nh * hd]);
-            x = x + attn.matmul(&blk.wo.tr());
+            x = x + self.linear(&attn, &blk.wo);
             let hidden = x.rms_norm([c.hidden_size as i64], Some(&blk.ffn_norm), c.rms_norm_eps);
-            let gate_up = hidden.matmul(&blk.w_gate_up.tr());
+            let gate_up = self.linear(&hidden, &blk.w_gate_up);
             let ffn = c.intermediate_size as i64;
             let act = gate_up.narrow(-1, 0, ffn).silu() * gate_up.narrow(-1, ffn, ffn);
-            x = x + act.matmul(&blk.w_down.tr());
+            x = x + self.linear(&act, &blk.w_down);
         }
         if let Some(cache) = cache {
             cache.len = total;
@@ -384,7 +449,7 @@ impl Llama {
 
     /// Next-token logits `[.., vocab]` of final hidden states `[.., hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).tr())
+        self.linear(hidden, self.lm_head.as_ref().unwrap_or(&self.embed))
     }
 
     /// Scalar-head outputs `[..]` of hidden states `[.., hidden]`, if the model has a head.
@@ -479,10 +544,11 @@ fn rope_tables(c: &LlamaConfig, device: Device) -> (Tensor, Tensor) {
             row_cos.push(angle.cos() as f32);
             row_sin.push(angle.sin() as f32);
         }
-        // Rotate-half layout: the same angle for dimension i and i + half.
+        // Rotate-half layout: the same angle for dimension i and i + half; the sine's first
+        // half negated (see `apply_rope`).
         cos.extend_from_slice(&row_cos);
         cos.extend_from_slice(&row_cos);
-        sin.extend_from_slice(&row_sin);
+        sin.extend(row_sin.iter().map(|s| -s));
         sin.extend_from_slice(&row_sin);
     }
     let shape = [max as i64, hd as i64];
@@ -492,12 +558,13 @@ fn rope_tables(c: &LlamaConfig, device: Device) -> (Tensor, Tensor) {
     )
 }
 
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+/// Rotate-half rotary embedding: `x·cos + rotate_half(x)·sin`, where `rotate_half` swaps the
+/// halves of the last dimension and negates the new first half. The sign lives in the sine
+/// table (its first half is stored negated), so this is one concatenation and two kernels.
+fn apply_rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
-    let x1 = x.narrow(-1, 0, half);
-    let x2 = x.narrow(-1, half, half);
-    let rotated = Tensor::cat(&[x2.neg(), x1], -1);
-    x * cos + rotated * sin
+    let swapped = Tensor::cat(&[x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1);
+    (x * cos).addcmul(&swapped, signed_sin)
 }
 
 /// Standard deviation of random weights: large enough that tiny test models have peaked

@@ -46,6 +46,9 @@ pub struct ModelSpec {
     /// Give the model a scalar head (zero-initialised when the file has none): the
     /// preference model.
     pub score_head: bool,
+    /// Number format of the weight matrices (`dtype = "bf16"` for faster inference; a model
+    /// a stage trains must stay `f32`).
+    pub dtype: crate::model::Dtype,
 }
 
 /// Where prompts come from.
@@ -129,6 +132,8 @@ struct RawModel {
     instant: bool,
     #[serde(default)]
     score_head: bool,
+    #[serde(default)]
+    dtype: Option<String>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -189,6 +194,12 @@ impl Spec {
                 path,
                 instant: m.instant,
                 score_head: m.score_head,
+                dtype: match &m.dtype {
+                    None => crate::model::Dtype::F32,
+                    Some(d) => d
+                        .parse()
+                        .map_err(|e: String| err(models_line, format!("model `{name}`: {e}")))?,
+                },
             });
         }
         if models.is_empty() {

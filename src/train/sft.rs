@@ -60,8 +60,15 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Creates the optimiser for `model`'s trainable variables.
+    /// Creates the optimiser for `model`'s trainable variables. A model whose weights are not f32 is refused: bfloat16 weights would silently drop
+    /// most small updates.
     pub fn new(model: &Llama, config: &OptimConfig) -> Result<Trainer, ModelError> {
+        if model.dtype() != crate::model::Dtype::F32 {
+            return Err(ModelError::InvalidRequest(format!(
+                "cannot train a model with {} weights; load it with dtype f32",
+                model.dtype()
+            )));
+        }
         let opt = nn::AdamW {
             wd: config.weight_decay,
             ..nn::AdamW::default()
