@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use cairn::log::format::{FRAME_HEADER_LEN, SEGMENT_HEADER_LEN, list_segments};
 use cairn::log::{LogOptions, LogReader, LogWriter, SyncPolicy};
-use cairn::record::{Envelope, Key, NewEvent, Note, Payload, RunId};
+use cairn::record::{Key, NewEvent, Note, Payload, RunId};
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, measurement::WallTime};
 use tempfile::TempDir;
 
@@ -116,17 +116,7 @@ fn event(serial: u64, text: &str) -> NewEvent {
 /// Bytes one event of `size` bytes of text takes in a segment: frame header + envelope.
 /// Every field of the envelope is fixed-width or of a fixed length here, so this is exact.
 fn frame_len(size: usize) -> u64 {
-    let e = event(0, &"x".repeat(size));
-    let envelope = Envelope {
-        offset: 0,
-        key: e.key,
-        run_id: e.run_id,
-        stage: e.stage,
-        parents: e.parents,
-        epoch: e.epoch,
-        wall_ns: e.wall_ns,
-        payload: e.payload,
-    };
+    let envelope = event(0, &"x".repeat(size)).at_offset(0);
     (FRAME_HEADER_LEN + envelope.encode().len()) as u64
 }
 

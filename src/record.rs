@@ -167,6 +167,20 @@ impl NewEvent {
             payload,
         }
     }
+
+    /// The event as logged at `offset`.
+    pub fn at_offset(self, offset: u64) -> Envelope {
+        Envelope {
+            offset,
+            key: self.key,
+            run_id: self.run_id,
+            stage: self.stage,
+            parents: self.parents,
+            epoch: self.epoch,
+            wall_ns: self.wall_ns,
+            payload: self.payload,
+        }
+    }
 }
 
 /// A logged event: a [`NewEvent`] plus the offset the log assigned it.

@@ -78,66 +78,31 @@ pub fn scan_frames(
     start_pos: u64,
     start_offset: u64,
     is_last: bool,
-    mut visit: impl FnMut(u64, u64, &[u8]) -> Result<(), LogError>,
+    visit: impl FnMut(u64, u64, &[u8]) -> Result<(), LogError>,
 ) -> Result<SegmentScan, LogError> {
-    let mut pos = start_pos as usize;
-    let mut offset = start_offset;
-    let corrupt = |pos: usize, offset: u64, reason: String| LogError::Corrupt {
-        segment: path.to_path_buf(),
-        pos: pos as u64,
-        offset,
-        reason,
+    let mut whole = SliceWindows(bytes.get(start_pos as usize..).unwrap_or(&[]));
+    let seg = ScanStart {
+        path,
+        file_len: bytes.len() as u64,
+        start_pos,
+        start_offset,
+        is_last,
     };
-    let torn_or_corrupt = |pos: usize, offset: u64, why: &str| {
-        if is_last {
-            Ending::Torn {
-                pos: pos as u64,
-                bytes: (bytes.len() - pos) as u64,
-            }
-        } else {
-            Ending::Corrupt(corrupt(
-                pos,
-                offset,
-                format!("{why}, but a later segment exists"),
-            ))
-        }
-    };
-    let ending = loop {
-        match read_frame(bytes, pos) {
-            Frame::End => break Ending::Clean,
-            Frame::Incomplete => break torn_or_corrupt(pos, offset, "incomplete final record"),
-            Frame::BadPayload { next } if next == bytes.len() => {
-                break torn_or_corrupt(pos, offset, "final record fails its checksum");
-            }
-            Frame::BadPayload { .. } => {
-                break Ending::Corrupt(corrupt(pos, offset, "record checksum mismatch".into()));
-            }
-            Frame::BadHeader(reason) => break Ending::Corrupt(corrupt(pos, offset, reason)),
-            Frame::Record { payload, next } => {
-                match Envelope::peek_offset_key(payload) {
-                    Some((found, _)) if found == offset => {}
-                    Some((found, _)) => {
-                        break Ending::Corrupt(corrupt(
-                            pos,
-                            offset,
-                            format!("record claims offset {found}"),
-                        ));
-                    }
-                    None => {
-                        break Ending::Corrupt(corrupt(pos, offset, "record too short".into()));
-                    }
-                }
-                visit(offset, pos as u64, payload)?;
-                offset += 1;
-                pos = next;
-            }
-        }
-    };
-    Ok(SegmentScan {
-        next_offset: offset,
-        end_pos: pos as u64,
-        ending,
-    })
+    scan_windows(&seg, &mut whole, visit)
+}
+
+/// A segment already in memory: one window, nothing more to read.
+struct SliceWindows<'a>(&'a [u8]);
+
+impl Windows for SliceWindows<'_> {
+    fn window(&self) -> &[u8] {
+        self.0
+    }
+
+    fn refill(&mut self, keep_from: usize, _need: usize) -> std::io::Result<usize> {
+        self.0 = &self.0[keep_from..];
+        Ok(0)
+    }
 }
 
 /// Bytes a streaming scan reads per `read` call: large enough that system calls are a
@@ -364,6 +329,13 @@ pub fn scan_file(
     let io = |e: std::io::Error| LogError::io(path, "read segment", e);
     file.seek(SeekFrom::Start(start_pos)).map_err(io)?;
     let left = file_len.saturating_sub(start_pos);
+    let seg = ScanStart {
+        path,
+        file_len,
+        start_pos,
+        start_offset,
+        is_last,
+    };
     let (window, read_ahead_on) = (buf.window, buf.read_ahead);
     if !read_ahead_on || left <= 2 * window as u64 {
         if buf.bytes.len() < window {
@@ -375,15 +347,7 @@ pub fn scan_file(
             filled: 0,
             left,
         };
-        return scan_windows(
-            path,
-            &mut windows,
-            file_len,
-            start_pos,
-            start_offset,
-            is_last,
-            visit,
-        );
+        return scan_windows(&seg, &mut windows, visit);
     }
     let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(4);
     let (full_tx, full_rx) = crossbeam_channel::bounded(4);
@@ -406,15 +370,7 @@ pub fn scan_file(
             free: free_tx,
             spares: Vec::new(),
         };
-        let result = scan_windows(
-            path,
-            &mut windows,
-            file_len,
-            start_pos,
-            start_offset,
-            is_last,
-            visit,
-        );
+        let result = scan_windows(&seg, &mut windows, visit);
         // Stop the helper (it may be a window ahead, or stopped early by an error) and
         // gather every pool buffer back: from it, from the queue, and from here.
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -438,16 +394,29 @@ pub fn scan_file(
     result
 }
 
-/// The frame walk of [`scan_file`] over any source of windows.
-fn scan_windows(
-    path: &Path,
-    windows: &mut dyn Windows,
+/// A segment scan's starting point: the segment, its length, and the first frame to read.
+struct ScanStart<'a> {
+    path: &'a Path,
     file_len: u64,
     start_pos: u64,
     start_offset: u64,
     is_last: bool,
+}
+
+/// The frame walk of [`scan_file`] and [`scan_frames`] over any source of windows: the one
+/// place where a segment's ending is classified.
+fn scan_windows(
+    seg: &ScanStart<'_>,
+    windows: &mut dyn Windows,
     mut visit: impl FnMut(u64, u64, &[u8]) -> Result<(), LogError>,
 ) -> Result<SegmentScan, LogError> {
+    let ScanStart {
+        path,
+        file_len,
+        start_pos,
+        start_offset,
+        is_last,
+    } = *seg;
     let mut file_len = file_len;
     let io = |e: std::io::Error| LogError::io(path, "read segment", e);
     let corrupt = |pos: u64, offset: u64, reason: String| LogError::Corrupt {
@@ -565,16 +534,7 @@ mod tests {
                     text: "y".repeat(size),
                 }),
             );
-            let env = crate::record::Envelope {
-                offset: i as u64,
-                key: event.key,
-                run_id: event.run_id,
-                stage: event.stage,
-                parents: event.parents,
-                epoch: event.epoch,
-                wall_ns: event.wall_ns,
-                payload: event.payload,
-            };
+            let env = event.at_offset(i as u64);
             let mut payload = Vec::new();
             env.encode_into(&mut payload);
             encode_frame(&payload, &mut bytes);

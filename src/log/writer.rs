@@ -452,16 +452,7 @@ impl LogWriter {
                     continue;
                 }
                 let offset = st.next_offset;
-                let envelope = Envelope {
-                    offset,
-                    key: event.key,
-                    run_id: event.run_id,
-                    stage: event.stage,
-                    parents: event.parents,
-                    epoch: event.epoch,
-                    wall_ns: event.wall_ns,
-                    payload: event.payload,
-                };
+                let envelope = event.at_offset(offset);
                 let st = &mut *st;
                 // Encode straight into the write buffer behind a reserved frame header.
                 let before = st.buf.len();
