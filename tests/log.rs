@@ -614,3 +614,91 @@ fn sigkill_loses_no_acknowledged_event() {
         acked = w.next_offset();
     }
 }
+
+#[test]
+fn multi_window_segments_replay_the_same_way_through_every_reader() {
+    // Segments of several 1 MiB read windows, with records straddling window edges and one
+    // record larger than a window: the decoded iterator (pulling a record at a time), the
+    // checked-frame visitor (read-ahead thread) and a reader starting mid-log all see what
+    // was written; a corrupted record beyond the first window ends each of them with an
+    // error naming its segment and offset, after every record before it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sizes: Vec<usize> = (0..700u64)
+        .map(|i| match i {
+            350 => 1_500_000,
+            _ => 500 + (i as usize * 7919) % 9000,
+        })
+        .collect();
+    let events: Vec<NewEvent> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| note(i as u64, "s", &"w".repeat(n)))
+        .collect();
+    write_log(dir.path(), &events, opts(SyncPolicy::Explicit, 3 << 20));
+    let segments = list_segments(dir.path()).expect("list");
+    assert!(segments.len() >= 2, "the test must cross segments");
+    let seg_len = std::fs::metadata(&segments[0].1).expect("meta").len();
+    assert!(seg_len > 3 * cairn::log::READ_WINDOW as u64);
+
+    let reader = LogReader::open(dir.path()).expect("reader");
+    let decoded = read_all(dir.path());
+    assert_eq!(decoded.len(), events.len());
+    for (env, ev) in decoded.iter().zip(&events) {
+        assert_eq!((env.key, &env.payload), (ev.key, &ev.payload));
+    }
+    let mut visited = Vec::new();
+    reader
+        .visit_frames(0, |segment, pos, offset, _| {
+            visited.push((offset, segment.to_path_buf(), pos));
+            Ok(true)
+        })
+        .expect("frames");
+    assert_eq!(visited.len(), events.len());
+    assert!(
+        visited
+            .iter()
+            .enumerate()
+            .all(|(i, (o, _, _))| *o == i as u64)
+    );
+    let tail: Vec<u64> = reader
+        .iter_from(500)
+        .map(|e| e.expect("event").offset)
+        .collect();
+    assert_eq!(tail, (500..events.len() as u64).collect::<Vec<_>>());
+
+    // Corrupt the payload of a record well past the first window of segment 0.
+    let (bad_offset, _, bad_pos) = visited
+        .iter()
+        .find(|(_, seg, pos)| *seg == segments[0].1 && *pos > cairn::log::READ_WINDOW as u64 + 100)
+        .cloned()
+        .expect("a record past the first window");
+    let mut bytes = std::fs::read(&segments[0].1).expect("read");
+    bytes[bad_pos as usize + 40] ^= 0x01;
+    std::fs::write(&segments[0].1, &bytes).expect("write");
+    let results: Vec<_> = LogReader::open(dir.path())
+        .expect("reader")
+        .iter_from(0)
+        .collect();
+    assert_eq!(results.len() as u64, bad_offset + 1);
+    assert!(results[..bad_offset as usize].iter().all(|r| r.is_ok()));
+    let err = results[bad_offset as usize]
+        .as_ref()
+        .expect_err("the corrupt record")
+        .to_string();
+    assert!(
+        err.contains(&segments[0].1.display().to_string())
+            && err.contains(&format!("offset {bad_offset}")),
+        "{err}"
+    );
+    let mut seen = 0u64;
+    let err = LogReader::open(dir.path())
+        .expect("reader")
+        .visit_frames(0, |_, _, _, _| {
+            seen += 1;
+            Ok(true)
+        })
+        .expect_err("the corrupt record")
+        .to_string();
+    assert_eq!(seen, bad_offset);
+    assert!(err.contains(&format!("offset {bad_offset}")), "{err}");
+}

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use super::LogError;
 use super::format::{Frame, SEGMENT_HEADER_LEN, list_segments, read_frame, segment_file_name};
 use super::index::SparseIndex;
-use super::scan::{Ending, ScanBuffer, check_header, read_segment, scan_file, scan_frames};
+use super::scan::{
+    Ending, READ_WINDOW, ScanBuffer, SegmentFrames, Step, check_header, read_segment, scan_file,
+    scan_frames,
+};
 use crate::record::{Envelope, Key};
 
 /// A read handle on a log directory (a snapshot of its segment list, refreshed as needed).
@@ -168,56 +171,121 @@ impl LogReader {
     }
 }
 
-/// Decoded events of one (unpartitioned) log directory from `offset` on.
+/// Decoded events of one (unpartitioned) log directory from `offset` on, pulled one record
+/// at a time (a window of the segment in memory, not the segment).
 fn iter_dir(dir: PathBuf, offset: u64) -> impl Iterator<Item = Result<Envelope, LogError>> {
-    {
-        let (mut segments, mut failed) = match segments_from(&dir, offset) {
-            Ok(list) => (list.into_iter(), None),
-            Err(e) => (Vec::new().into_iter(), Some(e)),
-        };
-        let mut pending: std::vec::IntoIter<Envelope> = Vec::new().into_iter();
-        let mut expected: Option<u64> = None;
-        let mut buf = ScanBuffer::default();
-        std::iter::from_fn(move || {
-            loop {
-                if let Some(e) = failed.take() {
-                    segments = Vec::new().into_iter();
-                    return Some(Err(e));
-                }
-                if let Some(env) = pending.next() {
-                    return Some(Ok(env));
-                }
-                let (first, path, is_last) = segments.next()?;
-                let mut decoded = Vec::new();
-                let mut decode = |seg: &Path, pos: u64, off: u64, payload: &[u8]| {
-                    let env = Envelope::decode(payload).map_err(|e| LogError::Corrupt {
-                        segment: seg.to_path_buf(),
-                        pos,
-                        offset: off,
-                        reason: e.to_string(),
-                    })?;
-                    decoded.push(env);
-                    Ok(true)
-                };
-                let result = visit_segment(
-                    &path,
-                    expected.unwrap_or(first),
-                    offset,
-                    is_last,
-                    &mut buf,
-                    &mut decode,
-                );
-                // Records decoded before an error are still returned, then the error.
-                pending = decoded.into_iter();
-                match result {
-                    Ok((next, _)) => expected = Some(next),
-                    Err(e) => {
-                        failed = Some(e);
-                        segments = Vec::new().into_iter();
-                    }
-                }
+    let (segments, failed) = match segments_from(&dir, offset) {
+        Ok(list) => (list, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    DecodedEvents {
+        segments: segments.into_iter(),
+        from: offset,
+        expected: None,
+        current: None,
+        buf: Some(ScanBuffer::with_window(READ_WINDOW, false)),
+        failed,
+        done: false,
+    }
+}
+
+/// The iterator behind [`LogReader::iter_from`] for one log directory.
+struct DecodedEvents {
+    segments: std::vec::IntoIter<(u64, PathBuf, bool)>,
+    from: u64,
+    /// The first offset the next segment must start with.
+    expected: Option<u64>,
+    current: Option<(PathBuf, SegmentFrames)>,
+    buf: Option<ScanBuffer>,
+    failed: Option<LogError>,
+    done: bool,
+}
+
+impl DecodedEvents {
+    /// Records `e` as the last item: events decoded before an error come first, then the
+    /// error, then nothing.
+    fn fail(&mut self, e: LogError) -> Option<Result<Envelope, LogError>> {
+        self.done = true;
+        self.current = None;
+        Some(Err(e))
+    }
+}
+
+impl Iterator for DecodedEvents {
+    type Item = Result<Envelope, LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.done {
+                return None;
             }
-        })
+            if let Some(e) = self.failed.take() {
+                return self.fail(e);
+            }
+            if let Some((path, frames)) = &mut self.current {
+                let ended = match frames.step() {
+                    Err(e) => return self.fail(e),
+                    Ok(Step::Record {
+                        offset,
+                        pos,
+                        payload,
+                    }) => {
+                        if offset < self.from {
+                            continue;
+                        }
+                        let decoded = Envelope::decode(payload).map_err(|e| LogError::Corrupt {
+                            segment: path.clone(),
+                            pos,
+                            offset,
+                            reason: e.to_string(),
+                        });
+                        match decoded {
+                            Ok(env) => return Some(Ok(env)),
+                            Err(e) => return self.fail(e),
+                        }
+                    }
+                    Ok(Step::End(scan)) => scan,
+                };
+                match ended.ending {
+                    Ending::Clean => {}
+                    Ending::Torn { pos, bytes } => {
+                        tracing::warn!(segment = %path.display(), pos, bytes, "log ends in a torn record; reading stops before it");
+                    }
+                    Ending::Corrupt(e) => return self.fail(e),
+                }
+                self.expected = Some(ended.next_offset);
+                if let Some((_, frames)) = self.current.take() {
+                    self.buf = Some(frames.into_buffer());
+                }
+                continue;
+            }
+            let (first, path, is_last) = self.segments.next()?;
+            let first = self.expected.unwrap_or(first);
+            let opened = match open_segment(&path, first, self.from, is_last) {
+                Ok(Some(opened)) => opened,
+                Ok(None) => {
+                    self.expected = Some(first);
+                    continue;
+                }
+                Err(e) => return self.fail(e),
+            };
+            let buf = self
+                .buf
+                .take()
+                .unwrap_or_else(|| ScanBuffer::with_window(READ_WINDOW, false));
+            match SegmentFrames::new(
+                &path,
+                opened.file,
+                opened.file_len,
+                opened.start_pos,
+                opened.start_offset,
+                is_last,
+                buf,
+            ) {
+                Ok(frames) => self.current = Some((path, frames)),
+                Err(e) => return self.fail(e),
+            }
+        }
     }
 }
 
@@ -235,6 +303,47 @@ fn segments_from(dir: &Path, offset: u64) -> Result<Vec<(u64, PathBuf, bool)>, L
         .collect())
 }
 
+/// A segment opened for reading, positioned by its index near the first wanted offset.
+struct OpenSegment {
+    file: std::fs::File,
+    file_len: u64,
+    /// The offset of the record at `start_pos`.
+    start_offset: u64,
+    start_pos: u64,
+}
+
+/// Opens a segment, checks its header against `first`, and finds where to start reading for
+/// offset `from` (the closest sparse-index entry, or the first record). `None`: a last
+/// segment whose header never fully reached the disk (nothing to read).
+fn open_segment(
+    path: &Path,
+    first: u64,
+    from: u64,
+    is_last: bool,
+) -> Result<Option<OpenSegment>, LogError> {
+    let io = |e: std::io::Error| LogError::io(path, "read segment", e);
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut header = Vec::with_capacity(SEGMENT_HEADER_LEN as usize);
+    (&mut file)
+        .take(SEGMENT_HEADER_LEN)
+        .read_to_end(&mut header)
+        .map_err(io)?;
+    if check_header(path, &header, first, is_last)?.is_none() {
+        return Ok(None);
+    }
+    let (start_offset, start_pos) = SparseIndex::load(&SparseIndex::path_for(path), file_len)
+        .and_then(|idx| idx.seek(from))
+        .filter(|&(o, p)| o >= first && p >= SEGMENT_HEADER_LEN)
+        .unwrap_or((first, SEGMENT_HEADER_LEN));
+    Ok(Some(OpenSegment {
+        file,
+        file_len,
+        start_offset,
+        start_pos,
+    }))
+}
+
 /// A frame visitor: `(segment, byte position, offset, payload)`, returning whether to go on.
 type FrameVisitor<'a> = dyn FnMut(&Path, u64, u64, &[u8]) -> Result<bool, LogError> + 'a;
 
@@ -250,21 +359,15 @@ fn visit_segment(
     buf: &mut ScanBuffer,
     visit: &mut FrameVisitor<'_>,
 ) -> Result<(u64, bool), LogError> {
-    let io = |e: std::io::Error| LogError::io(path, "read segment", e);
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let file_len = file.metadata().map_err(io)?.len();
-    let mut header = Vec::with_capacity(SEGMENT_HEADER_LEN as usize);
-    (&mut file)
-        .take(SEGMENT_HEADER_LEN)
-        .read_to_end(&mut header)
-        .map_err(io)?;
-    if check_header(path, &header, first, is_last)?.is_none() {
+    let Some(OpenSegment {
+        mut file,
+        file_len,
+        start_offset,
+        start_pos,
+    }) = open_segment(path, first, from, is_last)?
+    else {
         return Ok((first, false));
-    }
-    let (start_offset, start_pos) = SparseIndex::load(&SparseIndex::path_for(path), file_len)
-        .and_then(|idx| idx.seek(from))
-        .filter(|&(o, p)| o >= first && p >= SEGMENT_HEADER_LEN)
-        .unwrap_or((first, SEGMENT_HEADER_LEN));
+    };
     let mut stopped = false;
     let scan = scan_file(
         path,

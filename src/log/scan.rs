@@ -5,10 +5,12 @@
 //! final frame (bytes missing, zero fill, or a payload whose checksum fails although it runs
 //! exactly to the end of the file). Anything else is corruption and is never skipped.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::LogError;
-use super::format::{Frame, SEGMENT_HEADER_LEN, decode_segment_header, read_frame};
+use super::format::{
+    FRAME_HEADER_LEN, Frame, SEGMENT_HEADER_LEN, decode_segment_header, read_frame,
+};
 use crate::record::Envelope;
 
 /// How a segment ends.
@@ -152,33 +154,40 @@ trait Windows {
     fn refill(&mut self, keep_from: usize, need: usize) -> std::io::Result<usize>;
 }
 
-/// Windows read by the caller itself into one buffer.
-struct DirectWindows<'a> {
-    file: &'a mut std::fs::File,
-    buf: &'a mut ScanBuffer,
+/// Windows read by the caller itself into one buffer; `F` and `B` are the file and the
+/// [`ScanBuffer`], borrowed (a scan inside one call) or owned (a [`SegmentFrames`] cursor).
+struct DirectWindows<F, B> {
+    file: F,
+    buf: B,
     filled: usize,
     /// Bytes of the file not read yet (up to the length seen when the scan started).
     left: u64,
 }
 
-impl Windows for DirectWindows<'_> {
+impl<F, B> Windows for DirectWindows<F, B>
+where
+    F: std::borrow::BorrowMut<std::fs::File>,
+    B: std::borrow::BorrowMut<ScanBuffer>,
+{
     fn window(&self) -> &[u8] {
-        &self.buf.bytes[..self.filled]
+        &self.buf.borrow().bytes[..self.filled]
     }
 
     fn refill(&mut self, keep_from: usize, need: usize) -> std::io::Result<usize> {
         use std::io::Read;
-        self.buf.bytes.copy_within(keep_from..self.filled, 0);
+        let buf = self.buf.borrow_mut();
+        buf.bytes.copy_within(keep_from..self.filled, 0);
         self.filled -= keep_from;
-        if need > self.buf.bytes.len() {
-            let grown = need.next_multiple_of(self.buf.window);
-            self.buf.bytes.resize(grown, 0);
+        if need > buf.bytes.len() {
+            let grown = need.next_multiple_of(buf.window);
+            buf.bytes.resize(grown, 0);
         }
-        let room = (self.buf.bytes.len() - self.filled).min(self.left as usize);
+        let room = (buf.bytes.len() - self.filled).min(self.left as usize);
+        let file = self.file.borrow_mut();
         let mut added = 0;
         while added < room {
             let at = self.filled + added;
-            match self.file.read(&mut self.buf.bytes[at..self.filled + room]) {
+            match file.read(&mut buf.bytes[at..self.filled + room]) {
                 Ok(0) => break,
                 Ok(n) => added += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -188,6 +197,16 @@ impl Windows for DirectWindows<'_> {
         self.filled += added;
         self.left -= added as u64;
         Ok(added)
+    }
+}
+
+impl<W: Windows + ?Sized> Windows for &mut W {
+    fn window(&self) -> &[u8] {
+        (**self).window()
+    }
+
+    fn refill(&mut self, keep_from: usize, need: usize) -> std::io::Result<usize> {
+        (**self).refill(keep_from, need)
     }
 }
 
@@ -403,100 +422,211 @@ struct ScanStart<'a> {
     is_last: bool,
 }
 
-/// The frame walk of [`scan_file`] and [`scan_frames`] over any source of windows: the one
-/// place where a segment's ending is classified.
+/// The frame walk of [`scan_file`] and [`scan_frames`] over any source of windows.
 fn scan_windows(
     seg: &ScanStart<'_>,
     windows: &mut dyn Windows,
     mut visit: impl FnMut(u64, u64, &[u8]) -> Result<(), LogError>,
 ) -> Result<SegmentScan, LogError> {
-    let ScanStart {
-        path,
-        file_len,
-        start_pos,
-        start_offset,
-        is_last,
-    } = *seg;
-    let mut file_len = file_len;
-    let io = |e: std::io::Error| LogError::io(path, "read segment", e);
-    let corrupt = |pos: u64, offset: u64, reason: String| LogError::Corrupt {
-        segment: path.to_path_buf(),
-        pos,
-        offset,
-        reason,
-    };
-    let torn_or_corrupt = |pos: u64, offset: u64, file_len: u64, why: &str| {
-        if is_last {
+    let mut cursor = FrameCursor::new(seg, windows);
+    loop {
+        match cursor.step()? {
+            Step::Record {
+                offset,
+                pos,
+                payload,
+            } => visit(offset, pos, payload)?,
+            Step::End(scan) => return Ok(scan),
+        }
+    }
+}
+
+/// What [`FrameCursor::step`] found.
+pub(crate) enum Step<'a> {
+    /// A checked record.
+    Record {
+        offset: u64,
+        pos: u64,
+        payload: &'a [u8],
+    },
+    /// The segment's end, and how it ends.
+    End(SegmentScan),
+}
+
+/// Walks the frames of a segment one at a time over a source of windows: the one place
+/// where a segment's records are checked and its ending is classified.
+struct FrameCursor<W> {
+    windows: W,
+    path: PathBuf,
+    file_len: u64,
+    is_last: bool,
+    /// `window()[0]` sits at file position `base`; the walk is at `window()[at]`.
+    base: u64,
+    at: usize,
+    offset: u64,
+    ended: bool,
+}
+
+impl<W: Windows> FrameCursor<W> {
+    fn new(seg: &ScanStart<'_>, windows: W) -> FrameCursor<W> {
+        FrameCursor {
+            windows,
+            path: seg.path.to_path_buf(),
+            file_len: seg.file_len,
+            is_last: seg.is_last,
+            base: seg.start_pos,
+            at: 0,
+            offset: seg.start_offset,
+            ended: false,
+        }
+    }
+
+    fn corrupt(&self, pos: u64, reason: String) -> Ending {
+        Ending::Corrupt(LogError::Corrupt {
+            segment: self.path.clone(),
+            pos,
+            offset: self.offset,
+            reason,
+        })
+    }
+
+    fn torn_or_corrupt(&self, pos: u64, why: &str) -> Ending {
+        if self.is_last {
             Ending::Torn {
                 pos,
-                bytes: file_len - pos,
+                bytes: self.file_len - pos,
             }
         } else {
-            Ending::Corrupt(corrupt(
-                pos,
-                offset,
-                format!("{why}, but a later segment exists"),
-            ))
+            self.corrupt(pos, format!("{why}, but a later segment exists"))
         }
-    };
-    // `window()[0]` sits at file position `base`; the scan is at `window()[at]`.
-    let (mut base, mut at) = (start_pos, 0usize);
-    let mut offset = start_offset;
-    let ending = loop {
-        let window = windows.window();
-        let filled = window.len();
-        let at_eof = base + filled as u64 >= file_len;
-        let frame = read_frame(window, at);
-        if !at_eof && matches!(frame, Frame::End | Frame::Incomplete) {
-            // The window ends inside the file: keep the partial frame, read on.
-            let need = frame_len_hint(&window[at..]).max(filled - at + 1);
-            base += at as u64;
-            let added = windows.refill(at, need).map_err(io)?;
-            at = 0;
-            if added == 0 {
-                // The file shrank under us: what is there is its end.
-                file_len = base + windows.window().len() as u64;
-            }
-            continue;
+    }
+
+    fn end(&mut self, ending: Ending) -> Step<'_> {
+        self.ended = true;
+        Step::End(SegmentScan {
+            next_offset: self.offset,
+            end_pos: self.base + self.at as u64,
+            ending,
+        })
+    }
+
+    /// The next record, or the end (again on every later call).
+    fn step(&mut self) -> Result<Step<'_>, LogError> {
+        if self.ended {
+            return Ok(self.end(Ending::Clean));
         }
-        let pos = base + at as u64;
-        match frame {
-            Frame::End => break Ending::Clean,
-            Frame::Incomplete => {
-                break torn_or_corrupt(pos, offset, file_len, "incomplete final record");
-            }
-            Frame::BadPayload { next } if base + next as u64 == file_len => {
-                break torn_or_corrupt(pos, offset, file_len, "final record fails its checksum");
-            }
-            Frame::BadPayload { .. } => {
-                break Ending::Corrupt(corrupt(pos, offset, "record checksum mismatch".into()));
-            }
-            Frame::BadHeader(reason) => break Ending::Corrupt(corrupt(pos, offset, reason)),
-            Frame::Record { payload, next } => {
-                match Envelope::peek_offset_key(payload) {
-                    Some((found, _)) if found == offset => {}
-                    Some((found, _)) => {
-                        break Ending::Corrupt(corrupt(
-                            pos,
-                            offset,
-                            format!("record claims offset {found}"),
-                        ));
-                    }
-                    None => {
-                        break Ending::Corrupt(corrupt(pos, offset, "record too short".into()));
-                    }
+        loop {
+            let window = self.windows.window();
+            let filled = window.len();
+            let at_eof = self.base + filled as u64 >= self.file_len;
+            let frame = read_frame(window, self.at);
+            if !at_eof && matches!(frame, Frame::End | Frame::Incomplete) {
+                // The window ends inside the file: keep the partial frame, read on.
+                let need = frame_len_hint(&window[self.at..]).max(filled - self.at + 1);
+                self.base += self.at as u64;
+                let added = self
+                    .windows
+                    .refill(self.at, need)
+                    .map_err(|e| LogError::io(&self.path, "read segment", e))?;
+                self.at = 0;
+                if added == 0 {
+                    // The file shrank under us: what is there is its end.
+                    self.file_len = self.base + self.windows.window().len() as u64;
                 }
-                visit(offset, pos, payload)?;
-                offset += 1;
-                at = next;
+                continue;
             }
+            let pos = self.base + self.at as u64;
+            let (next, found) = match frame {
+                Frame::Record { payload, next } => (next, Envelope::peek_offset_key(payload)),
+                Frame::End => return Ok(self.end(Ending::Clean)),
+                Frame::Incomplete => {
+                    let ending = self.torn_or_corrupt(pos, "incomplete final record");
+                    return Ok(self.end(ending));
+                }
+                Frame::BadPayload { next } if self.base + next as u64 == self.file_len => {
+                    let ending = self.torn_or_corrupt(pos, "final record fails its checksum");
+                    return Ok(self.end(ending));
+                }
+                Frame::BadPayload { .. } => {
+                    let ending = self.corrupt(pos, "record checksum mismatch".into());
+                    return Ok(self.end(ending));
+                }
+                Frame::BadHeader(reason) => {
+                    let ending = self.corrupt(pos, reason);
+                    return Ok(self.end(ending));
+                }
+            };
+            match found {
+                Some((found, _)) if found == self.offset => {}
+                Some((found, _)) => {
+                    let ending = self.corrupt(pos, format!("record claims offset {found}"));
+                    return Ok(self.end(ending));
+                }
+                None => {
+                    let ending = self.corrupt(pos, "record too short".into());
+                    return Ok(self.end(ending));
+                }
+            }
+            let (start, offset) = (self.at, self.offset);
+            self.at = next;
+            self.offset += 1;
+            let payload = &self.windows.window()[start + FRAME_HEADER_LEN..next];
+            return Ok(Step::Record {
+                offset,
+                pos,
+                payload,
+            });
         }
-    };
-    Ok(SegmentScan {
-        next_offset: offset,
-        end_pos: base + at as u64,
-        ending,
-    })
+    }
+}
+
+/// An owned cursor over one segment's records, read window by window on the caller's
+/// thread: what a pulling iterator (decoded replay) walks, one record at a time, so that no
+/// more than a window of the segment is in memory.
+pub(crate) struct SegmentFrames(FrameCursor<DirectWindows<std::fs::File, ScanBuffer>>);
+
+impl SegmentFrames {
+    /// A cursor at `start_pos` (the record with offset `start_offset`) of `file`.
+    pub(crate) fn new(
+        path: &Path,
+        mut file: std::fs::File,
+        file_len: u64,
+        start_pos: u64,
+        start_offset: u64,
+        is_last: bool,
+        mut buf: ScanBuffer,
+    ) -> Result<SegmentFrames, LogError> {
+        use std::io::{Seek, SeekFrom};
+        file.seek(SeekFrom::Start(start_pos))
+            .map_err(|e| LogError::io(path, "read segment", e))?;
+        if buf.bytes.len() < buf.window {
+            buf.bytes.resize(buf.window, 0);
+        }
+        let seg = ScanStart {
+            path,
+            file_len,
+            start_pos,
+            start_offset,
+            is_last,
+        };
+        let windows = DirectWindows {
+            file,
+            buf,
+            filled: 0,
+            left: file_len.saturating_sub(start_pos),
+        };
+        Ok(SegmentFrames(FrameCursor::new(&seg, windows)))
+    }
+
+    /// The next record, or the segment's end.
+    pub(crate) fn step(&mut self) -> Result<Step<'_>, LogError> {
+        self.0.step()
+    }
+
+    /// The buffer back, for the next segment.
+    pub(crate) fn into_buffer(self) -> ScanBuffer {
+        self.0.windows.buf
+    }
 }
 
 /// The length of the frame starting at `bytes[0]` when its header is complete and sound
