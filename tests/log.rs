@@ -702,3 +702,58 @@ fn multi_window_segments_replay_the_same_way_through_every_reader() {
     assert_eq!(seen, bad_offset);
     assert!(err.contains(&format!("offset {bad_offset}")), "{err}");
 }
+
+#[test]
+fn log_cat_follow_follows_every_partition_of_a_multi_worker_log() {
+    // A partitioned log (`part-0000/`, `part-0001/`, as `cairn run --workers 2` writes) with a
+    // writer still appending to the second partition: `cairn log cat --follow` prints the
+    // events of both, including those appended after it started.
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (p0, p1) = (dir.path().join("part-0000"), dir.path().join("part-0001"));
+    write_log(
+        &p0,
+        &[note(0, "a", "first"), note(1, "a", "second")],
+        LogOptions::default(),
+    );
+    let live = LogWriter::open(&p1, opts(SyncPolicy::Explicit, 1 << 20)).expect("open");
+    live.append(note(10, "b", "early")).expect("append");
+    live.sync().expect("sync");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["-q", "log", "cat", "--follow"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run cairn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.expect("line")).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut appended = false;
+    while lines.len() < 4 && std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            lines.push(line);
+        }
+        if lines.len() == 3 && !appended {
+            live.append(note(11, "b", "late")).expect("append");
+            live.sync().expect("sync");
+            appended = true;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    for text in ["first", "second", "early", "late"] {
+        assert!(
+            lines.iter().any(|l| l.contains(text)),
+            "{text} missing: {lines:?}"
+        );
+    }
+}

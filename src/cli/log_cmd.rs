@@ -48,7 +48,8 @@ pub enum LogCommand {
         /// Start at this offset.
         #[arg(long, default_value_t = 0)]
         from: u64,
-        /// Keep waiting for new events (Ctrl-C to stop).
+        /// Keep waiting for new events (Ctrl-C to stop); follows every partition of a
+        /// multi-worker log.
         #[arg(long)]
         follow: bool,
     },
@@ -233,14 +234,29 @@ pub fn run(cmd: LogCommand) -> anyhow::Result<ExitCode> {
             let mut out = std::io::BufWriter::new(stdout.lock());
             let keep = |e: &cairn::record::Envelope| stage.as_deref().is_none_or(|s| e.stage == s);
             if follow {
-                let mut follower = reader.follow(from);
+                // One follower per partition (a multi-worker run writes one log per worker;
+                // `--from` counts within each), polled in turn.
+                let mut followers = reader
+                    .parts()
+                    .iter()
+                    .map(|p| LogReader::open(p).map(|r| r.follow(from)))
+                    .collect::<Result<Vec<_>, _>>()?;
                 loop {
-                    for env in follower.wait(Duration::from_millis(500))? {
-                        if keep(&env) {
-                            writeln!(out, "{}", env.to_json())?;
+                    let mut any = false;
+                    for follower in &mut followers {
+                        for env in follower.poll()? {
+                            any = true;
+                            if keep(&env) && writeln!(out, "{}", env.to_json()).is_err() {
+                                return Ok(ExitCode::SUCCESS); // the reader went away
+                            }
                         }
                     }
-                    out.flush()?;
+                    if out.flush().is_err() {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    if !any {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                 }
             }
             for env in reader.iter_from(from) {
