@@ -134,10 +134,12 @@ fn time_it(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow:
 /// pack differently) and the faster chain counts, so the ceiling is the best the matmul
 /// library does, not an artefact of one layout.
 fn chain_step_seconds(model: &Llama, b: i64, fused: bool, repeats: usize) -> anyhow::Result<f64> {
+    let tensors = model.named_tensors();
     let mut best = f64::INFINITY;
     for transposed_copy in [true, false] {
         best = best.min(chain_layout_seconds(
             model,
+            &tensors,
             b,
             fused,
             transposed_copy,
@@ -149,13 +151,13 @@ fn chain_step_seconds(model: &Llama, b: i64, fused: bool, repeats: usize) -> any
 
 fn chain_layout_seconds(
     model: &Llama,
+    tensors: &[(String, Tensor)],
     b: i64,
     fused: bool,
     transposed_copy: bool,
     repeats: usize,
 ) -> anyhow::Result<f64> {
     let _g = tch::no_grad_guard();
-    let tensors = model.named_tensors();
     // Weights as `[out, in]`; the transposed copies become `[in, out]` for `x · W`.
     let get = |name: &str| {
         tensors

@@ -12,8 +12,7 @@ use super::LogError;
 use super::format::{Frame, SEGMENT_HEADER_LEN, list_segments, read_frame, segment_file_name};
 use super::index::SparseIndex;
 use super::scan::{
-    Ending, READ_WINDOW, ScanBuffer, SegmentFrames, Step, check_header, read_segment, scan_file,
-    scan_frames,
+    Ending, ScanBuffer, SegmentFrames, Step, check_header, read_segment, scan_file, scan_frames,
 };
 use crate::record::{Envelope, Key};
 
@@ -183,7 +182,7 @@ fn iter_dir(dir: PathBuf, offset: u64) -> impl Iterator<Item = Result<Envelope, 
         from: offset,
         expected: None,
         current: None,
-        buf: Some(ScanBuffer::with_window(READ_WINDOW, false)),
+        buf: ScanBuffer::default(),
         failed,
         done: false,
     }
@@ -196,7 +195,8 @@ struct DecodedEvents {
     /// The first offset the next segment must start with.
     expected: Option<u64>,
     current: Option<(PathBuf, SegmentFrames)>,
-    buf: Option<ScanBuffer>,
+    /// The window buffer between segments (the current segment's cursor holds it).
+    buf: ScanBuffer,
     failed: Option<LogError>,
     done: bool,
 }
@@ -255,7 +255,7 @@ impl Iterator for DecodedEvents {
                 }
                 self.expected = Some(ended.next_offset);
                 if let Some((_, frames)) = self.current.take() {
-                    self.buf = Some(frames.into_buffer());
+                    self.buf = frames.into_buffer();
                 }
                 continue;
             }
@@ -269,10 +269,7 @@ impl Iterator for DecodedEvents {
                 }
                 Err(e) => return self.fail(e),
             };
-            let buf = self
-                .buf
-                .take()
-                .unwrap_or_else(|| ScanBuffer::with_window(READ_WINDOW, false));
+            let buf = std::mem::take(&mut self.buf);
             match SegmentFrames::new(
                 &path,
                 opened.file,
