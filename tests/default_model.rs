@@ -393,3 +393,58 @@ fn cai_pipeline_runs_on_the_default_model() {
         assert_eq!(again.stages[stage].computed, 0, "{stage} recomputed");
     }
 }
+
+/// `cairn bench generate` end to end on a tiny workload: it runs, and its JSON holds the
+/// figures BENCHMARKS.md quotes, consistent with each other.
+#[test]
+fn the_generation_bench_reports_decode_only_rates_against_the_ceiling() {
+    let _ = default_model();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("gen.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args([
+            "bench",
+            "generate",
+            "--batch",
+            "1,2",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--dtype",
+            "f32",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .expect("run cairn");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 2);
+    for (row, batch) in rows.iter().zip([1u64, 2]) {
+        assert_eq!(row["batch"].as_u64(), Some(batch));
+        let get = |k: &str| row[k].as_f64().unwrap_or_else(|| panic!("{k} in {row}"));
+        let (whole, decode, ceiling) = (
+            get("cairn_tok_s"),
+            get("cairn_decode_only_tok_s"),
+            get("chain_ceiling_tok_s"),
+        );
+        assert!(whole > 0.0 && decode > 0.0 && ceiling > 0.0, "{row}");
+        // The share is a median of per-repeat ratios; with one repeat it is that ratio.
+        assert!(
+            (get("share_of_ceiling") - decode / ceiling).abs() < 1e-9,
+            "{row}"
+        );
+        assert!(
+            (get("end_to_end_share_of_ceiling") - whole / ceiling).abs() < 1e-9,
+            "{row}"
+        );
+    }
+    assert!(v["prefill_tok_s"]["f32"].as_f64().expect("prefill") > 0.0);
+}

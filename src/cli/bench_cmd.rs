@@ -126,112 +126,108 @@ fn time_it(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow:
     Ok(median(times))
 }
 
-/// Seconds of one decode step's matmuls alone: 30 layers' projections and the vocabulary
-/// projection on distinct weights, at batch `b`, in the model's number format. `fused` uses
-/// the runtime's fused q/k/v and gate/up matrices; otherwise the seven separate projections
-/// of the reference definition. Each weight is timed in both layouts (`x · W` on a
-/// contiguous transposed copy, and `x · Wᵀ` on the stored matrix, which the library may
-/// pack differently) and the faster chain counts, so the ceiling is the best the matmul
-/// library does, not an artefact of one layout.
-fn chain_step_seconds(model: &Llama, b: i64, fused: bool, repeats: usize) -> anyhow::Result<f64> {
-    let tensors = model.named_tensors();
-    let mut best = f64::INFINITY;
-    for transposed_copy in [true, false] {
-        best = best.min(chain_layout_seconds(
-            model,
-            &tensors,
-            b,
-            fused,
-            transposed_copy,
-            repeats,
-        )?);
-    }
-    Ok(best)
+/// One decode step's matmuls alone: 30 layers' projections and the vocabulary projection on
+/// distinct weights, at batch `b`, in the model's number format. `fused` uses the runtime's
+/// fused q/k/v and gate/up matrices; otherwise the seven separate projections of the
+/// reference definition. `transposed` multiplies `x · W` by a contiguous transposed copy
+/// instead of `x · Wᵀ` by the stored matrix (the library may pack the two differently); the
+/// ceiling is the faster layout, so it is the best the matmul library does, not an artefact
+/// of one layout.
+struct Chain {
+    layers: Vec<Vec<Tensor>>,
+    transposed: bool,
+    x: Tensor,
+    ffn_in: Tensor,
 }
 
-fn chain_layout_seconds(
-    model: &Llama,
-    tensors: &[(String, Tensor)],
-    b: i64,
-    fused: bool,
-    transposed_copy: bool,
-    repeats: usize,
-) -> anyhow::Result<f64> {
-    let _g = tch::no_grad_guard();
-    // Weights as `[out, in]`; the transposed copies become `[in, out]` for `x · W`.
-    let get = |name: &str| {
-        tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.to_device(model.device()))
-            .with_context(|| format!("tensor {name}"))
-    };
-    let c = model.config();
-    let mut chain: Vec<Vec<Tensor>> = Vec::new();
-    for i in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        let names = [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ];
-        let w: Vec<Tensor> = names
-            .iter()
-            .map(|n| get(&format!("{p}.{n}.weight")))
-            .collect::<anyhow::Result<_>>()?;
-        if fused {
-            chain.push(vec![
-                Tensor::cat(&[&w[0], &w[1], &w[2]], 0),
-                w[3].shallow_clone(),
-                Tensor::cat(&[&w[4], &w[5]], 0),
-                w[6].shallow_clone(),
-            ]);
-        } else {
-            chain.push(w);
-        }
-    }
-    chain.push(vec![get("model.embed_tokens.weight")?]);
-    if transposed_copy {
-        for layer in &mut chain {
-            for w in layer.iter_mut() {
-                *w = w.tr().contiguous();
+impl Chain {
+    fn new(
+        model: &Llama,
+        tensors: &[(String, Tensor)],
+        b: i64,
+        fused: bool,
+        transposed: bool,
+    ) -> anyhow::Result<Chain> {
+        let _g = tch::no_grad_guard();
+        // Weights as `[out, in]`; the transposed copies become `[in, out]` for `x · W`.
+        let get = |name: &str| {
+            tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.to_device(model.device()))
+                .with_context(|| format!("tensor {name}"))
+        };
+        let c = model.config();
+        let mut layers: Vec<Vec<Tensor>> = Vec::new();
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let names = [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ];
+            let w: Vec<Tensor> = names
+                .iter()
+                .map(|n| get(&format!("{p}.{n}.weight")))
+                .collect::<anyhow::Result<_>>()?;
+            if fused {
+                layers.push(vec![
+                    Tensor::cat(&[&w[0], &w[1], &w[2]], 0),
+                    w[3].shallow_clone(),
+                    Tensor::cat(&[&w[4], &w[5]], 0),
+                    w[6].shallow_clone(),
+                ]);
+            } else {
+                layers.push(w);
             }
         }
-    }
-    let kind = model.dtype().kind();
-    let h = c.hidden_size as i64;
-    let x = Tensor::randn([b, h], (kind, model.device()));
-    let ffn_in = Tensor::randn([b, c.intermediate_size as i64], (kind, model.device()));
-    let per_step = || {
-        for layer in &chain {
-            for w in layer {
-                // Each matmul reads its own weight; inputs of the right width.
-                let width = if transposed_copy {
-                    w.size()[0]
-                } else {
-                    w.size()[1]
-                };
-                let input = if width == h { &x } else { &ffn_in };
-                let _ = if transposed_copy {
-                    input.matmul(w)
-                } else {
-                    input.matmul(&w.tr())
-                };
+        layers.push(vec![get("model.embed_tokens.weight")?]);
+        if transposed {
+            for layer in &mut layers {
+                for w in layer.iter_mut() {
+                    *w = w.tr().contiguous();
+                }
             }
         }
-    };
-    let reps = 10;
-    let t = time_it(repeats.max(3), || {
+        let kind = model.dtype().kind();
+        Ok(Chain {
+            layers,
+            transposed,
+            x: Tensor::randn([b, c.hidden_size as i64], (kind, model.device())),
+            ffn_in: Tensor::randn([b, c.intermediate_size as i64], (kind, model.device())),
+        })
+    }
+
+    /// Seconds of one step: the mean of 10 back-to-back steps.
+    fn step_seconds(&self) -> f64 {
+        let _g = tch::no_grad_guard();
+        let h = self.x.size()[1];
+        let reps = 10;
+        let t = Instant::now();
         for _ in 0..reps {
-            per_step();
+            for layer in &self.layers {
+                for w in layer {
+                    // Each matmul reads its own weight; inputs of the right width.
+                    let width = if self.transposed {
+                        w.size()[0]
+                    } else {
+                        w.size()[1]
+                    };
+                    let input = if width == h { &self.x } else { &self.ffn_in };
+                    let _ = if self.transposed {
+                        input.matmul(w)
+                    } else {
+                        input.matmul(&w.tr())
+                    };
+                }
+            }
         }
-        Ok(())
-    })?;
-    Ok(t / reps as f64)
+        t.elapsed().as_secs_f64() / reps as f64
+    }
 }
 
 /// The transformers peer's results for one weights dtype.
@@ -315,24 +311,73 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
                     },
                 })
                 .collect();
-            // No end-of-turn tokens: every sequence runs the full length, as the peers do.
-            let secs = time_it(args.repeats, || {
-                model::generate::generate(&loaded.model, &[], &requests)?;
-                Ok(())
-            })?;
-            let tok_s = (b * args.new_tokens) as f64 / secs;
-            let unfused = chain_step_seconds(&loaded.model, b as i64, false, args.repeats)?;
-            let fused = chain_step_seconds(&loaded.model, b as i64, true, args.repeats)?;
-            let ceiling = b as f64 / unfused;
+            // Decode alone, as the ceiling is per decode step and the peers report it too:
+            // the same requests cut to their first token time the prefill (and that token),
+            // and the difference is the time of the remaining `new_tokens - 1` steps.
+            let first_only: Vec<GenerateRequest> = requests
+                .iter()
+                .map(|r| GenerateRequest {
+                    prompt: r.prompt.clone(),
+                    params: SamplingParams {
+                        max_new_tokens: 1,
+                        ..r.params.clone()
+                    },
+                })
+                .collect();
+            let tensors = loaded.model.named_tensors();
+            // [unfused x·Wᵀ, unfused x·W, fused x·Wᵀ, fused x·W]
+            let chains = [(false, false), (false, true), (true, false), (true, true)]
+                .into_iter()
+                .map(|(fused, transposed)| {
+                    Chain::new(&loaded.model, &tensors, b as i64, fused, transposed)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            drop(tensors);
+            // Generation and the chains are timed in turns, each repeat measuring all of
+            // them, so a slow spell of this shared machine hits both sides of a ratio.
+            let run = |requests: &[GenerateRequest]| -> anyhow::Result<f64> {
+                let t = Instant::now();
+                // No end-of-turn tokens: every sequence runs the full length, as the peers do.
+                model::generate::generate(&loaded.model, &[], requests)?;
+                Ok(t.elapsed().as_secs_f64())
+            };
+            run(&requests)?;
+            run(&first_only)?;
+            chains.iter().for_each(|c| {
+                c.step_seconds();
+            });
+            let (mut whole, mut decode, mut ceil, mut fused, mut shares) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..args.repeats.max(1) {
+                let full = run(&requests)?;
+                let first = run(&first_only)?;
+                let steps: Vec<f64> = chains.iter().map(Chain::step_seconds).collect();
+                let d = (b * args.new_tokens.saturating_sub(1)) as f64
+                    / (full - first).max(f64::MIN_POSITIVE);
+                let c = b as f64 / steps[0].min(steps[1]);
+                whole.push((b * args.new_tokens) as f64 / full);
+                decode.push(d);
+                ceil.push(c);
+                fused.push(b as f64 / steps[2].min(steps[3]));
+                shares.push(d / c);
+            }
+            let (tok_s, decode_tok_s, ceiling, fused_tok_s, share) = (
+                median(whole),
+                median(decode),
+                median(ceil),
+                median(fused),
+                median(shares),
+            );
             eprintln!(
-                "{dtype} batch {b:>3}: {tok_s:>8.1} tok/s | chain ceiling {ceiling:>8.1} tok/s (fused chain {:>8.1}) | {:>5.1}% of ceiling",
-                b as f64 / fused,
-                100.0 * tok_s / ceiling
+                "{dtype} batch {b:>3}: {tok_s:>8.1} tok/s ({decode_tok_s:>8.1} decode only) | chain ceiling {ceiling:>8.1} tok/s (fused chain {fused_tok_s:>8.1}) | decode {:>5.1}% of ceiling",
+                100.0 * share
             );
             rows.push(serde_json::json!({
                 "dtype": dtype.to_string(), "batch": b, "cairn_tok_s": tok_s,
-                "chain_ceiling_tok_s": ceiling, "fused_chain_tok_s": b as f64 / fused,
-                "share_of_ceiling": tok_s / ceiling,
+                "cairn_decode_only_tok_s": decode_tok_s,
+                "chain_ceiling_tok_s": ceiling, "fused_chain_tok_s": fused_tok_s,
+                "share_of_ceiling": share,
+                "end_to_end_share_of_ceiling": tok_s / ceiling,
             }));
         }
         // Prefill: 8 sequences of 256 tokens, one forward pass and the last position's logits.
@@ -403,15 +448,21 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
         for row in &mut rows {
             let b = row["batch"].as_u64().unwrap_or(0).to_string();
             let ours = row["cairn_tok_s"].as_f64().unwrap_or(0.0);
+            let ours_decode = row["cairn_decode_only_tok_s"].as_f64().unwrap_or(0.0);
             let same: Dtype = row["dtype"]
                 .as_str()
                 .unwrap_or("f32")
                 .parse()
                 .unwrap_or_default();
             let mut set = |column: &str, peer: &str| {
-                if let Some(theirs) = peers.get(peer).and_then(|v| v["decode_tok_s"][&b].as_f64()) {
+                let peer = peers.get(peer);
+                if let Some(theirs) = peer.and_then(|v| v["decode_tok_s"][&b].as_f64()) {
                     row[format!("{column}_tok_s")] = theirs.into();
                     row[format!("ratio_vs_{column}")] = (ours / theirs).into();
+                }
+                if let Some(theirs) = peer.and_then(|v| v["decode_only_tok_s"][&b].as_f64()) {
+                    row[format!("{column}_decode_only_tok_s")] = theirs.into();
+                    row[format!("decode_only_ratio_vs_{column}")] = (ours_decode / theirs).into();
                 }
             };
             set("transformers", "transformers");
@@ -420,9 +471,9 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
         }
     }
     println!(
-        "| dtype | batch | cairn tok/s | chain ceiling (same dtype) | share of ceiling | transformers f32 | cairn / transformers f32 | transformers same dtype | cairn / transformers same dtype | llama.cpp (Q4_1) | cairn / llama.cpp |"
+        "| dtype | batch | cairn tok/s | cairn decode-only tok/s | chain ceiling (same dtype) | decode share of ceiling | transformers f32 | cairn / transformers f32 | transformers same dtype | cairn / transformers same dtype | llama.cpp (Q4_1) | cairn / llama.cpp |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let cell = |v: &serde_json::Value, digits: usize| {
         v.as_f64()
             .map(|x| format!("{x:.digits$}"))
@@ -430,10 +481,11 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
     };
     for row in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row["dtype"].as_str().unwrap_or("?"),
             row["batch"],
             cell(&row["cairn_tok_s"], 1),
+            cell(&row["cairn_decode_only_tok_s"], 1),
             cell(&row["chain_ceiling_tok_s"], 1),
             cell(&row["share_of_ceiling"], 2),
             cell(&row["transformers_tok_s"], 1),
