@@ -136,15 +136,12 @@ fn time_it(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow:
 struct Chain {
     layers: Vec<Vec<Tensor>>,
     transposed: bool,
-    x: Tensor,
-    ffn_in: Tensor,
 }
 
 impl Chain {
     fn new(
         model: &Llama,
         tensors: &[(String, Tensor)],
-        b: i64,
         fused: bool,
         transposed: bool,
     ) -> anyhow::Result<Chain> {
@@ -193,19 +190,14 @@ impl Chain {
                 }
             }
         }
-        let kind = model.dtype().kind();
-        Ok(Chain {
-            layers,
-            transposed,
-            x: Tensor::randn([b, c.hidden_size as i64], (kind, model.device())),
-            ffn_in: Tensor::randn([b, c.intermediate_size as i64], (kind, model.device())),
-        })
+        Ok(Chain { layers, transposed })
     }
 
-    /// Seconds of one step: the mean of 10 back-to-back steps.
-    fn step_seconds(&self) -> f64 {
+    /// Seconds of one step on inputs `x` `[batch, hidden]` and `ffn_in`
+    /// `[batch, intermediate]`: the mean of 10 back-to-back steps.
+    fn step_seconds(&self, x: &Tensor, ffn_in: &Tensor) -> f64 {
         let _g = tch::no_grad_guard();
-        let h = self.x.size()[1];
+        let h = x.size()[1];
         let reps = 10;
         let t = Instant::now();
         for _ in 0..reps {
@@ -217,7 +209,7 @@ impl Chain {
                     } else {
                         w.size()[1]
                     };
-                    let input = if width == h { &self.x } else { &self.ffn_in };
+                    let input = if width == h { x } else { ffn_in };
                     let _ = if self.transposed {
                         input.matmul(w)
                     } else {
@@ -301,6 +293,14 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
     dtypes.dedup();
     for &dtype in &dtypes {
         loaded.model.set_dtype(dtype);
+        // The chains' weights (copies in the other layout, fused matrices) are built once
+        // per format: [unfused x·Wᵀ, unfused x·W, fused x·Wᵀ, fused x·W].
+        let tensors = loaded.model.named_tensors();
+        let chains = [(false, false), (false, true), (true, false), (true, true)]
+            .into_iter()
+            .map(|(fused, transposed)| Chain::new(&loaded.model, &tensors, fused, transposed))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        drop(tensors);
         for &b in &args.batch {
             let requests: Vec<GenerateRequest> = (0..b)
                 .map(|i| GenerateRequest {
@@ -324,15 +324,16 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
                     },
                 })
                 .collect();
-            let tensors = loaded.model.named_tensors();
-            // [unfused x·Wᵀ, unfused x·W, fused x·Wᵀ, fused x·W]
-            let chains = [(false, false), (false, true), (true, false), (true, true)]
-                .into_iter()
-                .map(|(fused, transposed)| {
-                    Chain::new(&loaded.model, &tensors, b as i64, fused, transposed)
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            drop(tensors);
+            let c = loaded.model.config();
+            let kind = dtype.kind();
+            let x = Tensor::randn(
+                [b as i64, c.hidden_size as i64],
+                (kind, loaded.model.device()),
+            );
+            let ffn_in = Tensor::randn(
+                [b as i64, c.intermediate_size as i64],
+                (kind, loaded.model.device()),
+            );
             // Generation and the chains are timed in turns, each repeat measuring all of
             // them, so a slow spell of this shared machine hits both sides of a ratio.
             let run = |requests: &[GenerateRequest]| -> anyhow::Result<f64> {
@@ -343,17 +344,20 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
             };
             run(&requests)?;
             run(&first_only)?;
-            chains.iter().for_each(|c| {
-                c.step_seconds();
-            });
+            for chain in &chains {
+                chain.step_seconds(&x, &ffn_in);
+            }
             let (mut whole, mut decode, mut ceil, mut fused, mut shares) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..args.repeats.max(1) {
                 let full = run(&requests)?;
                 let first = run(&first_only)?;
-                let steps: Vec<f64> = chains.iter().map(Chain::step_seconds).collect();
-                let d = (b * args.new_tokens.saturating_sub(1)) as f64
-                    / (full - first).max(f64::MIN_POSITIVE);
+                let steps: Vec<f64> = chains
+                    .iter()
+                    .map(|chain| chain.step_seconds(&x, &ffn_in))
+                    .collect();
+                // Clamped so a degenerate timing stays a finite number in the JSON.
+                let d = (b * args.new_tokens.saturating_sub(1)) as f64 / (full - first).max(1e-9);
                 let c = b as f64 / steps[0].min(steps[1]);
                 whole.push((b * args.new_tokens) as f64 / full);
                 decode.push(d);
