@@ -1,5 +1,6 @@
-//! Gives cairn's binaries an rpath to libtorch, so they run without LD_LIBRARY_PATH, and
-//! (with the `cuda` feature) forces libtorch_cuda to be linked so CUDA works at run time.
+//! Compiles the fused CPU kernels against the libtorch headers, gives cairn's binaries an
+//! rpath to libtorch, so they run without LD_LIBRARY_PATH, and (with the `cuda` feature)
+//! forces libtorch_cuda to be linked so CUDA works at run time.
 
 use std::env;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ fn main() {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    build_kernels(&PathBuf::from(&lib));
     if env::var_os("CARGO_FEATURE_CUDA").is_some() {
         let real = PathBuf::from(&lib).join("libtorch_cuda.so");
         if !real.exists() {
@@ -33,4 +35,27 @@ fn main() {
         }
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+}
+
+/// Builds `src/model/fused/kernels.cpp` into a static library. It includes ATen headers and
+/// runs inside libtorch's OpenMP pool, so it is compiled with `-fopenmp` and links the same
+/// libgomp libtorch ships (torch-sys already asks for `-lgomp`, found through the rpath).
+/// Always optimised: the test profile would otherwise build these loops at -O0.
+fn build_kernels(lib: &std::path::Path) {
+    const SOURCE: &str = "src/model/fused/kernels.cpp";
+    println!("cargo:rerun-if-changed={SOURCE}");
+    let root = lib.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+    let include = root.join("include");
+    cc::Build::new()
+        .cpp(true)
+        .file(SOURCE)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-fopenmp")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .opt_level(3)
+        .debug(false)
+        .compile("cairn_kernels");
 }

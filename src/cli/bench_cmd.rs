@@ -93,6 +93,10 @@ pub struct GenerateBench {
     /// Also run the peers in benches/peers/ (needs benches/peers/setup.sh).
     #[arg(long)]
     peers: bool,
+    /// Run generation on the plain tensor ops instead of the fused CPU kernels (the
+    /// before/after comparison of `src/model/fused`).
+    #[arg(long)]
+    unfused: bool,
     /// Python of the peers' virtual environment.
     #[arg(long)]
     peer_python: Option<PathBuf>,
@@ -274,16 +278,18 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
     );
     let mut loaded =
         model::load(&path, Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
+    loaded.model.set_fused_kernels(!args.unfused);
     let prompt = loaded.tokenizer.encode_chat(&[Message::new(
         Role::User,
         "Write a short story about a lighthouse keeper.",
     )])?;
     eprintln!(
-        "cairn bench generate: {} ({} prompt tokens, {} new), libtorch threads {}",
+        "cairn bench generate: {} ({} prompt tokens, {} new), libtorch threads {}, fused kernels {}",
         path.display(),
         prompt.len(),
         args.new_tokens,
-        tch::get_num_threads()
+        tch::get_num_threads(),
+        if args.unfused { "off" } else { "on" }
     );
     let mut rows = Vec::new();
     let mut prefill = serde_json::Map::new();
@@ -378,6 +384,7 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
             );
             rows.push(serde_json::json!({
                 "dtype": dtype.to_string(), "batch": b, "cairn_tok_s": tok_s,
+                "fused_kernels": !args.unfused,
                 "cairn_decode_only_tok_s": decode_tok_s,
                 "chain_ceiling_tok_s": ceiling, "fused_chain_tok_s": fused_tok_s,
                 "share_of_ceiling": share,

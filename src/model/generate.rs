@@ -88,7 +88,7 @@ fn check_tokens(model: &Llama, ids: &[u32], extra: usize, what: &str) -> Result<
 }
 
 /// Left-pads sequences into `[b, len]` tokens, positions and validity tensors.
-pub(crate) fn left_pad(seqs: &[&[u32]], device: Device) -> (Tensor, Tensor, Tensor, i64) {
+pub fn left_pad(seqs: &[&[u32]], device: Device) -> (Tensor, Tensor, Tensor, i64) {
     let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
     let mut tokens = Vec::with_capacity(seqs.len() * len);
     let mut positions = Vec::with_capacity(seqs.len() * len);
@@ -135,10 +135,21 @@ impl StepLogits {
         logits: &Tensor,
         active: &[usize],
         samplers: &[Sampler],
+        fused: bool,
     ) -> Result<StepLogits, ModelError> {
         let logits = logits.to_kind(Kind::Float);
-        let log_z = to_vec_f32(&logits.logsumexp([-1i64].as_slice(), false))?;
-        let (max_logit, argmax) = logits.max_dim(-1, false);
+        // On the CPU one fused pass per row replaces the log-sum-exp's and the max's kernels.
+        let (log_z, max_logit, argmax) = if fused && logits.device() == Device::Cpu {
+            super::fused::logits_summary(&logits.contiguous())?
+        } else {
+            let (max_logit, argmax) = logits.max_dim(-1, false);
+            (
+                logits.logsumexp([-1i64].as_slice(), false),
+                max_logit,
+                argmax,
+            )
+        };
+        let log_z = to_vec_f32(&log_z)?;
         let argmax =
             Vec::<i64>::try_from(&argmax.to_device(Device::Cpu)).map_err(ModelError::Torch)?;
         let max_logit = to_vec_f32(&max_logit)?;
@@ -233,6 +244,7 @@ pub fn generate(
         &model.logits(&hidden.select(1, len - 1)),
         &active,
         &samplers,
+        model.fused_kernels(),
     )?;
     loop {
         let mut still = Vec::with_capacity(active.len());
@@ -276,7 +288,12 @@ pub fn generate(
         let positions = Tensor::from_slice(&step_pos).view([b, 1]).to_device(device);
         let valid = Tensor::ones([b, 1], (Kind::Bool, device));
         let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
-        step = StepLogits::new(&model.logits(&hidden.select(1, 0)), &active, &samplers)?;
+        step = StepLogits::new(
+            &model.logits(&hidden.select(1, 0)),
+            &active,
+            &samplers,
+            model.fused_kernels(),
+        )?;
     }
     Ok(outputs)
 }

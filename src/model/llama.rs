@@ -40,6 +40,8 @@ pub struct Llama {
     /// Sines with the first half of each row negated (see `apply_rope`).
     rope_sin: Tensor,
     dtype: Dtype,
+    /// Whether inference on the CPU uses the fused kernels of [`super::fused`].
+    fused: bool,
 }
 
 /// Keys and values of past positions, per layer: `[batch, kv_heads, capacity, head_dim]`.
@@ -213,6 +215,7 @@ impl Llama {
             rope_cos,
             rope_sin,
             dtype: Dtype::F32,
+            fused: true,
         })
     }
 
@@ -261,6 +264,44 @@ impl Llama {
                 .matmul(&w.tr())
                 .to_kind(Kind::Float),
         }
+    }
+
+    /// `x · wᵀ` in the model's number format, returned in that format (the residual adds
+    /// below take a bf16 product into the f32 stream without a separate conversion).
+    fn linear_raw(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        match self.dtype {
+            Dtype::F32 => x.matmul(&w.tr()),
+            Dtype::Bf16 => x.to_kind(Kind::BFloat16).matmul(&w.tr()),
+        }
+    }
+
+    /// `x += y · wᵀ` for the residual stream `x` `[rows, hidden]` (f32, no autograd): one
+    /// BLAS call accumulating into `x` in f32, or a bf16 product added in place.
+    fn add_linear_(&self, x: &mut Tensor, y: &Tensor, w: &Tensor) {
+        match self.dtype {
+            Dtype::F32 => {
+                let _ = x.addmm_(y, &w.tr());
+            }
+            Dtype::Bf16 => {
+                let _ = x.g_add_(&self.linear_raw(y, w));
+            }
+        }
+    }
+
+    /// Whether CPU inference uses the fused kernels (on by default).
+    pub fn fused_kernels(&self) -> bool {
+        self.fused
+    }
+
+    /// Turns the fused CPU kernels on or off; off runs the plain tensor ops everywhere (the
+    /// reference the kernels are tested and benchmarked against).
+    pub fn set_fused_kernels(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    /// Whether this forward pass may take the fused path: CPU inference with a cache.
+    fn fused_path(&self, cached: bool) -> bool {
+        self.fused && cached && self.device() == Device::Cpu && !super::fused::grad_enabled()
     }
 
     /// A randomly initialised model (for tests and benchmarks), reproducible from `seed`.
@@ -326,6 +367,11 @@ impl Llama {
             c.head_dim() as i64,
         );
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        if let Some(cache) = cache.as_deref_mut()
+            && self.fused_path(true)
+        {
+            return self.forward_fused(tokens, positions, valid, cache);
+        }
         if let Some(cache) = cache.as_deref_mut() {
             if past + t > cache.capacity {
                 return Err(ModelError::Context {
@@ -445,6 +491,104 @@ impl Llama {
             cache.len = total;
         }
         Ok(x.rms_norm([c.hidden_size as i64], Some(&self.norm), c.rms_norm_eps))
+    }
+
+    /// [`Llama::forward`] with a cache on the CPU without autograd, through the fused
+    /// kernels: rotary embedding and cache append in one pass, decode attention in one pass,
+    /// residual adds folded into the projections, SiLU-gated product in one pass. Prefill
+    /// (more than one new token) keeps libtorch's fused attention.
+    fn forward_fused(
+        &self,
+        tokens: &Tensor,
+        positions: &Tensor,
+        valid: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        use super::fused;
+        let c = &self.config;
+        let size = tokens.size();
+        let (b, t) = (size[0], size[1]);
+        let (h, nh, nkv, hd) = (
+            c.hidden_size as i64,
+            c.num_attention_heads as i64,
+            c.num_key_value_heads as i64,
+            c.head_dim() as i64,
+        );
+        let past = cache.len;
+        if past + t > cache.capacity {
+            return Err(ModelError::Context {
+                needed: (past + t) as usize,
+                limit: cache.capacity as usize,
+            });
+        }
+        cache.valid.narrow(1, past, t).copy_(valid);
+        let total = past + t;
+        let group = nh / nkv;
+        // Prefill attends through libtorch's kernel with an additive mask, as in `forward`.
+        let prefill_mask = (t > 1).then(|| {
+            let device = tokens.device();
+            let q_pos = Tensor::arange_start(past, total, (Kind::Int64, device)).view([t, 1]);
+            let k_pos = Tensor::arange(total, (Kind::Int64, device)).view([1, total]);
+            let mask = (k_pos.le_tensor(&q_pos).unsqueeze(0)
+                * cache.valid.narrow(1, 0, total).unsqueeze(1))
+            .logical_or(&k_pos.eq_tensor(&q_pos).unsqueeze(0))
+            .unsqueeze(1)
+            .repeat([1, 1, group, 1]);
+            Tensor::zeros(mask.size(), (Kind::Float, device))
+                .masked_fill(&mask.logical_not(), f64::NEG_INFINITY)
+        });
+        let positions = positions.contiguous();
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false)
+            .to_kind(Kind::Float)
+            .reshape([b * t, h]);
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            let hidden = x.rms_norm([h], Some(&blk.attn_norm), c.rms_norm_eps);
+            let mut qkv = self.linear(&hidden, &blk.wqkv);
+            if let Some(bias) = &blk.bqkv {
+                qkv += bias;
+            }
+            let q = fused::rope_append(
+                &qkv.view([b, t, -1]),
+                &positions,
+                &self.rope_cos,
+                &self.rope_sin,
+                &mut cache.k[layer],
+                &mut cache.v[layer],
+                past,
+                (nh, nkv),
+            )?;
+            let attn = match &prefill_mask {
+                None => fused::decode_attention(
+                    &q,
+                    &cache.k[layer],
+                    &cache.v[layer],
+                    &cache.valid,
+                    total,
+                    scale,
+                )?,
+                Some(mask) => Tensor::f_scaled_dot_product_attention(
+                    &q.reshape([b, nkv, group * t, hd]),
+                    &cache.k[layer].narrow(2, 0, total),
+                    &cache.v[layer].narrow(2, 0, total),
+                    Some(mask),
+                    0.0,
+                    false,
+                    None::<f64>,
+                    false,
+                )
+                .map_err(ModelError::Torch)?
+                .reshape([b, nh, t, hd])
+                .transpose(1, 2),
+            };
+            self.add_linear_(&mut x, &attn.reshape([b * t, nh * hd]), &blk.wo);
+            let hidden = x.rms_norm([h], Some(&blk.ffn_norm), c.rms_norm_eps);
+            let act = fused::silu_mul(&self.linear(&hidden, &blk.w_gate_up))?;
+            self.add_linear_(&mut x, &act, &blk.w_down);
+        }
+        cache.len = total;
+        Ok(x.rms_norm([h], Some(&self.norm), c.rms_norm_eps)
+            .view([b, t, h]))
     }
 
     /// Next-token logits `[.., vocab]` of final hidden states `[.., hidden]`.

@@ -4,11 +4,12 @@
 //!
 //! - [`gguf`]: GGUF reader and dequantisation.
 //! - [`config`], [`tokenizer`], [`load`]: configurations, tokenizers and chat format, loading.
-//! - [`llama`]: the decoder and its KV cache.
+//! - [`llama`]: the decoder and its KV cache; [`fused`]: its fused CPU inference kernels.
 //! - [`sampling`], [`generate`]: seeded sampling, batched generation and scoring.
 //! - [`worker`]: the thread that owns the models and batches requests.
 
 pub mod config;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod llama;

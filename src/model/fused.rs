@@ -1,0 +1,217 @@
+//! Fused CPU kernels for inference: rotary embedding with the KV-cache append, decode-step
+//! attention, SiLU-gated products and the per-row summary of next-token logits.
+//!
+//! Written in C++ (`fused/kernels.cpp`, built by `build.rs` against the libtorch headers) so
+//! they run inside libtorch's own OpenMP pool: a decode step at batch 64 otherwise spends
+//! as long in ~25 small tensor ops per layer as in its attention, and a thread pool of our own
+//! would fight libtorch's spinning workers for the two cores. The decoder uses them only on
+//! the CPU, without autograd, and with a KV cache (see `Llama::forward`); the plain tensor
+//! ops remain the reference they are tested against.
+
+use std::ffi::{CStr, c_char};
+use std::ptr;
+
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+use super::ModelError;
+
+unsafe extern "C" {
+    fn cairn_free_error(msg: *mut c_char);
+    fn cairn_grad_enabled() -> i32;
+    fn cairn_rope_append(
+        qkv: *const C_tensor,
+        positions: *const C_tensor,
+        cos: *const C_tensor,
+        sin: *const C_tensor,
+        k_cache: *mut C_tensor,
+        v_cache: *mut C_tensor,
+        past: i64,
+        nh: i64,
+        nkv: i64,
+        q_out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn cairn_decode_attention(
+        q: *const C_tensor,
+        k_cache: *const C_tensor,
+        v_cache: *const C_tensor,
+        valid: *const C_tensor,
+        total: i64,
+        scale: f64,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn cairn_logits_summary(
+        logits: *const C_tensor,
+        log_z: *mut *mut C_tensor,
+        max: *mut *mut C_tensor,
+        argmax: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn cairn_silu_mul(gate_up: *const C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
+}
+
+/// Turns a kernel's error string (null on success) into a result, freeing the string.
+fn check(err: *mut c_char) -> Result<(), ModelError> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null error is a NUL-terminated string malloc'd by the kernel, owned here.
+    let message = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { cairn_free_error(err) };
+    Err(ModelError::Torch(tch::TchError::Torch(format!(
+        "fused kernel: {message}"
+    ))))
+}
+
+/// Takes ownership of a tensor the kernel allocated.
+fn owned(t: *mut C_tensor) -> Result<Tensor, ModelError> {
+    if t.is_null() {
+        return Err(ModelError::Torch(tch::TchError::Torch(
+            "fused kernel returned no tensor".into(),
+        )));
+    }
+    // SAFETY: the kernel hands over a heap `at::Tensor*` that nothing else owns.
+    Ok(unsafe { Tensor::from_ptr(t) })
+}
+
+/// Whether autograd is recording on this thread (the kernels have no backward).
+pub fn grad_enabled() -> bool {
+    // SAFETY: reads a thread-local flag.
+    unsafe { cairn_grad_enabled() != 0 }
+}
+
+/// Rotary embedding of the query and key heads of a fused projection `qkv`
+/// `[b, t, (nh + 2·nkv)·hd]` (f32, contiguous) at `positions` `[b, t]`, with the rotated keys
+/// and the values written into the caches `[b, nkv, capacity, hd]` at columns
+/// `past..past + t`. `cos`/`signed_sin` are the rotate-half tables `[max_pos, hd]` with the
+/// sine's first half negated. Returns the rotated queries `[b, nh, t, hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_append(
+    qkv: &Tensor,
+    positions: &Tensor,
+    cos: &Tensor,
+    signed_sin: &Tensor,
+    k_cache: &mut Tensor,
+    v_cache: &mut Tensor,
+    past: i64,
+    heads: (i64, i64),
+) -> Result<Tensor, ModelError> {
+    let mut q = ptr::null_mut();
+    // SAFETY: every pointer is a live tensor for the duration of the call; the kernel checks
+    // shapes, kinds and bounds before touching data.
+    check(unsafe {
+        cairn_rope_append(
+            qkv.as_ptr(),
+            positions.as_ptr(),
+            cos.as_ptr(),
+            signed_sin.as_ptr(),
+            k_cache.as_mut_ptr(),
+            v_cache.as_mut_ptr(),
+            past,
+            heads.0,
+            heads.1,
+            &mut q,
+        )
+    })?;
+    owned(q)
+}
+
+/// Attention of one new query per sequence (`q` `[b, nh, 1, hd]`) over the first `total`
+/// cached positions, skipping columns `valid` `[b, capacity]` marks as padding (the last
+/// column, the query's own, always counts). Returns `[b, 1, nh·hd]`.
+pub fn decode_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    valid: &Tensor,
+    total: i64,
+    scale: f64,
+) -> Result<Tensor, ModelError> {
+    let mut out = ptr::null_mut();
+    // SAFETY: as in `rope_append`; nothing is written but the new output.
+    check(unsafe {
+        cairn_decode_attention(
+            q.as_ptr(),
+            k_cache.as_ptr(),
+            v_cache.as_ptr(),
+            valid.as_ptr(),
+            total,
+            scale,
+            &mut out,
+        )
+    })?;
+    owned(out)
+}
+
+/// Per row of `logits` `[rows, vocab]` (f32, contiguous): the log-normaliser `log Σ exp`, the
+/// maximum and the index of its first occurrence, in one pass over each row.
+pub fn logits_summary(logits: &Tensor) -> Result<(Tensor, Tensor, Tensor), ModelError> {
+    let (mut z, mut m, mut a) = (ptr::null_mut(), ptr::null_mut(), ptr::null_mut());
+    // SAFETY: as in `decode_attention`.
+    check(unsafe { cairn_logits_summary(logits.as_ptr(), &mut z, &mut m, &mut a) })?;
+    Ok((owned(z)?, owned(m)?, owned(a)?))
+}
+
+/// `silu(gate) · up` of a fused projection `[.., 2·f]` whose first `f` columns are the gate.
+pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor, ModelError> {
+    let mut out = ptr::null_mut();
+    // SAFETY: as in `decode_attention`.
+    check(unsafe { cairn_silu_mul(gate_up.as_ptr(), &mut out) })?;
+    owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn silu_mul_matches_the_tensor_ops() {
+        tch::manual_seed(1);
+        let x = Tensor::randn([5, 3, 2 * 37], (Kind::Float, Device::Cpu)) * 6.0;
+        let expected = x.narrow(-1, 0, 37).silu() * x.narrow(-1, 37, 37);
+        let got = silu_mul(&x).expect("kernel runs");
+        assert_eq!(got.size(), vec![5, 3, 37]);
+        assert!(max_diff(&got, &expected) < 1e-5);
+    }
+
+    #[test]
+    fn logits_summary_matches_logsumexp_and_argmax() {
+        tch::manual_seed(2);
+        let x = Tensor::randn([7, 1001], (Kind::Float, Device::Cpu)) * 8.0;
+        let (z, m, a) = logits_summary(&x).expect("kernel runs");
+        let (em, ea) = x.max_dim(-1, false);
+        assert!(max_diff(&z, &x.logsumexp([-1i64].as_slice(), false)) < 1e-4);
+        assert_eq!(max_diff(&m, &em), 0.0);
+        assert_eq!(
+            Vec::<i64>::try_from(&a).ok(),
+            Vec::<i64>::try_from(&ea).ok()
+        );
+    }
+
+    #[test]
+    fn logits_summary_takes_the_first_of_tied_maxima() {
+        let x = Tensor::from_slice(&[1.0f32, 3.0, 0.5, 3.0]).view([1, 4]);
+        let (_, _, a) = logits_summary(&x).expect("kernel runs");
+        assert_eq!(Vec::<i64>::try_from(&a).ok(), Some(vec![1]));
+    }
+
+    #[test]
+    fn kernels_reject_bad_input_with_an_error() {
+        let ints = Tensor::zeros([2, 4], (Kind::Int64, Device::Cpu));
+        let err = logits_summary(&ints).expect_err("i64 logits are refused");
+        assert!(err.to_string().contains("must be f32"), "{err}");
+        let odd = Tensor::zeros([2, 5], (Kind::Float, Device::Cpu));
+        assert!(silu_mul(&odd).is_err());
+        let q = Tensor::zeros([1, 4, 1, 8], (Kind::Float, Device::Cpu));
+        let cache = Tensor::zeros([1, 2, 6, 8], (Kind::Float, Device::Cpu));
+        let valid = Tensor::ones([1, 6], (Kind::Bool, Device::Cpu));
+        assert!(decode_attention(&q, &cache, &cache, &valid, 7, 1.0).is_err());
+        assert!(decode_attention(&q, &cache, &cache, &valid, 6, 1.0).is_ok());
+    }
+}

@@ -1,0 +1,342 @@
+// Fused CPU kernels for the decoder's inference path (see fused.rs for the Rust side).
+//
+// A decode step at batch 64 spends as long in ~25 small tensor ops per layer as the
+// projections leave over: each op is a dispatch, an allocation and an OpenMP region over a
+// few hundred kilobytes. These kernels do the work of several ops in one pass, and run in
+// libtorch's own OpenMP pool (at::parallel_for), so they never compete with its spinning
+// worker threads the way a second thread pool would.
+//
+// Every output element is computed by one thread in a fixed order, so results do not depend
+// on the number of threads. Errors are C++ exceptions turned into malloc'd strings at the C
+// boundary; nothing unwinds into Rust.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/GradMode.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+char* copy_message(const char* msg) {
+  size_t n = std::strlen(msg);
+  char* out = static_cast<char*>(std::malloc(n + 1));
+  if (out != nullptr) {
+    std::memcpy(out, msg, n + 1);
+  }
+  return out;
+}
+
+template <typename F>
+char* guarded(F&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return copy_message(e.what());
+  } catch (...) {
+    return copy_message("unknown C++ exception in a fused kernel");
+  }
+}
+
+void check_f32_cpu(const Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be f32");
+  TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
+}
+
+// exp(x) as branch-free arithmetic the compiler vectorises (libm's expf is a call per
+// element). Round-to-nearest range reduction by the 1.5·2^23 trick, then the Cephes
+// polynomial on [-ln2/2, ln2/2]: relative error ~2e-7, enough for softmax weights and
+// log-normalisers kept in f32. Inputs are clamped to the finite range of the result.
+inline float vexp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float shifter = 12582912.0f;
+  float n = (x * 1.44269504088896341f + shifter) - shifter;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+// One (sequence, kv head) of a decode step: `group` query rows attend over `total` cached
+// positions. `scores` has room for group·total floats. Masked columns (padding) get zero
+// weight; the last column (the query's own position) is always attended.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void attend_one(
+    const float* q, const float* k, const float* v, const bool* valid, int64_t total,
+    int64_t group, int64_t hd, float scale, float* out, float* scores) {
+  for (int64_t j = 0; j < total; ++j) {
+    const bool live = valid[j] || j == total - 1;
+    const float* kr = k + j * hd;
+    for (int64_t g = 0; g < group; ++g) {
+      float acc = 0.0f;
+      if (live) {
+        const float* qr = q + g * hd;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < hd; ++d) {
+          acc += qr[d] * kr[d];
+        }
+      }
+      scores[g * total + j] = live ? acc * scale : -std::numeric_limits<float>::infinity();
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * total;
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < total; ++j) {
+      m = s[j] > m ? s[j] : m;
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < total; ++j) {
+      // exp(-inf - m) would be clamped, not zero: masked columns are zeroed explicitly.
+      float e = s[j] == -std::numeric_limits<float>::infinity() ? 0.0f : vexp(s[j] - m);
+      s[j] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < total; ++j) {
+      s[j] *= inv;
+    }
+    float* o = out + g * hd;
+    for (int64_t d = 0; d < hd; ++d) {
+      o[d] = 0.0f;
+    }
+  }
+  for (int64_t j = 0; j < total; ++j) {
+    const float* vr = v + j * hd;
+    for (int64_t g = 0; g < group; ++g) {
+      const float w = scores[g * total + j];
+      if (w == 0.0f) {
+        continue;
+      }
+      float* o = out + g * hd;
+#pragma omp simd
+      for (int64_t d = 0; d < hd; ++d) {
+        o[d] += w * vr[d];
+      }
+    }
+  }
+}
+
+// Max, first argmax and log-sum-exp of one row of logits.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void summarise_row(
+    const float* x, int64_t n, float* log_z, float* max_out, int64_t* argmax_out) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    m = x[j] > m ? x[j] : m;
+  }
+  int64_t arg = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (x[j] == m) {
+      arg = j;
+      break;
+    }
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    sum += vexp(x[j] - m);
+  }
+  *log_z = m + std::log(sum);
+  *max_out = m;
+  *argmax_out = arg;
+}
+
+// silu(gate) · up for one row of a fused [gate | up] projection.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void silu_mul_row(
+    const float* gate, const float* up, int64_t n, float* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float g = gate[j];
+    out[j] = g / (1.0f + vexp(-g)) * up[j];
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Releases an error message returned by one of the kernels.
+void cairn_free_error(char* msg) { std::free(msg); }
+
+// Whether autograd records operations on this thread (the fused path has no backward).
+int cairn_grad_enabled() { return c10::GradMode::is_enabled() ? 1 : 0; }
+
+// Rotary embedding of the query and key heads of a fused projection, with the keys and
+// values appended to the cache. `qkv` is [b, t, (nh + 2·nkv)·hd]; positions [b, t] (i64);
+// cos and signed sin [max_pos, hd] (rotate-half layout, the sine's first half negated);
+// the caches [b, nkv, capacity, hd] receive positions past..past+t. Returns the rotated
+// queries as [b, nh, t, hd].
+char* cairn_rope_append(const Tensor* qkv, const Tensor* positions, const Tensor* cos,
+                        const Tensor* sin, Tensor* k_cache, Tensor* v_cache, int64_t past,
+                        int64_t nh, int64_t nkv, Tensor** q_out) {
+  return guarded([&] {
+    check_f32_cpu(*qkv, "qkv");
+    check_f32_cpu(*cos, "cos table");
+    check_f32_cpu(*sin, "sin table");
+    check_f32_cpu(*k_cache, "key cache");
+    check_f32_cpu(*v_cache, "value cache");
+    TORCH_CHECK(positions->scalar_type() == at::kLong && positions->is_contiguous(),
+                "positions must be contiguous i64");
+    TORCH_CHECK(qkv->dim() == 3 && k_cache->dim() == 4, "qkv must be 3-d and caches 4-d");
+    const int64_t b = qkv->size(0), t = qkv->size(1);
+    const int64_t hd = k_cache->size(3), cap = k_cache->size(2);
+    TORCH_CHECK(qkv->size(2) == (nh + 2 * nkv) * hd, "qkv width does not match the heads");
+    TORCH_CHECK(k_cache->size(0) == b && k_cache->size(1) == nkv, "key cache shape");
+    TORCH_CHECK(v_cache->sizes() == k_cache->sizes(), "value cache shape");
+    TORCH_CHECK(positions->numel() == b * t, "positions shape");
+    TORCH_CHECK(past >= 0 && past + t <= cap, "cache overflow");
+    TORCH_CHECK(cos->dim() == 2 && cos->size(1) == hd && sin->sizes() == cos->sizes(),
+                "rotary tables shape");
+    TORCH_CHECK(hd % 2 == 0, "head size must be even");
+    const int64_t max_pos = cos->size(0);
+    const int64_t* pos = positions->data_ptr<int64_t>();
+    for (int64_t i = 0; i < b * t; ++i) {
+      TORCH_CHECK(pos[i] >= 0 && pos[i] < max_pos, "position ", pos[i], " outside the table");
+    }
+    Tensor q = at::empty({b, nh, t, hd}, qkv->options());
+    const float* x = qkv->data_ptr<float>();
+    const float* ct = cos->data_ptr<float>();
+    const float* st = sin->data_ptr<float>();
+    float* kc = k_cache->data_ptr<float>();
+    float* vc = v_cache->data_ptr<float>();
+    float* qo = q.data_ptr<float>();
+    const int64_t width = (nh + 2 * nkv) * hd, half = hd / 2;
+    at::parallel_for(0, b * t, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t bi = row / t, ti = row % t;
+        const float* xr = x + row * width;
+        const float* c = ct + pos[row] * hd;
+        const float* s = st + pos[row] * hd;
+        for (int64_t h = 0; h < nh + nkv; ++h) {
+          const float* xh = xr + h * hd;
+          float* dst = h < nh ? qo + ((bi * nh + h) * t + ti) * hd
+                              : kc + ((bi * nkv + (h - nh)) * cap + past + ti) * hd;
+          for (int64_t d = 0; d < half; ++d) {
+            dst[d] = xh[d] * c[d] + xh[d + half] * s[d];
+          }
+          for (int64_t d = half; d < hd; ++d) {
+            dst[d] = xh[d] * c[d] + xh[d - half] * s[d];
+          }
+        }
+        for (int64_t h = 0; h < nkv; ++h) {
+          std::memcpy(vc + ((bi * nkv + h) * cap + past + ti) * hd,
+                      xr + (nh + nkv + h) * hd, hd * sizeof(float));
+        }
+      }
+    });
+    *q_out = new Tensor(std::move(q));
+  });
+}
+
+// Attention of one new query per sequence over the cached keys and values: q [b, nh, 1, hd],
+// caches [b, nkv, capacity, hd], valid [b, capacity] (bool; the last of the `total` columns
+// always counts). Returns [b, 1, nh·hd], the layout the output projection takes.
+char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tensor* v_cache,
+                             const Tensor* valid, int64_t total, double scale, Tensor** out) {
+  return guarded([&] {
+    check_f32_cpu(*q, "queries");
+    check_f32_cpu(*k_cache, "key cache");
+    check_f32_cpu(*v_cache, "value cache");
+    TORCH_CHECK(valid->scalar_type() == at::kBool && valid->is_contiguous(),
+                "validity must be contiguous bool");
+    TORCH_CHECK(q->dim() == 4 && q->size(2) == 1, "queries must be [b, heads, 1, hd]");
+    TORCH_CHECK(k_cache->dim() == 4 && v_cache->sizes() == k_cache->sizes(), "cache shapes");
+    const int64_t b = q->size(0), nh = q->size(1), hd = q->size(3);
+    const int64_t nkv = k_cache->size(1), cap = k_cache->size(2);
+    TORCH_CHECK(k_cache->size(0) == b && k_cache->size(3) == hd, "cache does not match queries");
+    TORCH_CHECK(nkv > 0 && nh % nkv == 0, "query heads must be a multiple of kv heads");
+    TORCH_CHECK(valid->dim() == 2 && valid->size(0) == b && valid->size(1) == cap,
+                "validity shape");
+    TORCH_CHECK(total >= 1 && total <= cap, "attended length outside the cache");
+    const int64_t group = nh / nkv;
+    Tensor o = at::empty({b, 1, nh * hd}, q->options());
+    const float* qp = q->data_ptr<float>();
+    const float* kp = k_cache->data_ptr<float>();
+    const float* vp = v_cache->data_ptr<float>();
+    const bool* vm = valid->data_ptr<bool>();
+    float* op = o.data_ptr<float>();
+    const float sc = static_cast<float>(scale);
+    at::parallel_for(0, b * nkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(group * total);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bi = item / nkv, h = item % nkv;
+        const int64_t head0 = bi * nh + h * group;
+        attend_one(qp + head0 * hd, kp + item * cap * hd, vp + item * cap * hd, vm + bi * cap,
+                   total, group, hd, sc, op + head0 * hd, scores.data());
+      }
+    });
+    *out = new Tensor(std::move(o));
+  });
+}
+
+// Per row of logits [rows, vocab] (f32): the log-normaliser, the maximum and its first index.
+char* cairn_logits_summary(const Tensor* logits, Tensor** log_z, Tensor** max,
+                           Tensor** argmax) {
+  return guarded([&] {
+    check_f32_cpu(*logits, "logits");
+    TORCH_CHECK(logits->dim() == 2 && logits->size(1) > 0, "logits must be [rows, vocab]");
+    const int64_t rows = logits->size(0), n = logits->size(1);
+    Tensor z = at::empty({rows}, logits->options());
+    Tensor m = at::empty({rows}, logits->options());
+    Tensor a = at::empty({rows}, logits->options().dtype(at::kLong));
+    const float* x = logits->data_ptr<float>();
+    float* zp = z.data_ptr<float>();
+    float* mp = m.data_ptr<float>();
+    int64_t* ap = a.data_ptr<int64_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        summarise_row(x + r * n, n, zp + r, mp + r, ap + r);
+      }
+    });
+    *log_z = new Tensor(std::move(z));
+    *max = new Tensor(std::move(m));
+    *argmax = new Tensor(std::move(a));
+  });
+}
+
+// silu(gate)·up of a fused projection [.., 2·f] (gate columns first) → [.., f].
+char* cairn_silu_mul(const Tensor* gate_up, Tensor** out) {
+  return guarded([&] {
+    check_f32_cpu(*gate_up, "gate/up projection");
+    TORCH_CHECK(gate_up->dim() >= 1 && gate_up->size(-1) % 2 == 0,
+                "gate/up width must be even");
+    const int64_t f = gate_up->size(-1) / 2;
+    const int64_t rows = f == 0 ? 0 : gate_up->numel() / (2 * f);
+    std::vector<int64_t> shape(gate_up->sizes().begin(), gate_up->sizes().end());
+    shape.back() = f;
+    Tensor o = at::empty(shape, gate_up->options());
+    const float* x = gate_up->data_ptr<float>();
+    float* op = o.data_ptr<float>();
+    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        silu_mul_row(x + r * 2 * f, x + r * 2 * f + f, f, op + r * f);
+      }
+    });
+    *out = new Tensor(std::move(o));
+  });
+}
+
+}  // extern "C"
