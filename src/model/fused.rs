@@ -201,6 +201,117 @@ mod tests {
         assert_eq!(Vec::<i64>::try_from(&a).ok(), Some(vec![1]));
     }
 
+    /// Decode attention by tensor ops: grouped query rows, additive mask, softmax.
+    fn reference_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        valid: &Tensor,
+        total: i64,
+    ) -> Tensor {
+        let (b, nh, hd) = (q.size()[0], q.size()[1], q.size()[3]);
+        let nkv = k.size()[1];
+        let live = valid.narrow(1, 0, total).copy();
+        let _ = live.narrow(1, total - 1, 1).fill_(1);
+        let mask = Tensor::zeros([b, 1, 1, total], (Kind::Float, Device::Cpu)).masked_fill(
+            &live.logical_not().view([b, 1, 1, total]),
+            f64::NEG_INFINITY,
+        );
+        let scores = q
+            .reshape([b, nkv, nh / nkv, hd])
+            .matmul(&k.narrow(2, 0, total).transpose(-1, -2))
+            / (hd as f64).sqrt()
+            + mask;
+        scores
+            .softmax(-1, Kind::Float)
+            .matmul(&v.narrow(2, 0, total))
+            .reshape([b, 1, nh * hd])
+    }
+
+    #[test]
+    fn decode_attention_matches_the_tensor_ops_for_every_head_size() {
+        tch::manual_seed(3);
+        // 64 and 128 take the register-blocked path, the others the plain loops.
+        for hd in [8i64, 24, 64, 128] {
+            let (b, nh, nkv, cap, total) = (3i64, 6i64, 2i64, 40i64, 33i64);
+            let f = (Kind::Float, Device::Cpu);
+            let q = Tensor::randn([b, nh, 1, hd], f);
+            let k = Tensor::randn([b, nkv, cap, hd], f) * 2.0;
+            let v = Tensor::randn([b, nkv, cap, hd], f);
+            // Padding: row 1 has its first five columns masked, row 2 all but the last.
+            let valid = Tensor::ones([b, cap], (Kind::Bool, Device::Cpu));
+            let _ = valid.get(1).narrow(0, 0, 5).fill_(0);
+            let _ = valid.get(2).fill_(0);
+            let got = decode_attention(&q, &k, &v, &valid, total, 1.0 / (hd as f64).sqrt())
+                .expect("kernel runs");
+            let expected = reference_attention(&q, &k, &v, &valid, total);
+            let diff = max_diff(&got, &expected);
+            assert!(diff < 1e-5, "head size {hd}: {diff}");
+            // A fully masked row attends to its own position alone.
+            let own = v.get(2).narrow(1, total - 1, 1).reshape([1, nkv * hd]);
+            let row = got
+                .get(2)
+                .view([nkv, nh / nkv, hd])
+                .select(1, 0)
+                .reshape([1, nkv * hd]);
+            assert!(max_diff(&row, &own) < 1e-6, "head size {hd}");
+        }
+    }
+
+    #[test]
+    fn rope_append_writes_rotated_keys_and_values_into_the_cache() {
+        tch::manual_seed(4);
+        let (b, t, nh, nkv, hd, cap, past) = (2i64, 3i64, 4i64, 2i64, 8i64, 10i64, 4i64);
+        let f = (Kind::Float, Device::Cpu);
+        let qkv = Tensor::randn([b, t, (nh + 2 * nkv) * hd], f);
+        let positions = Tensor::from_slice(&[4i64, 5, 6, 0, 1, 2]).view([b, t]);
+        let cos = Tensor::randn([16, hd], f);
+        let sin = Tensor::randn([16, hd], f);
+        let mut kc = Tensor::zeros([b, nkv, cap, hd], f);
+        let mut vc = Tensor::zeros([b, nkv, cap, hd], f);
+        let q = rope_append(
+            &qkv,
+            &positions,
+            &cos,
+            &sin,
+            &mut kc,
+            &mut vc,
+            past,
+            (nh, nkv),
+        )
+        .expect("kernel runs");
+        // Reference: x·cos + swap_halves(x)·sin, per head.
+        let heads = qkv.narrow(2, 0, (nh + nkv) * hd).view([b, t, nh + nkv, hd]);
+        let c = cos
+            .index_select(0, &positions.flatten(0, 1))
+            .view([b, t, 1, hd]);
+        let s = sin
+            .index_select(0, &positions.flatten(0, 1))
+            .view([b, t, 1, hd]);
+        let half = hd / 2;
+        let swapped = Tensor::cat(&[heads.narrow(3, half, half), heads.narrow(3, 0, half)], 3);
+        let rotated = &heads * &c + swapped * &s;
+        assert!(max_diff(&q, &rotated.narrow(2, 0, nh).transpose(1, 2)) < 1e-6);
+        let keys = kc.narrow(2, past, t);
+        assert!(max_diff(&keys, &rotated.narrow(2, nh, nkv).transpose(1, 2)) < 1e-6);
+        let values = qkv
+            .narrow(2, (nh + nkv) * hd, nkv * hd)
+            .view([b, t, nkv, hd])
+            .transpose(1, 2);
+        assert_eq!(max_diff(&vc.narrow(2, past, t), &values), 0.0);
+        // Columns outside past..past+t are untouched.
+        assert_eq!(
+            kc.narrow(2, 0, past)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
+        // A position outside the tables is an error, not an out-of-bounds read.
+        let far = Tensor::from_slice(&[4i64, 5, 99, 0, 1, 2]).view([b, t]);
+        assert!(rope_append(&qkv, &far, &cos, &sin, &mut kc, &mut vc, past, (nh, nkv)).is_err());
+    }
+
     #[test]
     fn kernels_reject_bad_input_with_an_error() {
         let ints = Tensor::zeros([2, 4], (Kind::Int64, Device::Cpu));

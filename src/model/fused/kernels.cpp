@@ -77,12 +77,111 @@ inline float vexp(float x) {
   return y * scale;
 }
 
+// Sixteen floats as one value: the compiler maps it to one AVX-512 register, two AVX2 ones or
+// four SSE ones, depending on the clone being compiled. `aligned(4)` allows loads from any
+// float address.
+typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int v16i __attribute__((vector_size(64)));
+
+// Sum of the sixteen lanes by a shuffle tree (four steps rather than fifteen serial adds).
+inline float hsum(v16 s) {
+  s += __builtin_shuffle(s, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  s += __builtin_shuffle(s, v16i{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  s += __builtin_shuffle(s, v16i{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  s += __builtin_shuffle(s, v16i{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return s[0];
+}
+
+// Softmax in place over one row of scores; masked columns hold -inf and get weight zero.
+inline void softmax_row(float* s, int64_t total) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < total; ++j) {
+    m = s[j] > m ? s[j] : m;
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < total; ++j) {
+    // exp(-inf - m) would be clamped, not zero: masked columns are zeroed explicitly.
+    float e = s[j] == -std::numeric_limits<float>::infinity() ? 0.0f : vexp(s[j] - m);
+    s[j] = e;
+    sum += e;
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < total; ++j) {
+    s[j] *= inv;
+  }
+}
+
+// attend_one for a head size known at compile time (a multiple of 16): each query row and
+// each output row lives in registers while the cached rows stream past, and a dot product
+// ends in one shuffle-tree reduction. Query rows are taken one at a time, so the keys and
+// values of this (sequence, head) are read from memory once and from L1/L2 for the others.
+template <int HD>
+inline __attribute__((always_inline)) void attend_fixed(const float* q, const float* k,
+                                                        const float* v, const bool* valid,
+                                                        int64_t total, int64_t group,
+                                                        float scale, float* out,
+                                                        float* scores) {
+  constexpr int C = HD / 16;
+  for (int64_t g = 0; g < group; ++g) {
+    v16 qr[C];
+    for (int c = 0; c < C; ++c) {
+      qr[c] = *reinterpret_cast<const v16*>(q + g * HD + 16 * c);
+    }
+    float* s = scores + g * total;
+    for (int64_t j = 0; j < total; ++j) {
+      if (!(valid[j] || j == total - 1)) {
+        s[j] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const float* kr = k + j * HD;
+      v16 acc = qr[0] * *reinterpret_cast<const v16*>(kr);
+      for (int c = 1; c < C; ++c) {
+        acc += qr[c] * *reinterpret_cast<const v16*>(kr + 16 * c);
+      }
+      s[j] = hsum(acc) * scale;
+    }
+    softmax_row(s, total);
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    v16 acc[C];
+    for (int c = 0; c < C; ++c) {
+      acc[c] = v16{};
+    }
+    const float* s = scores + g * total;
+    for (int64_t j = 0; j < total; ++j) {
+      const float w = s[j];
+      if (w == 0.0f) {
+        continue;
+      }
+      const float* vr = v + j * HD;
+      for (int c = 0; c < C; ++c) {
+        acc[c] += w * *reinterpret_cast<const v16*>(vr + 16 * c);
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      *reinterpret_cast<v16*>(out + g * HD + 16 * c) = acc[c];
+    }
+  }
+}
+
 // One (sequence, kv head) of a decode step: `group` query rows attend over `total` cached
 // positions. `scores` has room for group·total floats. Masked columns (padding) get zero
 // weight; the last column (the query's own position) is always attended.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void attend_one(
     const float* q, const float* k, const float* v, const bool* valid, int64_t total,
     int64_t group, int64_t hd, float scale, float* out, float* scores) {
+  if (hd == 64) {
+    attend_fixed<64>(q, k, v, valid, total, group, scale, out, scores);
+    return;
+  }
+  if (hd == 128) {
+    attend_fixed<128>(q, k, v, valid, total, group, scale, out, scores);
+    return;
+  }
+  // Any other head size: the same arithmetic with plain loops.
   for (int64_t j = 0; j < total; ++j) {
     const bool live = valid[j] || j == total - 1;
     const float* kr = k + j * hd;
@@ -99,25 +198,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend_one(
     }
   }
   for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * total;
-    float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < total; ++j) {
-      m = s[j] > m ? s[j] : m;
-    }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < total; ++j) {
-      // exp(-inf - m) would be clamped, not zero: masked columns are zeroed explicitly.
-      float e = s[j] == -std::numeric_limits<float>::infinity() ? 0.0f : vexp(s[j] - m);
-      s[j] = e;
-      sum += e;
-    }
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < total; ++j) {
-      s[j] *= inv;
-    }
+    softmax_row(scores + g * total, total);
     float* o = out + g * hd;
     for (int64_t d = 0; d < hd; ++d) {
       o[d] = 0.0f;
