@@ -55,6 +55,8 @@ fn build_kernels(lib: &std::path::Path) {
         .flag("-fopenmp")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag_if_supported("-Wno-unused-parameter")
+        // v16 values never cross a call boundary between clones of different ISAs.
+        .flag_if_supported("-Wno-psabi")
         .opt_level(3)
         .debug(false)
         .compile("cairn_kernels");

@@ -44,14 +44,16 @@ struct Inputs {
 fn inputs() -> Inputs {
     tch::manual_seed(0);
     let f = (Kind::Float, Device::Cpu);
+    let k: Vec<Tensor> = (0..LAYERS)
+        .map(|_| Tensor::randn([B, NKV, CAP, HD], f))
+        .collect();
+    let v: Vec<Tensor> = (0..LAYERS)
+        .map(|_| Tensor::randn([B, NKV, CAP, HD], f))
+        .collect();
     Inputs {
+        k,
+        v,
         q: Tensor::randn([B, NH, 1, HD], f),
-        k: (0..LAYERS)
-            .map(|_| Tensor::randn([B, NKV, CAP, HD], f))
-            .collect(),
-        v: (0..LAYERS)
-            .map(|_| Tensor::randn([B, NKV, CAP, HD], f))
-            .collect(),
         valid: Tensor::ones([B, CAP], (Kind::Bool, Device::Cpu)),
         logits: Tensor::randn([B, 49152], f) * 4.0,
         gate_up: Tensor::randn([B, 2 * 1536], f),

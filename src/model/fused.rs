@@ -231,9 +231,19 @@ mod tests {
     #[test]
     fn decode_attention_matches_the_tensor_ops_for_every_head_size() {
         tch::manual_seed(3);
-        // 64 and 128 take the register-blocked path, the others the plain loops.
-        for hd in [8i64, 24, 64, 128] {
-            let (b, nh, nkv, cap, total) = (3i64, 6i64, 2i64, 40i64, 33i64);
+        // Head sizes 64 and 128 take the register-blocked paths (rows shared by the group up
+        // to 4 and 2 query heads per kv head, one query row at a time beyond), the others
+        // the plain loops.
+        for (hd, nh, nkv) in [
+            (8i64, 6i64, 2i64),
+            (24, 6, 2),
+            (64, 6, 2),
+            (64, 6, 1),
+            (64, 4, 4),
+            (128, 6, 2),
+            (128, 4, 2),
+        ] {
+            let (b, cap, total) = (3i64, 40i64, 33i64);
             let f = (Kind::Float, Device::Cpu);
             let q = Tensor::randn([b, nh, 1, hd], f);
             let k = Tensor::randn([b, nkv, cap, hd], f) * 2.0;
@@ -246,7 +256,7 @@ mod tests {
                 .expect("kernel runs");
             let expected = reference_attention(&q, &k, &v, &valid, total);
             let diff = max_diff(&got, &expected);
-            assert!(diff < 1e-5, "head size {hd}: {diff}");
+            assert!(diff < 1e-5, "head size {hd}, {nh}/{nkv} heads: {diff}");
             // A fully masked row attends to its own position alone.
             let own = v.get(2).narrow(1, total - 1, 1).reshape([1, nkv * hd]);
             let row = got
@@ -254,7 +264,10 @@ mod tests {
                 .view([nkv, nh / nkv, hd])
                 .select(1, 0)
                 .reshape([1, nkv * hd]);
-            assert!(max_diff(&row, &own) < 1e-6, "head size {hd}");
+            assert!(
+                max_diff(&row, &own) < 1e-6,
+                "head size {hd}, {nh}/{nkv} heads"
+            );
         }
     }
 
