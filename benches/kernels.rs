@@ -63,7 +63,7 @@ fn inputs() -> Inputs {
 fn attention_fused(x: &Inputs) {
     let scale = 1.0 / (HD as f64).sqrt();
     for (k, v) in x.k.iter().zip(&x.v) {
-        let out = fused::decode_attention(&x.q, k, v, &x.valid, TOTAL, scale);
+        let out = fused::decode_attention(&x.q, k, v, &x.valid, TOTAL, scale, Kind::Float);
         let _ = black_box(out.expect("kernel runs"));
     }
 }

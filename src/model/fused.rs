@@ -11,7 +11,7 @@
 use std::ffi::{CStr, c_char};
 use std::ptr;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
 
 use super::ModelError;
@@ -38,6 +38,14 @@ unsafe extern "C" {
         valid: *const C_tensor,
         total: i64,
         scale: f64,
+        out_bf16: i32,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn cairn_rms_norm(
+        x: *const C_tensor,
+        w: *const C_tensor,
+        eps: f64,
+        out_bf16: i32,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn cairn_logits_summary(
@@ -82,7 +90,7 @@ pub fn grad_enabled() -> bool {
 }
 
 /// Rotary embedding of the query and key heads of a fused projection `qkv`
-/// `[b, t, (nh + 2·nkv)·hd]` (f32, contiguous) at `positions` `[b, t]`, with the rotated keys
+/// `[b, t, (nh + 2·nkv)·hd]` (f32 or bf16, contiguous) at `positions` `[b, t]`, with the rotated keys
 /// and the values written into the caches `[b, nkv, capacity, hd]` at columns
 /// `past..past + t`. `cos`/`signed_sin` are the rotate-half tables `[max_pos, hd]` with the
 /// sine's first half negated. Returns the rotated queries `[b, nh, t, hd]`.
@@ -117,9 +125,15 @@ pub fn rope_append(
     owned(q)
 }
 
+/// Whether a kernel should write `kind` as bf16 (anything else is f32).
+fn bf16(kind: Kind) -> i32 {
+    i32::from(kind == Kind::BFloat16)
+}
+
 /// Attention of one new query per sequence (`q` `[b, nh, 1, hd]`) over the first `total`
 /// cached positions, skipping columns `valid` `[b, capacity]` marks as padding (the last
-/// column, the query's own, always counts). Returns `[b, 1, nh·hd]`.
+/// column, the query's own, always counts). Returns `[b, 1, nh·hd]` as `out` (`Float` or
+/// `BFloat16`, the input format of the output projection).
 pub fn decode_attention(
     q: &Tensor,
     k_cache: &Tensor,
@@ -127,7 +141,9 @@ pub fn decode_attention(
     valid: &Tensor,
     total: i64,
     scale: f64,
+    out: Kind,
 ) -> Result<Tensor, ModelError> {
+    let kind = out;
     let mut out = ptr::null_mut();
     // SAFETY: as in `rope_append`; nothing is written but the new output.
     check(unsafe {
@@ -138,13 +154,24 @@ pub fn decode_attention(
             valid.as_ptr(),
             total,
             scale,
+            bf16(kind),
             &mut out,
         )
     })?;
     owned(out)
 }
 
-/// Per row of `logits` `[rows, vocab]` (f32, contiguous): the log-normaliser `log Σ exp`, the
+/// RMSNorm of `x` `[.., h]` (f32, contiguous) with weight `w` `[h]` and `eps`, written as
+/// `out` (`Float`, or `BFloat16` to feed a bf16 projection without a conversion pass).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, out: Kind) -> Result<Tensor, ModelError> {
+    let kind = out;
+    let mut out = ptr::null_mut();
+    // SAFETY: as in `decode_attention`.
+    check(unsafe { cairn_rms_norm(x.as_ptr(), w.as_ptr(), eps, bf16(kind), &mut out) })?;
+    owned(out)
+}
+
+/// Per row of `logits` `[rows, vocab]` (f32 or bf16, contiguous): the log-normaliser `log Σ exp`, the
 /// maximum and the index of its first occurrence, in one pass over each row.
 pub fn logits_summary(logits: &Tensor) -> Result<(Tensor, Tensor, Tensor), ModelError> {
     let (mut z, mut m, mut a) = (ptr::null_mut(), ptr::null_mut(), ptr::null_mut());
@@ -153,7 +180,8 @@ pub fn logits_summary(logits: &Tensor) -> Result<(Tensor, Tensor, Tensor), Model
     Ok((owned(z)?, owned(m)?, owned(a)?))
 }
 
-/// `silu(gate) · up` of a fused projection `[.., 2·f]` whose first `f` columns are the gate.
+/// `silu(gate) · up` of a fused projection `[.., 2·f]` whose first `f` columns are the gate,
+/// in the projection's format (f32 or bf16).
 pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor, ModelError> {
     let mut out = ptr::null_mut();
     // SAFETY: as in `decode_attention`.
@@ -164,7 +192,7 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor, ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
+    use tch::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).abs().max().double_value(&[])
@@ -252,8 +280,16 @@ mod tests {
             let valid = Tensor::ones([b, cap], (Kind::Bool, Device::Cpu));
             let _ = valid.get(1).narrow(0, 0, 5).fill_(0);
             let _ = valid.get(2).fill_(0);
-            let got = decode_attention(&q, &k, &v, &valid, total, 1.0 / (hd as f64).sqrt())
-                .expect("kernel runs");
+            let got = decode_attention(
+                &q,
+                &k,
+                &v,
+                &valid,
+                total,
+                1.0 / (hd as f64).sqrt(),
+                Kind::Float,
+            )
+            .expect("kernel runs");
             let expected = reference_attention(&q, &k, &v, &valid, total);
             let diff = max_diff(&got, &expected);
             assert!(diff < 1e-5, "head size {hd}, {nh}/{nkv} heads: {diff}");
@@ -326,6 +362,82 @@ mod tests {
     }
 
     #[test]
+    fn rms_norm_matches_the_tensor_op_in_both_output_formats() {
+        tch::manual_seed(5);
+        let x = Tensor::randn([4, 3, 96], (Kind::Float, Device::Cpu)) * 3.0;
+        let w = Tensor::randn([96], (Kind::Float, Device::Cpu));
+        let expected = x.rms_norm([96i64].as_slice(), Some(&w), 1e-5);
+        let f32_out = rms_norm(&x, &w, 1e-5, Kind::Float).expect("kernel runs");
+        assert_eq!(f32_out.kind(), Kind::Float);
+        assert!(max_diff(&f32_out, &expected) < 1e-5);
+        let bf16_out = rms_norm(&x, &w, 1e-5, Kind::BFloat16).expect("kernel runs");
+        assert_eq!(bf16_out.kind(), Kind::BFloat16);
+        // Rounded once, to the nearest bf16: within half a bf16 step of the exact value.
+        let err = (bf16_out.to_kind(Kind::Float) - &expected).abs();
+        let step = expected.abs() * 2f64.powi(-8) + 1e-6;
+        assert!(bool::try_from(err.le_tensor(&step).all()).unwrap_or(false));
+    }
+
+    #[test]
+    fn bf16_inputs_give_what_their_f32_widening_gives() {
+        tch::manual_seed(6);
+        let logits =
+            (Tensor::randn([3, 777], (Kind::Float, Device::Cpu)) * 5.0).to_kind(Kind::BFloat16);
+        let wide = logits.to_kind(Kind::Float);
+        let (z, m, a) = logits_summary(&logits).expect("kernel runs");
+        let (wz, wm, wa) = logits_summary(&wide).expect("kernel runs");
+        assert!(max_diff(&z, &wz) < 1e-6);
+        assert_eq!(max_diff(&m, &wm), 0.0);
+        assert!(a.equal(&wa));
+        let gate_up =
+            (Tensor::randn([5, 2 * 40], (Kind::Float, Device::Cpu)) * 4.0).to_kind(Kind::BFloat16);
+        let narrow = silu_mul(&gate_up).expect("kernel runs");
+        assert_eq!(narrow.kind(), Kind::BFloat16);
+        let wide = silu_mul(&gate_up.to_kind(Kind::Float)).expect("kernel runs");
+        // The bf16 result is the f32 result rounded once.
+        assert!(narrow.equal(&wide.to_kind(Kind::BFloat16)));
+        // Rotary embedding of a bf16 projection equals that of its widening.
+        let qkv = Tensor::randn([2, 1, 4 * 8], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let positions = Tensor::from_slice(&[3i64, 7]).view([2, 1]);
+        let tables = Tensor::randn([16, 8], (Kind::Float, Device::Cpu));
+        let caches = || Tensor::zeros([2, 1, 4, 8], (Kind::Float, Device::Cpu));
+        let (mut k1, mut v1, mut k2, mut v2) = (caches(), caches(), caches(), caches());
+        let q1 = rope_append(
+            &qkv,
+            &positions,
+            &tables,
+            &tables,
+            &mut k1,
+            &mut v1,
+            0,
+            (2, 1),
+        )
+        .expect("kernel runs");
+        let wide = qkv.to_kind(Kind::Float);
+        let q2 = rope_append(
+            &wide,
+            &positions,
+            &tables,
+            &tables,
+            &mut k2,
+            &mut v2,
+            0,
+            (2, 1),
+        )
+        .expect("kernel runs");
+        assert!(q1.equal(&q2) && k1.equal(&k2) && v1.equal(&v2));
+        // Attention written as bf16 is the f32 output rounded once.
+        let q = Tensor::randn([2, 2, 1, 64], (Kind::Float, Device::Cpu));
+        let cache = Tensor::randn([2, 1, 5, 64], (Kind::Float, Device::Cpu));
+        let valid = Tensor::ones([2, 5], (Kind::Bool, Device::Cpu));
+        let a32 = decode_attention(&q, &cache, &cache, &valid, 5, 0.125, Kind::Float)
+            .expect("kernel runs");
+        let a16 = decode_attention(&q, &cache, &cache, &valid, 5, 0.125, Kind::BFloat16)
+            .expect("kernel runs");
+        assert!(a16.equal(&a32.to_kind(Kind::BFloat16)));
+    }
+
+    #[test]
     fn kernels_reject_bad_input_with_an_error() {
         let ints = Tensor::zeros([2, 4], (Kind::Int64, Device::Cpu));
         let err = logits_summary(&ints).expect_err("i64 logits are refused");
@@ -335,7 +447,7 @@ mod tests {
         let q = Tensor::zeros([1, 4, 1, 8], (Kind::Float, Device::Cpu));
         let cache = Tensor::zeros([1, 2, 6, 8], (Kind::Float, Device::Cpu));
         let valid = Tensor::ones([1, 6], (Kind::Bool, Device::Cpu));
-        assert!(decode_attention(&q, &cache, &cache, &valid, 7, 1.0).is_err());
-        assert!(decode_attention(&q, &cache, &cache, &valid, 6, 1.0).is_ok());
+        assert!(decode_attention(&q, &cache, &cache, &valid, 7, 1.0, Kind::Float).is_err());
+        assert!(decode_attention(&q, &cache, &cache, &valid, 6, 1.0, Kind::Float).is_ok());
     }
 }

@@ -137,11 +137,17 @@ impl StepLogits {
         samplers: &[Sampler],
         fused: bool,
     ) -> Result<StepLogits, ModelError> {
-        let logits = logits.to_kind(Kind::Float);
-        // On the CPU one fused pass per row replaces the log-sum-exp's and the max's kernels.
-        let (log_z, max_logit, argmax) = if fused && logits.device() == Device::Cpu {
-            super::fused::logits_summary(&logits.contiguous())?
+        // On the CPU one fused pass per row replaces the log-sum-exp's and the max's kernels,
+        // reading bf16 logits as they are.
+        let summary = if fused && logits.device() == Device::Cpu {
+            Some(super::fused::logits_summary(&logits.contiguous())?)
         } else {
+            None
+        };
+        let (log_z, max_logit, argmax) = if let Some(summary) = summary {
+            summary
+        } else {
+            let logits = logits.to_kind(Kind::Float);
             let (max_logit, argmax) = logits.max_dim(-1, false);
             (
                 logits.logsumexp([-1i64].as_slice(), false),
@@ -157,7 +163,8 @@ impl StepLogits {
             .iter()
             .any(|&r| samplers[r].params().temperature > 0.0);
         let rows = if sampling {
-            Some(to_vec_f32(&logits)?)
+            // `to_vec_f32` widens bf16 rows on the way to the host.
+            Some(to_vec_f32(logits)?)
         } else {
             None
         };
@@ -241,7 +248,7 @@ pub fn generate(
     );
     let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
     let mut step = StepLogits::new(
-        &model.logits(&hidden.select(1, len - 1)),
+        &model.logits_raw(&hidden.select(1, len - 1)),
         &active,
         &samplers,
         model.fused_kernels(),
@@ -289,7 +296,7 @@ pub fn generate(
         let valid = Tensor::ones([b, 1], (Kind::Bool, device));
         let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
         step = StepLogits::new(
-            &model.logits(&hidden.select(1, 0)),
+            &model.logits_raw(&hidden.select(1, 0)),
             &active,
             &samplers,
             model.fused_kernels(),

@@ -542,11 +542,15 @@ impl Llama {
         let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false)
             .to_kind(Kind::Float)
             .reshape([b * t, h]);
+        // Activations between the norms, projections and kernels stay in the weights' format;
+        // the residual stream is f32.
+        let kind = self.dtype.kind();
         for (layer, blk) in self.blocks.iter().enumerate() {
-            let hidden = x.rms_norm([h], Some(&blk.attn_norm), c.rms_norm_eps);
-            let mut qkv = self.linear(&hidden, &blk.wqkv);
+            let hidden = fused::rms_norm(&x, &blk.attn_norm, c.rms_norm_eps, kind)?;
+            let mut qkv = self.linear_raw(&hidden, &blk.wqkv);
             if let Some(bias) = &blk.bqkv {
-                qkv += bias;
+                // In f32, as the plain path adds it.
+                qkv = qkv.to_kind(Kind::Float) + bias;
             }
             let q = fused::rope_append(
                 &qkv.view([b, t, -1]),
@@ -566,6 +570,7 @@ impl Llama {
                     &cache.valid,
                     total,
                     scale,
+                    kind,
                 )?,
                 Some(mask) => Tensor::f_scaled_dot_product_attention(
                     &q.reshape([b, nkv, group * t, hd]),
@@ -582,13 +587,19 @@ impl Llama {
                 .transpose(1, 2),
             };
             self.add_linear_(&mut x, &attn.reshape([b * t, nh * hd]), &blk.wo);
-            let hidden = x.rms_norm([h], Some(&blk.ffn_norm), c.rms_norm_eps);
-            let act = fused::silu_mul(&self.linear(&hidden, &blk.w_gate_up))?;
+            let hidden = fused::rms_norm(&x, &blk.ffn_norm, c.rms_norm_eps, kind)?;
+            let act = fused::silu_mul(&self.linear_raw(&hidden, &blk.w_gate_up))?;
             self.add_linear_(&mut x, &act, &blk.w_down);
         }
         cache.len = total;
         Ok(x.rms_norm([h], Some(&self.norm), c.rms_norm_eps)
             .view([b, t, h]))
+    }
+
+    /// Next-token logits `[.., vocab]` of final hidden states `[.., hidden]`, in the weights'
+    /// format (bf16 logits skip a conversion pass when only their summary is needed).
+    pub fn logits_raw(&self, hidden: &Tensor) -> Tensor {
+        self.linear_raw(hidden, self.lm_head.as_ref().unwrap_or(&self.embed))
     }
 
     /// Next-token logits `[.., vocab]` of final hidden states `[.., hidden]`.

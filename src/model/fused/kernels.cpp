@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/GradMode.h>
+#include <c10/util/BFloat16.h>
 
 #include <cmath>
 #include <cstdint>
@@ -85,6 +86,17 @@ typedef int v16i __attribute__((vector_size(64)));
 
 inline __attribute__((always_inline)) v16 load16(const float* p) {
   return *reinterpret_cast<const v16*>(p);
+}
+
+// Activations enter and leave some kernels in bf16 when the weights are bf16, so the
+// projections take and give their own format without separate conversion passes.
+inline __attribute__((always_inline)) float to_f32(float x) { return x; }
+inline __attribute__((always_inline)) float to_f32(c10::BFloat16 x) {
+  return static_cast<float>(x);
+}
+template <typename T>
+inline __attribute__((always_inline)) T from_f32(float x) {
+  return T(x);
 }
 
 // Sum of the sixteen lanes by a shuffle tree (four steps rather than fifteen serial adds).
@@ -298,16 +310,18 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
 }
 
 // Max, first argmax and log-sum-exp of one row of logits.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void summarise_row(
-    const float* x, int64_t n, float* log_z, float* max_out, int64_t* argmax_out) {
+template <typename T>
+inline __attribute__((always_inline)) void summarise_any(const T* x, int64_t n, float* log_z,
+                                                         float* max_out, int64_t* argmax_out) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) {
-    m = x[j] > m ? x[j] : m;
+    const float xj = to_f32(x[j]);
+    m = xj > m ? xj : m;
   }
   int64_t arg = 0;
   for (int64_t j = 0; j < n; ++j) {
-    if (x[j] == m) {
+    if (to_f32(x[j]) == m) {
       arg = j;
       break;
     }
@@ -315,21 +329,76 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    sum += vexp(x[j] - m);
+    sum += vexp(to_f32(x[j]) - m);
   }
   *log_z = m + std::log(sum);
   *max_out = m;
   *argmax_out = arg;
 }
 
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void summarise_row(
+    const float* x, int64_t n, float* log_z, float* max_out, int64_t* argmax_out) {
+  summarise_any(x, n, log_z, max_out, argmax_out);
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void summarise_row(
+    const c10::BFloat16* x, int64_t n, float* log_z, float* max_out, int64_t* argmax_out) {
+  summarise_any(x, n, log_z, max_out, argmax_out);
+}
+
 // silu(gate) · up for one row of a fused [gate | up] projection.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void silu_mul_row(
-    const float* gate, const float* up, int64_t n, float* out) {
+template <typename T>
+inline __attribute__((always_inline)) void silu_mul_any(const T* gate, const T* up, int64_t n,
+                                                        T* out) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const float g = gate[j];
-    out[j] = g / (1.0f + vexp(-g)) * up[j];
+    const float g = to_f32(gate[j]);
+    out[j] = from_f32<T>(g / (1.0f + vexp(-g)) * to_f32(up[j]));
   }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void silu_mul_row(
+    const float* gate, const float* up, int64_t n, float* out) {
+  silu_mul_any(gate, up, n, out);
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void silu_mul_row(
+    const c10::BFloat16* gate, const c10::BFloat16* up, int64_t n, c10::BFloat16* out) {
+  silu_mul_any(gate, up, n, out);
+}
+
+// RMSNorm of one row: x · w / sqrt(mean(x²) + eps), written in the output's format.
+template <typename T>
+inline __attribute__((always_inline)) void rms_norm_any(const float* x, const float* w,
+                                                        int64_t n, float eps, T* out) {
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < n; ++j) {
+    ss += x[j] * x[j];
+  }
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = from_f32<T>(x[j] * inv * w[j]);
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void rms_norm_row(
+    const float* x, const float* w, int64_t n, float eps, float* out) {
+  rms_norm_any(x, w, n, eps, out);
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void rms_norm_row(
+    const float* x, const float* w, int64_t n, float eps, c10::BFloat16* out) {
+  rms_norm_any(x, w, n, eps, out);
+}
+
+// The element type of a kernel input that may be f32 or bf16.
+void check_f32_or_bf16(const Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, what,
+              " must be f32 or bf16");
+  TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
 }
 
 }  // namespace
@@ -351,7 +420,7 @@ char* cairn_rope_append(const Tensor* qkv, const Tensor* positions, const Tensor
                         const Tensor* sin, Tensor* k_cache, Tensor* v_cache, int64_t past,
                         int64_t nh, int64_t nkv, Tensor** q_out) {
   return guarded([&] {
-    check_f32_cpu(*qkv, "qkv");
+    check_f32_or_bf16(*qkv, "qkv");
     check_f32_cpu(*cos, "cos table");
     check_f32_cpu(*sin, "sin table");
     check_f32_cpu(*k_cache, "key cache");
@@ -374,37 +443,46 @@ char* cairn_rope_append(const Tensor* qkv, const Tensor* positions, const Tensor
     for (int64_t i = 0; i < b * t; ++i) {
       TORCH_CHECK(pos[i] >= 0 && pos[i] < max_pos, "position ", pos[i], " outside the table");
     }
-    Tensor q = at::empty({b, nh, t, hd}, qkv->options());
-    const float* x = qkv->data_ptr<float>();
+    Tensor q = at::empty({b, nh, t, hd}, qkv->options().dtype(at::kFloat));
     const float* ct = cos->data_ptr<float>();
     const float* st = sin->data_ptr<float>();
     float* kc = k_cache->data_ptr<float>();
     float* vc = v_cache->data_ptr<float>();
     float* qo = q.data_ptr<float>();
     const int64_t width = (nh + 2 * nkv) * hd, half = hd / 2;
-    at::parallel_for(0, b * t, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t bi = row / t, ti = row % t;
-        const float* xr = x + row * width;
-        const float* c = ct + pos[row] * hd;
-        const float* s = st + pos[row] * hd;
-        for (int64_t h = 0; h < nh + nkv; ++h) {
-          const float* xh = xr + h * hd;
-          float* dst = h < nh ? qo + ((bi * nh + h) * t + ti) * hd
-                              : kc + ((bi * nkv + (h - nh)) * cap + past + ti) * hd;
-          for (int64_t d = 0; d < half; ++d) {
-            dst[d] = xh[d] * c[d] + xh[d + half] * s[d];
+    auto run = [&](const auto* x) {
+      at::parallel_for(0, b * t, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t bi = row / t, ti = row % t;
+          const auto* xr = x + row * width;
+          const float* c = ct + pos[row] * hd;
+          const float* s = st + pos[row] * hd;
+          for (int64_t h = 0; h < nh + nkv; ++h) {
+            const auto* xh = xr + h * hd;
+            float* dst = h < nh ? qo + ((bi * nh + h) * t + ti) * hd
+                                : kc + ((bi * nkv + (h - nh)) * cap + past + ti) * hd;
+            for (int64_t d = 0; d < half; ++d) {
+              dst[d] = to_f32(xh[d]) * c[d] + to_f32(xh[d + half]) * s[d];
+            }
+            for (int64_t d = half; d < hd; ++d) {
+              dst[d] = to_f32(xh[d]) * c[d] + to_f32(xh[d - half]) * s[d];
+            }
           }
-          for (int64_t d = half; d < hd; ++d) {
-            dst[d] = xh[d] * c[d] + xh[d - half] * s[d];
+          for (int64_t h = 0; h < nkv; ++h) {
+            float* dst = vc + ((bi * nkv + h) * cap + past + ti) * hd;
+            const auto* src = xr + (nh + nkv + h) * hd;
+            for (int64_t d = 0; d < hd; ++d) {
+              dst[d] = to_f32(src[d]);
+            }
           }
         }
-        for (int64_t h = 0; h < nkv; ++h) {
-          std::memcpy(vc + ((bi * nkv + h) * cap + past + ti) * hd,
-                      xr + (nh + nkv + h) * hd, hd * sizeof(float));
-        }
-      }
-    });
+      });
+    };
+    if (qkv->scalar_type() == at::kBFloat16) {
+      run(qkv->data_ptr<c10::BFloat16>());
+    } else {
+      run(qkv->data_ptr<float>());
+    }
     *q_out = new Tensor(std::move(q));
   });
 }
@@ -413,7 +491,8 @@ char* cairn_rope_append(const Tensor* qkv, const Tensor* positions, const Tensor
 // caches [b, nkv, capacity, hd], valid [b, capacity] (bool; the last of the `total` columns
 // always counts). Returns [b, 1, nh·hd], the layout the output projection takes.
 char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tensor* v_cache,
-                             const Tensor* valid, int64_t total, double scale, Tensor** out) {
+                             const Tensor* valid, int64_t total, double scale, int out_bf16,
+                             Tensor** out) {
   return guarded([&] {
     check_f32_cpu(*q, "queries");
     check_f32_cpu(*k_cache, "key cache");
@@ -430,55 +509,69 @@ char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tenso
                 "validity shape");
     TORCH_CHECK(total >= 1 && total <= cap, "attended length outside the cache");
     const int64_t group = nh / nkv;
-    Tensor o = at::empty({b, 1, nh * hd}, q->options());
+    Tensor o = at::empty({b, 1, nh * hd}, q->options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
     const float* qp = q->data_ptr<float>();
     const float* kp = k_cache->data_ptr<float>();
     const float* vp = v_cache->data_ptr<float>();
     const bool* vm = valid->data_ptr<bool>();
-    float* op = o.data_ptr<float>();
     const float sc = static_cast<float>(scale);
     at::parallel_for(0, b * nkv, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(group * total);
+      std::vector<float> rows(out_bf16 ? group * hd : 0);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bi = item / nkv, h = item % nkv;
         const int64_t head0 = bi * nh + h * group;
+        float* dst = out_bf16 ? rows.data() : o.data_ptr<float>() + head0 * hd;
         attend_one(qp + head0 * hd, kp + item * cap * hd, vp + item * cap * hd, vm + bi * cap,
-                   total, group, hd, sc, op + head0 * hd, scores.data());
+                   total, group, hd, sc, dst, scores.data());
+        if (out_bf16) {
+          c10::BFloat16* ob = o.data_ptr<c10::BFloat16>() + head0 * hd;
+          for (int64_t i = 0; i < group * hd; ++i) {
+            ob[i] = c10::BFloat16(rows[i]);
+          }
+        }
       }
     });
     *out = new Tensor(std::move(o));
   });
 }
 
-// Per row of logits [rows, vocab] (f32): the log-normaliser, the maximum and its first index.
+// Per row of logits [rows, vocab] (f32 or bf16): the log-normaliser, the maximum and its first index.
 char* cairn_logits_summary(const Tensor* logits, Tensor** log_z, Tensor** max,
                            Tensor** argmax) {
   return guarded([&] {
-    check_f32_cpu(*logits, "logits");
+    check_f32_or_bf16(*logits, "logits");
     TORCH_CHECK(logits->dim() == 2 && logits->size(1) > 0, "logits must be [rows, vocab]");
     const int64_t rows = logits->size(0), n = logits->size(1);
-    Tensor z = at::empty({rows}, logits->options());
-    Tensor m = at::empty({rows}, logits->options());
+    Tensor z = at::empty({rows}, logits->options().dtype(at::kFloat));
+    Tensor m = at::empty({rows}, logits->options().dtype(at::kFloat));
     Tensor a = at::empty({rows}, logits->options().dtype(at::kLong));
-    const float* x = logits->data_ptr<float>();
     float* zp = z.data_ptr<float>();
     float* mp = m.data_ptr<float>();
     int64_t* ap = a.data_ptr<int64_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        summarise_row(x + r * n, n, zp + r, mp + r, ap + r);
-      }
-    });
+    auto run = [&](const auto* x) {
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          summarise_row(x + r * n, n, zp + r, mp + r, ap + r);
+        }
+      });
+    };
+    if (logits->scalar_type() == at::kBFloat16) {
+      run(logits->data_ptr<c10::BFloat16>());
+    } else {
+      run(logits->data_ptr<float>());
+    }
     *log_z = new Tensor(std::move(z));
     *max = new Tensor(std::move(m));
     *argmax = new Tensor(std::move(a));
   });
 }
 
-// silu(gate)·up of a fused projection [.., 2·f] (gate columns first) → [.., f].
+// silu(gate)·up of a fused projection [.., 2·f] (gate columns first) → [.., f], in the
+// input's format (f32 or bf16).
 char* cairn_silu_mul(const Tensor* gate_up, Tensor** out) {
   return guarded([&] {
-    check_f32_cpu(*gate_up, "gate/up projection");
+    check_f32_or_bf16(*gate_up, "gate/up projection");
     TORCH_CHECK(gate_up->dim() >= 1 && gate_up->size(-1) % 2 == 0,
                 "gate/up width must be even");
     const int64_t f = gate_up->size(-1) / 2;
@@ -486,13 +579,48 @@ char* cairn_silu_mul(const Tensor* gate_up, Tensor** out) {
     std::vector<int64_t> shape(gate_up->sizes().begin(), gate_up->sizes().end());
     shape.back() = f;
     Tensor o = at::empty(shape, gate_up->options());
-    const float* x = gate_up->data_ptr<float>();
-    float* op = o.data_ptr<float>();
-    at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        silu_mul_row(x + r * 2 * f, x + r * 2 * f + f, f, op + r * f);
-      }
-    });
+    auto run = [&](const auto* x, auto* op) {
+      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          silu_mul_row(x + r * 2 * f, x + r * 2 * f + f, f, op + r * f);
+        }
+      });
+    };
+    if (gate_up->scalar_type() == at::kBFloat16) {
+      run(gate_up->data_ptr<c10::BFloat16>(), o.data_ptr<c10::BFloat16>());
+    } else {
+      run(gate_up->data_ptr<float>(), o.data_ptr<float>());
+    }
+    *out = new Tensor(std::move(o));
+  });
+}
+
+// RMSNorm over the last dimension of x [.., h] (f32) with weight w [h] (f32), returned as
+// bf16 when out_bf16 is set (the input format of a bf16 projection), else f32.
+char* cairn_rms_norm(const Tensor* x, const Tensor* w, double eps, int out_bf16, Tensor** out) {
+  return guarded([&] {
+    check_f32_cpu(*x, "rms_norm input");
+    check_f32_cpu(*w, "rms_norm weight");
+    TORCH_CHECK(x->dim() >= 1 && w->dim() == 1 && x->size(-1) == w->size(0),
+                "rms_norm weight does not match the last dimension");
+    const int64_t n = w->size(0);
+    const int64_t rows = n == 0 ? 0 : x->numel() / n;
+    Tensor o = at::empty(x->sizes(), x->options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+    const float* xp = x->data_ptr<float>();
+    const float* wp = w->data_ptr<float>();
+    const float e = static_cast<float>(eps);
+    auto run = [&](auto* op) {
+      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          rms_norm_row(xp + r * n, wp, n, e, op + r * n);
+        }
+      });
+    };
+    if (out_bf16) {
+      run(o.data_ptr<c10::BFloat16>());
+    } else {
+      run(o.data_ptr<float>());
+    }
     *out = new Tensor(std::move(o));
   });
 }
