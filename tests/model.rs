@@ -159,9 +159,16 @@ fn fused_kernels_match_the_plain_tensor_ops() {
         model.set_fused_kernels(false);
         let plain = cached_steps(&model, &prompts(), 6);
         let diff = max_abs_diff(&fused, &plain);
+        // bf16 logits come out of a bf16 matmul: an input differing in its last f32 bit (a
+        // different summation order or FMA contraction, which varies with the CPU's kernel
+        // clone) can move them by a bf16 step, 2^-8 of their magnitude. Allow two steps.
+        let tolerance = match dtype {
+            Dtype::F32 => 2e-3,
+            Dtype::Bf16 => 2.0 * plain.abs().max().double_value(&[]) / 256.0,
+        };
         assert!(
-            diff < 2e-3,
-            "{dtype}: fused vs plain logits differ by {diff}"
+            diff <= tolerance,
+            "{dtype}: fused vs plain logits differ by {diff} (tolerance {tolerance})"
         );
         assert!(fused.argmax(-1, false).equal(&plain.argmax(-1, false)));
 
@@ -183,8 +190,16 @@ fn fused_kernels_match_the_plain_tensor_ops() {
         let fused = cairn::model::generate::generate(&model, &[], &requests).expect("fused");
         for (f, p) in fused.iter().zip(&plain) {
             assert_eq!(f.tokens, p.tokens, "{dtype}");
+            // A log-probability moves with its logit and with the log-normaliser.
+            let logprob_tolerance = match dtype {
+                Dtype::F32 => 1e-3,
+                Dtype::Bf16 => 2.0 * tolerance,
+            };
             for (x, y) in f.logprobs.iter().zip(&p.logprobs) {
-                assert!((x - y).abs() < 1e-3, "{dtype}: logprob {x} vs {y}");
+                assert!(
+                    f64::from((x - y).abs()) <= logprob_tolerance,
+                    "{dtype}: logprob {x} vs {y}"
+                );
             }
         }
     }
