@@ -73,6 +73,19 @@ impl KvCache {
         }
     }
 
+    /// Checks that `t` more positions fit and records which of them are real tokens
+    /// (`valid` `[batch, t]`); the forward pass then writes their keys and values.
+    fn admit(&mut self, t: i64, valid: &Tensor) -> Result<(), ModelError> {
+        if self.len + t > self.capacity {
+            return Err(ModelError::Context {
+                needed: (self.len + t) as usize,
+                limit: self.capacity as usize,
+            });
+        }
+        self.valid.narrow(1, self.len, t).copy_(valid);
+        Ok(())
+    }
+
     /// Positions filled so far.
     pub fn len(&self) -> i64 {
         self.len
@@ -373,13 +386,7 @@ impl Llama {
             return self.forward_fused(tokens, positions, valid, cache);
         }
         if let Some(cache) = cache.as_deref_mut() {
-            if past + t > cache.capacity {
-                return Err(ModelError::Context {
-                    needed: (past + t) as usize,
-                    limit: cache.capacity as usize,
-                });
-            }
-            cache.valid.narrow(1, past, t).copy_(valid);
+            cache.admit(t, valid)?;
         }
         let total = past + t;
         // Attention mask `[b, 1, t, total]`: causal, real keys only, and always the query's own
@@ -515,13 +522,7 @@ impl Llama {
             c.head_dim() as i64,
         );
         let past = cache.len;
-        if past + t > cache.capacity {
-            return Err(ModelError::Context {
-                needed: (past + t) as usize,
-                limit: cache.capacity as usize,
-            });
-        }
-        cache.valid.narrow(1, past, t).copy_(valid);
+        cache.admit(t, valid)?;
         let total = past + t;
         let group = nh / nkv;
         // Prefill attends through libtorch's kernel with an additive mask, as in `forward`.
