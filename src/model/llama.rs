@@ -312,9 +312,9 @@ impl Llama {
         self.fused = on;
     }
 
-    /// Whether this forward pass may take the fused path: CPU inference with a cache.
-    fn fused_path(&self, cached: bool) -> bool {
-        self.fused && cached && self.device() == Device::Cpu && !super::fused::grad_enabled()
+    /// Whether a forward pass with a cache may take the fused path: CPU, no autograd.
+    fn fused_path(&self) -> bool {
+        self.fused && self.device() == Device::Cpu && !super::fused::grad_enabled()
     }
 
     /// A randomly initialised model (for tests and benchmarks), reproducible from `seed`.
@@ -381,7 +381,7 @@ impl Llama {
         );
         let past = cache.as_ref().map(|c| c.len).unwrap_or(0);
         if let Some(cache) = cache.as_deref_mut()
-            && self.fused_path(true)
+            && self.fused_path()
         {
             return self.forward_fused(tokens, positions, valid, cache);
         }
