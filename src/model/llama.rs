@@ -270,13 +270,7 @@ impl Llama {
 
     /// `x · wᵀ` in the model's number format, returned as f32.
     fn linear(&self, x: &Tensor, w: &Tensor) -> Tensor {
-        match self.dtype {
-            Dtype::F32 => x.matmul(&w.tr()),
-            Dtype::Bf16 => x
-                .to_kind(Kind::BFloat16)
-                .matmul(&w.tr())
-                .to_kind(Kind::Float),
-        }
+        self.linear_raw(x, w).to_kind(Kind::Float)
     }
 
     /// `x · wᵀ` in the model's number format, returned in that format (the residual adds
@@ -389,31 +383,13 @@ impl Llama {
             cache.admit(t, valid)?;
         }
         let total = past + t;
-        // Attention mask `[b, 1, t, total]`: causal, real keys only, and always the query's own
-        // position (so padding rows stay finite and never poison real rows with NaN).
+        // Which key columns are real tokens; `additive_mask` adds causality and grouping.
         let key_valid = match cache.as_deref() {
             Some(cache) => cache.valid.narrow(1, 0, total),
             None => valid.shallow_clone(),
         };
-        let q_pos = Tensor::arange_start(past, total, (Kind::Int64, tokens.device())).view([t, 1]);
-        let k_pos = Tensor::arange(total, (Kind::Int64, tokens.device())).view([1, total]);
-        let causal = k_pos.le_tensor(&q_pos);
-        let own = k_pos.eq_tensor(&q_pos);
-        let mask = (causal.unsqueeze(0) * key_valid.unsqueeze(1))
-            .logical_or(&own.unsqueeze(0))
-            .unsqueeze(1);
-
-        // Query rows are grouped per kv head (see the attention below): one mask row per
-        // (head in group, position). Made additive (0 / −∞) once here, so attention does not
-        // convert a boolean mask in every layer.
         let group = nh / nkv;
-        let rows_mask = if group > 1 {
-            mask.repeat([1, 1, group, 1])
-        } else {
-            mask.shallow_clone()
-        };
-        let rows_mask = Tensor::zeros(rows_mask.size(), (Kind::Float, tokens.device()))
-            .masked_fill(&rows_mask.logical_not(), f64::NEG_INFINITY);
+        let rows_mask = additive_mask(&key_valid, past, t, group);
         // Rotary tables per (sequence, position), shaped to broadcast over heads of the
         // `[b, t, heads, hd]` layout the projections come out in.
         let cos = self
@@ -526,18 +502,8 @@ impl Llama {
         let total = past + t;
         let group = nh / nkv;
         // Prefill attends through libtorch's kernel with an additive mask, as in `forward`.
-        let prefill_mask = (t > 1).then(|| {
-            let device = tokens.device();
-            let q_pos = Tensor::arange_start(past, total, (Kind::Int64, device)).view([t, 1]);
-            let k_pos = Tensor::arange(total, (Kind::Int64, device)).view([1, total]);
-            let mask = (k_pos.le_tensor(&q_pos).unsqueeze(0)
-                * cache.valid.narrow(1, 0, total).unsqueeze(1))
-            .logical_or(&k_pos.eq_tensor(&q_pos).unsqueeze(0))
-            .unsqueeze(1)
-            .repeat([1, 1, group, 1]);
-            Tensor::zeros(mask.size(), (Kind::Float, device))
-                .masked_fill(&mask.logical_not(), f64::NEG_INFINITY)
-        });
+        let prefill_mask =
+            (t > 1).then(|| additive_mask(&cache.valid.narrow(1, 0, total), past, t, group));
         let positions = positions.contiguous();
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false)
@@ -683,6 +649,29 @@ impl Llama {
         let path = dir.join("model.safetensors");
         Tensor::write_safetensors(&tensors, &path).map_err(ModelError::Torch)
     }
+}
+
+/// The attention mask `[b, 1, group·t, past + t]` of `t` new queries at positions
+/// `past..past + t` over keys whose real (non-padding) columns `key_valid` `[b, past + t]`
+/// marks: causal, real keys only, and always the query's own position (so padding rows stay
+/// finite and never poison real rows with NaN). Query rows are grouped per kv head (one row
+/// per head in the group and position), and the mask is additive (0 / −∞), built once per
+/// forward pass rather than converted in every layer.
+fn additive_mask(key_valid: &Tensor, past: i64, t: i64, group: i64) -> Tensor {
+    let device = key_valid.device();
+    let total = past + t;
+    let q_pos = Tensor::arange_start(past, total, (Kind::Int64, device)).view([t, 1]);
+    let k_pos = Tensor::arange(total, (Kind::Int64, device)).view([1, total]);
+    let mask = (k_pos.le_tensor(&q_pos).unsqueeze(0) * key_valid.unsqueeze(1))
+        .logical_or(&k_pos.eq_tensor(&q_pos).unsqueeze(0))
+        .unsqueeze(1);
+    let mask = if group > 1 {
+        mask.repeat([1, 1, group, 1])
+    } else {
+        mask
+    };
+    Tensor::zeros(mask.size(), (Kind::Float, device))
+        .masked_fill(&mask.logical_not(), f64::NEG_INFINITY)
 }
 
 fn rope_tables(c: &LlamaConfig, device: Device) -> (Tensor, Tensor) {
