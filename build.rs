@@ -37,27 +37,57 @@ fn main() {
     }
 }
 
-/// Builds `src/model/fused/kernels.cpp` into a static library. It includes ATen headers and
-/// runs inside libtorch's OpenMP pool, so it is compiled with `-fopenmp` and links the same
-/// libgomp libtorch ships (torch-sys already asks for `-lgomp`, found through the rpath).
-/// Always optimised: the test profile would otherwise build these loops at -O0.
+/// Builds the fused kernels into a static library: `src/model/fused/kernels.cpp`, and the
+/// attention kernels of `attention.inc` once per instruction set (x86-64-v4, x86-64-v3, the
+/// baseline; `kernels.cpp` picks one at load time). They include ATen headers and run inside
+/// libtorch's OpenMP pool, so they are compiled with `-fopenmp` and link the same libgomp
+/// libtorch ships (torch-sys already asks for `-lgomp`, found through the rpath). Always
+/// optimised: the test profile would otherwise build these loops at -O0.
 fn build_kernels(lib: &std::path::Path) {
-    const SOURCE: &str = "src/model/fused/kernels.cpp";
-    println!("cargo:rerun-if-changed={SOURCE}");
+    const DIR: &str = "src/model/fused";
+    for file in [
+        "kernels.cpp",
+        "simd.h",
+        "attention.h",
+        "attention.inc",
+        "attention_v4.cpp",
+        "attention_v3.cpp",
+        "attention_base.cpp",
+    ] {
+        println!("cargo:rerun-if-changed={DIR}/{file}");
+    }
     let root = lib.parent().map(|p| p.to_path_buf()).unwrap_or_default();
     let include = root.join("include");
-    cc::Build::new()
-        .cpp(true)
-        .file(SOURCE)
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag("-fopenmp")
-        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
-        .flag_if_supported("-Wno-unused-parameter")
-        // v16 values never cross a call boundary between clones of different ISAs.
-        .flag_if_supported("-Wno-psabi")
-        .opt_level(3)
-        .debug(false)
+    let build = || {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .include(&include)
+            .include(include.join("torch/csrc/api/include"))
+            .flag("-std=c++17")
+            .flag("-fopenmp")
+            .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+            .flag_if_supported("-Wno-unused-parameter")
+            // v16 values never cross a call boundary between clones of different ISAs.
+            .flag_if_supported("-Wno-psabi")
+            .opt_level(3)
+            .debug(false);
+        b
+    };
+    let mut objects = Vec::new();
+    for (file, march) in [
+        ("attention_v4.cpp", Some("x86-64-v4")),
+        ("attention_v3.cpp", Some("x86-64-v3")),
+        ("attention_base.cpp", None),
+    ] {
+        let mut b = build();
+        b.file(format!("{DIR}/{file}"));
+        if let Some(march) = march {
+            b.flag(format!("-march={march}"));
+        }
+        objects.extend(b.compile_intermediates());
+    }
+    build()
+        .file(format!("{DIR}/kernels.cpp"))
+        .objects(objects)
         .compile("cairn_kernels");
 }

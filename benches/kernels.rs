@@ -5,6 +5,8 @@
 //!   (batch 64, 9 query / 3 kv heads of 64, 103 of 167 cached positions; ~300 MB, so it
 //!   streams from memory as in generation). libtorch: scores by batched matmul, scale,
 //!   softmax, batched matmul.
+//! - `decode_attention_f16/{fused,libtorch}`: the same over f16 caches (as bf16 models keep
+//!   them), against libtorch over the f32 caches.
 //! - `logits_summary/{fused,libtorch}`: log-sum-exp, max and argmax of [64, 49152] logits.
 //! - `silu_mul/{fused,libtorch}`: `silu(gate)·up` of a [64, 2·1536] projection.
 //!
@@ -36,6 +38,9 @@ struct Inputs {
     q: Tensor,
     k: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// The same caches in f16 (what bf16 models decode with).
+    k16: Vec<Tensor>,
+    v16: Vec<Tensor>,
     valid: Tensor,
     logits: Tensor,
     gate_up: Tensor,
@@ -50,7 +55,10 @@ fn inputs() -> Inputs {
     let v: Vec<Tensor> = (0..LAYERS)
         .map(|_| Tensor::randn([B, NKV, CAP, HD], f))
         .collect();
+    let half = |t: &Vec<Tensor>| t.iter().map(|t| t.to_kind(Kind::Half)).collect();
     Inputs {
+        k16: half(&k),
+        v16: half(&v),
         k,
         v,
         q: Tensor::randn([B, NH, 1, HD], f),
@@ -63,6 +71,14 @@ fn inputs() -> Inputs {
 fn attention_fused(x: &Inputs) {
     let scale = 1.0 / (HD as f64).sqrt();
     for (k, v) in x.k.iter().zip(&x.v) {
+        let out = fused::decode_attention(&x.q, k, v, &x.valid, TOTAL, scale, Kind::Float);
+        let _ = black_box(out.expect("kernel runs"));
+    }
+}
+
+fn attention_fused_f16(x: &Inputs) {
+    let scale = 1.0 / (HD as f64).sqrt();
+    for (k, v) in x.k16.iter().zip(&x.v16) {
         let out = fused::decode_attention(&x.q, k, v, &x.valid, TOTAL, scale, Kind::Float);
         let _ = black_box(out.expect("kernel runs"));
     }
@@ -99,8 +115,13 @@ fn silu_libtorch(x: &Inputs) {
 
 type Pair = (&'static str, fn(&Inputs), fn(&Inputs));
 
-const PAIRS: [Pair; 3] = [
+const PAIRS: [Pair; 4] = [
     ("decode_attention", attention_fused, attention_libtorch),
+    (
+        "decode_attention_f16",
+        attention_fused_f16,
+        attention_libtorch,
+    ),
     ("logits_summary", logits_fused, logits_libtorch),
     ("silu_mul", silu_fused, silu_libtorch),
 ];

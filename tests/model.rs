@@ -115,7 +115,8 @@ fn cached_steps(model: &Llama, prompts: &[Vec<u32>], steps: usize) -> Tensor {
     let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
     let (tokens, positions, valid, len) = cairn::model::generate::left_pad(&refs, Device::Cpu);
     let b = prompts.len() as i64;
-    let mut cache = KvCache::new(model.config(), b, len + steps as i64, Device::Cpu);
+    // The model's own cache format (f16 for bf16 weights), read by both paths.
+    let mut cache = model.new_cache(b, len + steps as i64);
     let hidden = model
         .forward(&tokens, &positions, &valid, Some(&mut cache))
         .expect("prefill");
@@ -155,6 +156,13 @@ fn fused_kernels_match_the_plain_tensor_ops() {
         let mut model = Llama::random(config.clone(), 21, Device::Cpu).expect("random model");
         model.set_dtype(dtype);
         assert!(model.fused_kernels(), "fused kernels are the default");
+        // bf16 models cache keys and values as f16, f32 models as f32.
+        let cache_kind = if dtype == Dtype::Bf16 {
+            Kind::Half
+        } else {
+            Kind::Float
+        };
+        assert_eq!(model.new_cache(2, 8).kind(), cache_kind, "{dtype}");
         let fused = cached_steps(&model, &prompts(), 6);
         model.set_fused_kernels(false);
         let plain = cached_steps(&model, &prompts(), 6);

@@ -1,7 +1,8 @@
 //! Fused CPU kernels for inference: rotary embedding with the KV-cache append, decode-step
 //! attention, SiLU-gated products and the per-row summary of next-token logits.
 //!
-//! Written in C++ (`fused/kernels.cpp`, built by `build.rs` against the libtorch headers) so
+//! Written in C++ (`fused/kernels.cpp`, and `fused/attention.inc` compiled once per x86-64
+//! level and picked at load time; `build.rs` builds them against the libtorch headers) so
 //! they run inside libtorch's own OpenMP pool: a decode step at batch 64 otherwise spends
 //! as long in ~25 small tensor ops per layer as in its attention, and a thread pool of our own
 //! would fight libtorch's spinning workers for the two cores. The decoder uses them only on
@@ -29,6 +30,7 @@ unsafe extern "C" {
         past: i64,
         nh: i64,
         nkv: i64,
+        isa: i32,
         q_out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn cairn_decode_attention(
@@ -39,6 +41,7 @@ unsafe extern "C" {
         total: i64,
         scale: f64,
         out_bf16: i32,
+        isa: i32,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn cairn_rms_norm(
@@ -91,11 +94,53 @@ pub fn grad_enabled() -> bool {
 
 /// Rotary embedding of the query and key heads of a fused projection `qkv`
 /// `[b, t, (nh + 2·nkv)·hd]` (f32 or bf16, contiguous) at `positions` `[b, t]`, with the rotated keys
-/// and the values written into the caches `[b, nkv, capacity, hd]` at columns
-/// `past..past + t`. `cos`/`signed_sin` are the rotate-half tables `[max_pos, hd]` with the
-/// sine's first half negated. Returns the rotated queries `[b, nh, t, hd]`.
+/// and the values written into the caches `[b, nkv, capacity, hd]` (both f32 or both f16) at
+/// columns `past..past + t`. `cos`/`signed_sin` are the rotate-half tables `[max_pos, hd]`
+/// with the sine's first half negated. Returns the rotated queries `[b, nh, t, hd]` (f32).
+/// An f16 cache rounds to nearest even; a key or value past the f16 range (65504) is an
+/// error, not a cached infinity.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_append(
+    qkv: &Tensor,
+    positions: &Tensor,
+    cos: &Tensor,
+    signed_sin: &Tensor,
+    k_cache: &mut Tensor,
+    v_cache: &mut Tensor,
+    past: i64,
+    heads: (i64, i64),
+) -> Result<Tensor, ModelError> {
+    rope_append_on(
+        Isa::Best,
+        qkv,
+        positions,
+        cos,
+        signed_sin,
+        k_cache,
+        v_cache,
+        past,
+        heads,
+    )
+}
+
+/// The instruction-set level the cache and attention kernels run at. They are compiled for
+/// each level; [`Isa::Best`] is what the CPU supports, the others let the tests check every
+/// compiled variant on one machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Best = -1,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Baseline = 0,
+    #[cfg_attr(not(test), allow(dead_code))]
+    V3 = 1,
+    #[cfg_attr(not(test), allow(dead_code))]
+    V4 = 2,
+}
+
+/// [`rope_append`] at a given instruction-set level.
+#[allow(clippy::too_many_arguments)]
+fn rope_append_on(
+    isa: Isa,
     qkv: &Tensor,
     positions: &Tensor,
     cos: &Tensor,
@@ -119,6 +164,7 @@ pub fn rope_append(
             past,
             heads.0,
             heads.1,
+            isa as i32,
             &mut q,
         )
     })?;
@@ -131,10 +177,25 @@ fn bf16(kind: Kind) -> i32 {
 }
 
 /// Attention of one new query per sequence (`q` `[b, nh, 1, hd]`) over the first `total`
-/// cached positions, skipping columns `valid` `[b, capacity]` marks as padding (the last
+/// cached positions (f32 or f16 caches; arithmetic in f32), skipping columns `valid` `[b, capacity]` marks as padding (the last
 /// column, the query's own, always counts). Returns `[b, 1, nh·hd]` as `out` (`Float` or
 /// `BFloat16`, the input format of the output projection).
 pub fn decode_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    valid: &Tensor,
+    total: i64,
+    scale: f64,
+    out: Kind,
+) -> Result<Tensor, ModelError> {
+    decode_attention_on(Isa::Best, q, k_cache, v_cache, valid, total, scale, out)
+}
+
+/// [`decode_attention`] at a given instruction-set level.
+#[allow(clippy::too_many_arguments)]
+fn decode_attention_on(
+    isa: Isa,
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
@@ -155,6 +216,7 @@ pub fn decode_attention(
             total,
             scale,
             bf16(kind),
+            isa as i32,
             &mut out,
         )
     })?;
@@ -256,12 +318,29 @@ mod tests {
             .reshape([b, 1, nh * hd])
     }
 
+    /// The instruction-set levels this CPU runs (the kernels refuse the others).
+    fn levels() -> Vec<Isa> {
+        let q = Tensor::zeros([1, 1, 1, 16], (Kind::Float, Device::Cpu));
+        let valid = Tensor::ones([1, 1], (Kind::Bool, Device::Cpu));
+        let runs = |isa| {
+            decode_attention_on(isa, &q, &q, &q, &valid, 1, 1.0, Kind::Float)
+                .map_err(|e| assert!(e.to_string().contains("lacks"), "{e}"))
+                .is_ok()
+        };
+        let levels: Vec<Isa> = [Isa::Baseline, Isa::V3, Isa::V4]
+            .into_iter()
+            .filter(|&isa| runs(isa))
+            .collect();
+        assert!(levels.contains(&Isa::Baseline));
+        levels
+    }
+
     #[test]
     fn decode_attention_matches_the_tensor_ops_for_every_head_size() {
         tch::manual_seed(3);
         // Head sizes 64 and 128 take the register-blocked paths (rows shared by the group up
         // to 4 and 2 query heads per kv head, one query row at a time beyond), the others
-        // the plain loops.
+        // the plain loops; each at every instruction-set level, over f32 and f16 caches.
         for (hd, nh, nkv) in [
             (8i64, 6i64, 2i64),
             (24, 6, 2),
@@ -280,31 +359,133 @@ mod tests {
             let valid = Tensor::ones([b, cap], (Kind::Bool, Device::Cpu));
             let _ = valid.get(1).narrow(0, 0, 5).fill_(0);
             let _ = valid.get(2).fill_(0);
-            let got = decode_attention(
-                &q,
-                &k,
-                &v,
-                &valid,
-                total,
-                1.0 / (hd as f64).sqrt(),
-                Kind::Float,
+            for isa in levels() {
+                for cache_kind in [Kind::Float, Kind::Half] {
+                    let (k, v) = (k.to_kind(cache_kind), v.to_kind(cache_kind));
+                    let got = decode_attention_on(
+                        isa,
+                        &q,
+                        &k,
+                        &v,
+                        &valid,
+                        total,
+                        1.0 / (hd as f64).sqrt(),
+                        Kind::Float,
+                    )
+                    .expect("kernel runs");
+                    // The reference reads the same (possibly rounded) cache, widened.
+                    let (k, v) = (k.to_kind(Kind::Float), v.to_kind(Kind::Float));
+                    let expected = reference_attention(&q, &k, &v, &valid, total);
+                    let diff = max_diff(&got, &expected);
+                    let case = format!("head size {hd}, {nh}/{nkv} heads, {isa:?}, {cache_kind:?}");
+                    assert!(diff < 1e-5, "{case}: {diff}");
+                    // A fully masked row attends to its own position alone.
+                    let own = v.get(2).narrow(1, total - 1, 1).reshape([1, nkv * hd]);
+                    let row = got
+                        .get(2)
+                        .view([nkv, nh / nkv, hd])
+                        .select(1, 0)
+                        .reshape([1, nkv * hd]);
+                    assert!(max_diff(&row, &own) < 1e-6, "{case}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_caches_hold_the_nearest_f16_of_what_f32_caches_hold() {
+        tch::manual_seed(7);
+        let (b, t, nh, nkv, hd) = (2i64, 5i64, 2i64, 1i64, 40i64);
+        let f = (Kind::Float, Device::Cpu);
+        // Magnitudes from f16 subnormals (< 2^-14) to near the top of its range, and exact
+        // halfway cases between neighbouring f16 values (ties go to even).
+        let magnitude = (Tensor::rand([b, t, (nh + 2 * nkv) * hd], f) * 44.0 - 29.0).exp2();
+        let sign = Tensor::randn([b, t, (nh + 2 * nkv) * hd], f).sign();
+        let qkv = magnitude * sign;
+        let ties = Tensor::from_slice(&[
+            1.0f32 + 2f32.powi(-11),
+            1.0 + 3.0 * 2f32.powi(-11),
+            2f32.powi(-24) * 1.5,
+            2f32.powi(-24) * 2.5,
+            2f32.powi(-25),
+            65504.0,
+            -65504.0,
+            0.0,
+        ]);
+        qkv.get(0).get(0).narrow(0, 0, 8).copy_(&ties);
+        qkv.get(0).get(0).narrow(0, (nh + nkv) * hd, 8).copy_(&ties);
+        let positions = Tensor::arange(t, (Kind::Int64, Device::Cpu))
+            .repeat([b])
+            .view([b, t]);
+        // cos = 1, signed sin = 0: the keys are the inputs themselves.
+        let cos = Tensor::ones([t, hd], f);
+        let sin = Tensor::zeros([t, hd], f);
+        let shape = [b, nkv, t, hd];
+        let (mut k32, mut v32) = (Tensor::zeros(shape, f), Tensor::zeros(shape, f));
+        let q32 = rope_append(
+            &qkv,
+            &positions,
+            &cos,
+            &sin,
+            &mut k32,
+            &mut v32,
+            0,
+            (nh, nkv),
+        )
+        .expect("kernel runs");
+        for isa in levels() {
+            let half = (Kind::Half, Device::Cpu);
+            let (mut k16, mut v16) = (Tensor::zeros(shape, half), Tensor::zeros(shape, half));
+            let q16 = rope_append_on(
+                isa,
+                &qkv,
+                &positions,
+                &cos,
+                &sin,
+                &mut k16,
+                &mut v16,
+                0,
+                (nh, nkv),
             )
             .expect("kernel runs");
-            let expected = reference_attention(&q, &k, &v, &valid, total);
-            let diff = max_diff(&got, &expected);
-            assert!(diff < 1e-5, "head size {hd}, {nh}/{nkv} heads: {diff}");
-            // A fully masked row attends to its own position alone.
-            let own = v.get(2).narrow(1, total - 1, 1).reshape([1, nkv * hd]);
-            let row = got
+            assert!(q16.equal(&q32), "{isa:?} queries stay f32");
+            // Bit for bit what libtorch's own rounding to f16 gives.
+            assert!(k16.equal(&k32.to_kind(Kind::Half)), "{isa:?} keys");
+            assert!(v16.equal(&v32.to_kind(Kind::Half)), "{isa:?} values");
+            // Past the f16 range: an error, not a cached infinity.
+            let big = qkv.copy();
+            let _ = big
+                .get(1)
                 .get(2)
-                .view([nkv, nh / nkv, hd])
-                .select(1, 0)
-                .reshape([1, nkv * hd]);
-            assert!(
-                max_diff(&row, &own) < 1e-6,
-                "head size {hd}, {nh}/{nkv} heads"
-            );
+                .narrow(0, (nh + nkv) * hd + 3, 1)
+                .fill_(65520.0);
+            let err = rope_append_on(
+                isa,
+                &big,
+                &positions,
+                &cos,
+                &sin,
+                &mut k16,
+                &mut v16,
+                0,
+                (nh, nkv),
+            )
+            .expect_err("out of the f16 range");
+            assert!(err.to_string().contains("f16"), "{isa:?}: {err}");
         }
+        // Mixed formats are refused.
+        let mut k16 = Tensor::zeros(shape, (Kind::Half, Device::Cpu));
+        let mixed = rope_append(
+            &qkv,
+            &positions,
+            &cos,
+            &sin,
+            &mut k16,
+            &mut v32,
+            0,
+            (nh, nkv),
+        );
+        assert!(mixed.is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::ModelError;
-use super::llama::{KvCache, Llama};
+use super::llama::Llama;
 use super::sampling::{Sampler, SamplingParams};
 
 /// One sequence to continue.
@@ -240,12 +240,7 @@ pub fn generate(
     // Requests with nothing to generate are done before they start.
     let mut active: Vec<usize> = (0..requests.len()).collect();
     let mut next_pos: Vec<i64> = requests.iter().map(|r| r.prompt.len() as i64).collect();
-    let mut cache = KvCache::new(
-        model.config(),
-        requests.len() as i64,
-        len + max_new.max(1),
-        device,
-    );
+    let mut cache = model.new_cache(requests.len() as i64, len + max_new.max(1));
     let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
     let mut step = StepLogits::new(
         &model.logits_raw(&hidden.select(1, len - 1)),
@@ -333,12 +328,7 @@ pub fn score_choices(
     let device = model.device();
     let contexts: Vec<&[u32]> = requests.iter().map(|r| r.context.as_slice()).collect();
     let (tokens, positions, valid, len) = left_pad(&contexts, device);
-    let mut cache = KvCache::new(
-        model.config(),
-        requests.len() as i64,
-        len + longest as i64,
-        device,
-    );
+    let mut cache = model.new_cache(requests.len() as i64, len + longest as i64);
     let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
     // The first token of every choice is predicted by its context's last position.
     let first = model

@@ -44,7 +44,8 @@ pub struct Llama {
     fused: bool,
 }
 
-/// Keys and values of past positions, per layer: `[batch, kv_heads, capacity, head_dim]`.
+/// Keys and values of past positions, per layer: `[batch, kv_heads, capacity, head_dim]`,
+/// in f32, or f16 for bf16 models on the fused CPU path ([`Llama::new_cache`] picks).
 pub struct KvCache {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
@@ -55,15 +56,27 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for `batch` sequences of up to `capacity` positions.
+    /// An empty f32 cache for `batch` sequences of up to `capacity` positions.
     pub fn new(config: &LlamaConfig, batch: i64, capacity: i64, device: Device) -> KvCache {
+        KvCache::with_kind(config, batch, capacity, device, Kind::Float)
+    }
+
+    /// An empty cache whose keys and values are stored as `kind` (`Float` or `Half`; the
+    /// forward passes compute in f32 either way).
+    pub fn with_kind(
+        config: &LlamaConfig,
+        batch: i64,
+        capacity: i64,
+        device: Device,
+        kind: Kind,
+    ) -> KvCache {
         let shape = [
             batch,
             config.num_key_value_heads as i64,
             capacity,
             config.head_dim() as i64,
         ];
-        let zeros = || Tensor::zeros(shape, (Kind::Float, device));
+        let zeros = || Tensor::zeros(shape, (kind, device));
         KvCache {
             k: (0..config.num_hidden_layers).map(|_| zeros()).collect(),
             v: (0..config.num_hidden_layers).map(|_| zeros()).collect(),
@@ -84,6 +97,25 @@ impl KvCache {
         }
         self.valid.narrow(1, self.len, t).copy_(valid);
         Ok(())
+    }
+
+    /// The first `total` cached keys and values of `layer` as f32 (a view of an f32 cache, a
+    /// widened copy of an f16 one).
+    fn attended(&self, layer: usize, total: i64) -> (Tensor, Tensor) {
+        let f32 = |t: &Tensor| {
+            let t = t.narrow(2, 0, total);
+            if t.kind() == Kind::Float {
+                t
+            } else {
+                t.to_kind(Kind::Float)
+            }
+        };
+        (f32(&self.k[layer]), f32(&self.v[layer]))
+    }
+
+    /// The format keys and values are stored in.
+    pub fn kind(&self) -> Kind {
+        self.k.first().map(|t| t.kind()).unwrap_or(Kind::Float)
     }
 
     /// Positions filled so far.
@@ -311,6 +343,21 @@ impl Llama {
         self.fused && self.device() == Device::Cpu && !super::fused::grad_enabled()
     }
 
+    /// An empty KV cache for `batch` sequences of up to `capacity` positions, in the format
+    /// this model decodes fastest with: f16 for bf16 weights on the CPU (half the bytes for
+    /// the decode-attention kernel to stream; three more mantissa bits than bf16, and a
+    /// bf16 model's values fit it exactly), f32 otherwise (exact; f32 models stay the
+    /// reference). The plain tensor path reads either format, so the fused kernels and the
+    /// plain ops see the same cache.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        let kind = if self.dtype == Dtype::Bf16 && self.device() == Device::Cpu {
+            Kind::Half
+        } else {
+            Kind::Float
+        };
+        KvCache::with_kind(&self.config, batch, capacity, self.device(), kind)
+    }
+
     /// A randomly initialised model (for tests and benchmarks), reproducible from `seed`.
     pub fn random(config: LlamaConfig, seed: u64, device: Device) -> Result<Llama, ModelError> {
         let mut source = RandomSource::new(&config, seed);
@@ -425,10 +472,7 @@ impl Llama {
                 Some(cache) => {
                     cache.k[layer].narrow(2, past, t).copy_(&k);
                     cache.v[layer].narrow(2, past, t).copy_(&v);
-                    (
-                        cache.k[layer].narrow(2, 0, total),
-                        cache.v[layer].narrow(2, 0, total),
-                    )
+                    cache.attended(layer, total)
                 }
                 None => (k, v),
             };
@@ -539,19 +583,22 @@ impl Llama {
                     scale,
                     kind,
                 )?,
-                Some(mask) => Tensor::f_scaled_dot_product_attention(
-                    &q.reshape([b, nkv, group * t, hd]),
-                    &cache.k[layer].narrow(2, 0, total),
-                    &cache.v[layer].narrow(2, 0, total),
-                    Some(mask),
-                    0.0,
-                    false,
-                    None::<f64>,
-                    false,
-                )
-                .map_err(ModelError::Torch)?
-                .reshape([b, nh, t, hd])
-                .transpose(1, 2),
+                Some(mask) => {
+                    let (keys, values) = cache.attended(layer, total);
+                    Tensor::f_scaled_dot_product_attention(
+                        &q.reshape([b, nkv, group * t, hd]),
+                        &keys,
+                        &values,
+                        Some(mask),
+                        0.0,
+                        false,
+                        None::<f64>,
+                        false,
+                    )
+                    .map_err(ModelError::Torch)?
+                    .reshape([b, nh, t, hd])
+                    .transpose(1, 2)
+                }
             };
             self.add_linear_(&mut x, &attn.reshape([b * t, nh * hd]), &blk.wo);
             let hidden = fused::rms_norm(&x, &blk.ffn_norm, c.rms_norm_eps, kind)?;

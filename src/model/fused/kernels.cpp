@@ -15,18 +15,54 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "attention.h"
+#include "simd.h"
 
 using at::Tensor;
 
 namespace {
+
+// The attention kernels of attention.inc, compiled per instruction set.
+struct AttentionKernels {
+  decltype(&isa_base::attend_f32) attend_f32;
+  decltype(&isa_base::attend_f16) attend_f16;
+  decltype(&isa_base::store_f16) store_f16;
+};
+
+constexpr AttentionKernels kIsaBase{isa_base::attend_f32, isa_base::attend_f16,
+                                    isa_base::store_f16};
+constexpr AttentionKernels kIsaV3{isa_v3::attend_f32, isa_v3::attend_f16, isa_v3::store_f16};
+constexpr AttentionKernels kIsaV4{isa_v4::attend_f32, isa_v4::attend_f16, isa_v4::store_f16};
+
+// The set for `isa`: 0 baseline, 1 x86-64-v3, 2 x86-64-v4, -1 the best this CPU runs (the
+// explicit levels let the tests check every compiled set on one machine).
+const AttentionKernels& attention_kernels(int isa) {
+  __builtin_cpu_init();
+  const bool v4 = __builtin_cpu_supports("x86-64-v4");
+  const bool v3 = __builtin_cpu_supports("x86-64-v3");
+  switch (isa) {
+    case -1: return v4 ? kIsaV4 : (v3 ? kIsaV3 : kIsaBase);
+    case 0: return kIsaBase;
+    case 1: TORCH_CHECK(v3, "this CPU lacks x86-64-v3"); return kIsaV3;
+    case 2: TORCH_CHECK(v4, "this CPU lacks x86-64-v4"); return kIsaV4;
+    default: TORCH_CHECK(false, "unknown instruction-set level ", isa);
+  }
+}
+
+// Largest magnitude an f16 cache holds; a larger key or value is an error, not an infinity.
+constexpr float kHalfMax = 65504.0f;
 
 char* copy_message(const char* msg) {
   size_t n = std::strlen(msg);
@@ -55,39 +91,6 @@ void check_f32_cpu(const Tensor& t, const char* what) {
   TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
 }
 
-// exp(x) as branch-free arithmetic the compiler vectorises (libm's expf is a call per
-// element). Round-to-nearest range reduction by the 1.5·2^23 trick, then the Cephes
-// polynomial on [-ln2/2, ln2/2]: relative error ~2e-7, enough for softmax weights and
-// log-normalisers kept in f32. Inputs are clamped to the finite range of the result.
-inline __attribute__((always_inline)) float vexp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float shifter = 12582912.0f;
-  float n = (x * 1.44269504088896341f + shifter) - shifter;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  float y = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
-
-// Sixteen floats as one value: the compiler maps it to one AVX-512 register, two AVX2 ones or
-// four SSE ones, depending on the clone being compiled. `aligned(4)` allows loads from any
-// float address.
-typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
-typedef int v16i __attribute__((vector_size(64)));
-
-inline __attribute__((always_inline)) v16 load16(const float* p) {
-  return *reinterpret_cast<const v16*>(p);
-}
-
 // Activations enter and leave some kernels in bf16 when the weights are bf16, so the
 // projections take and give their own format without separate conversion passes.
 inline __attribute__((always_inline)) float to_f32(float x) { return x; }
@@ -97,216 +100,6 @@ inline __attribute__((always_inline)) float to_f32(c10::BFloat16 x) {
 template <typename T>
 inline __attribute__((always_inline)) T from_f32(float x) {
   return T(x);
-}
-
-// Sum of the sixteen lanes by a shuffle tree (four steps rather than fifteen serial adds).
-inline __attribute__((always_inline)) float hsum(v16 s) {
-  s += __builtin_shuffle(s, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  s += __builtin_shuffle(s, v16i{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  s += __builtin_shuffle(s, v16i{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  s += __builtin_shuffle(s, v16i{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-  return s[0];
-}
-
-// Softmax in place over one row of scores; masked columns hold -inf and get weight zero.
-inline __attribute__((always_inline)) void softmax_row(float* s, int64_t total) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < total; ++j) {
-    m = s[j] > m ? s[j] : m;
-  }
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < total; ++j) {
-    // exp(-inf - m) would be clamped, not zero: masked columns are zeroed explicitly.
-    float e = s[j] == -std::numeric_limits<float>::infinity() ? 0.0f : vexp(s[j] - m);
-    s[j] = e;
-    sum += e;
-  }
-  const float inv = 1.0f / sum;
-#pragma omp simd
-  for (int64_t j = 0; j < total; ++j) {
-    s[j] *= inv;
-  }
-}
-
-// attend_one for a head size known at compile time (a multiple of 16): each query row and
-// each output row lives in registers while the cached rows stream past, and a dot product
-// ends in one shuffle-tree reduction. Query rows are taken one at a time, so the keys and
-// values of this (sequence, head) are read from memory once and from L1/L2 for the others.
-template <int HD>
-inline __attribute__((always_inline)) void attend_fixed(const float* q, const float* k,
-                                                        const float* v, const bool* valid,
-                                                        int64_t total, int64_t group,
-                                                        float scale, float* out,
-                                                        float* scores) {
-  constexpr int C = HD / 16;
-  for (int64_t g = 0; g < group; ++g) {
-    v16 qr[C];
-    for (int c = 0; c < C; ++c) {
-      qr[c] = load16(q + g * HD + 16 * c);
-    }
-    float* s = scores + g * total;
-    for (int64_t j = 0; j < total; ++j) {
-      if (!(valid[j] || j == total - 1)) {
-        s[j] = -std::numeric_limits<float>::infinity();
-        continue;
-      }
-      const float* kr = k + j * HD;
-      v16 acc = qr[0] * load16(kr);
-      for (int c = 1; c < C; ++c) {
-        acc += qr[c] * load16(kr + 16 * c);
-      }
-      s[j] = hsum(acc) * scale;
-    }
-    softmax_row(s, total);
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    v16 acc[C];
-    for (int c = 0; c < C; ++c) {
-      acc[c] = v16{};
-    }
-    const float* s = scores + g * total;
-    for (int64_t j = 0; j < total; ++j) {
-      const float w = s[j];
-      if (w == 0.0f) {
-        continue;
-      }
-      const float* vr = v + j * HD;
-      for (int c = 0; c < C; ++c) {
-        acc[c] += w * load16(vr + 16 * c);
-      }
-    }
-    for (int c = 0; c < C; ++c) {
-      *reinterpret_cast<v16*>(out + g * HD + 16 * c) = acc[c];
-    }
-  }
-}
-
-// attend_fixed for a small group known at compile time as well (group · HD/16 ≤ 16
-// registers): every cached row is loaded once and used by all the group's query rows, whose
-// queries and outputs stay in registers (10.6 against 11.7 ms per step in benches/kernels).
-template <int HD, int G>
-inline __attribute__((always_inline)) void attend_grouped(const float* q, const float* k,
-                                                          const float* v, const bool* valid,
-                                                          int64_t total, float scale,
-                                                          float* out, float* scores) {
-  constexpr int C = HD / 16;
-  v16 qr[G][C];
-  for (int g = 0; g < G; ++g) {
-    for (int c = 0; c < C; ++c) {
-      qr[g][c] = load16(q + g * HD + 16 * c);
-    }
-  }
-  for (int64_t j = 0; j < total; ++j) {
-    if (!(valid[j] || j == total - 1)) {
-      for (int g = 0; g < G; ++g) {
-        scores[g * total + j] = -std::numeric_limits<float>::infinity();
-      }
-      continue;
-    }
-    v16 kr[C];
-    for (int c = 0; c < C; ++c) {
-      kr[c] = load16(k + j * HD + 16 * c);
-    }
-    for (int g = 0; g < G; ++g) {
-      v16 acc = qr[g][0] * kr[0];
-      for (int c = 1; c < C; ++c) {
-        acc += qr[g][c] * kr[c];
-      }
-      scores[g * total + j] = hsum(acc) * scale;
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    softmax_row(scores + g * total, total);
-  }
-  v16 acc[G][C];
-  for (int g = 0; g < G; ++g) {
-    for (int c = 0; c < C; ++c) {
-      acc[g][c] = v16{};
-    }
-  }
-  for (int64_t j = 0; j < total; ++j) {
-    if (!(valid[j] || j == total - 1)) {
-      continue;
-    }
-    v16 vr[C];
-    for (int c = 0; c < C; ++c) {
-      vr[c] = load16(v + j * HD + 16 * c);
-    }
-    for (int g = 0; g < G; ++g) {
-      const float w = scores[g * total + j];
-      for (int c = 0; c < C; ++c) {
-        acc[g][c] += w * vr[c];
-      }
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    for (int c = 0; c < C; ++c) {
-      *reinterpret_cast<v16*>(out + g * HD + 16 * c) = acc[g][c];
-    }
-  }
-}
-
-// One (sequence, kv head) of a decode step: `group` query rows attend over `total` cached
-// positions. `scores` has room for group·total floats. Masked columns (padding) get zero
-// weight; the last column (the query's own position) is always attended.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void attend_one(
-    const float* q, const float* k, const float* v, const bool* valid, int64_t total,
-    int64_t group, int64_t hd, float scale, float* out, float* scores) {
-  if (hd == 64) {
-    switch (group) {
-      case 1: return attend_grouped<64, 1>(q, k, v, valid, total, scale, out, scores);
-      case 2: return attend_grouped<64, 2>(q, k, v, valid, total, scale, out, scores);
-      case 3: return attend_grouped<64, 3>(q, k, v, valid, total, scale, out, scores);
-      case 4: return attend_grouped<64, 4>(q, k, v, valid, total, scale, out, scores);
-      default: return attend_fixed<64>(q, k, v, valid, total, group, scale, out, scores);
-    }
-  }
-  if (hd == 128) {
-    switch (group) {
-      case 1: return attend_grouped<128, 1>(q, k, v, valid, total, scale, out, scores);
-      case 2: return attend_grouped<128, 2>(q, k, v, valid, total, scale, out, scores);
-      default: return attend_fixed<128>(q, k, v, valid, total, group, scale, out, scores);
-    }
-  }
-  // Any other head size: the same arithmetic with plain loops.
-  for (int64_t j = 0; j < total; ++j) {
-    const bool live = valid[j] || j == total - 1;
-    const float* kr = k + j * hd;
-    for (int64_t g = 0; g < group; ++g) {
-      float acc = 0.0f;
-      if (live) {
-        const float* qr = q + g * hd;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < hd; ++d) {
-          acc += qr[d] * kr[d];
-        }
-      }
-      scores[g * total + j] = live ? acc * scale : -std::numeric_limits<float>::infinity();
-    }
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    softmax_row(scores + g * total, total);
-    float* o = out + g * hd;
-    for (int64_t d = 0; d < hd; ++d) {
-      o[d] = 0.0f;
-    }
-  }
-  for (int64_t j = 0; j < total; ++j) {
-    const float* vr = v + j * hd;
-    for (int64_t g = 0; g < group; ++g) {
-      const float w = scores[g * total + j];
-      if (w == 0.0f) {
-        continue;
-      }
-      float* o = out + g * hd;
-#pragma omp simd
-      for (int64_t d = 0; d < hd; ++d) {
-        o[d] += w * vr[d];
-      }
-    }
-  }
 }
 
 // Max, first argmax and log-sum-exp of one row of logits.
@@ -401,6 +194,15 @@ void check_f32_or_bf16(const Tensor& t, const char* what) {
   TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
 }
 
+// A key/value cache pair: on the CPU, contiguous, same shape, both f32 or both f16.
+void check_cache(const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu(), "caches must be on the CPU");
+  TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf,
+              "caches must be f32 or f16");
+  TORCH_CHECK(v.scalar_type() == k.scalar_type(), "key and value caches differ in format");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "caches must be contiguous");
+}
+
 }  // namespace
 
 extern "C" {
@@ -412,19 +214,19 @@ void cairn_free_error(char* msg) { std::free(msg); }
 int cairn_grad_enabled() { return c10::GradMode::is_enabled() ? 1 : 0; }
 
 // Rotary embedding of the query and key heads of a fused projection, with the keys and
-// values appended to the cache. `qkv` is [b, t, (nh + 2·nkv)·hd]; positions [b, t] (i64);
-// cos and signed sin [max_pos, hd] (rotate-half layout, the sine's first half negated);
-// the caches [b, nkv, capacity, hd] receive positions past..past+t. Returns the rotated
-// queries as [b, nh, t, hd].
+// values appended to the cache. `qkv` is [b, t, (nh + 2·nkv)·hd] (f32 or bf16); positions
+// [b, t] (i64); cos and signed sin [max_pos, hd] (rotate-half layout, the sine's first half
+// negated); the caches [b, nkv, capacity, hd] (both f32, or both f16) receive positions
+// past..past+t. Returns the rotated queries as [b, nh, t, hd] (f32). A key or value beyond
+// the f16 range is refused rather than cached as infinity. `isa` as in attention_kernels.
 char* cairn_rope_append(const Tensor* qkv, const Tensor* positions, const Tensor* cos,
                         const Tensor* sin, Tensor* k_cache, Tensor* v_cache, int64_t past,
-                        int64_t nh, int64_t nkv, Tensor** q_out) {
+                        int64_t nh, int64_t nkv, int isa, Tensor** q_out) {
   return guarded([&] {
     check_f32_or_bf16(*qkv, "qkv");
     check_f32_cpu(*cos, "cos table");
     check_f32_cpu(*sin, "sin table");
-    check_f32_cpu(*k_cache, "key cache");
-    check_f32_cpu(*v_cache, "value cache");
+    check_cache(*k_cache, *v_cache);
     TORCH_CHECK(positions->scalar_type() == at::kLong && positions->is_contiguous(),
                 "positions must be contiguous i64");
     TORCH_CHECK(qkv->dim() == 3 && k_cache->dim() == 4, "qkv must be 3-d and caches 4-d");
@@ -446,57 +248,79 @@ char* cairn_rope_append(const Tensor* qkv, const Tensor* positions, const Tensor
     Tensor q = at::empty({b, nh, t, hd}, qkv->options().dtype(at::kFloat));
     const float* ct = cos->data_ptr<float>();
     const float* st = sin->data_ptr<float>();
-    float* kc = k_cache->data_ptr<float>();
-    float* vc = v_cache->data_ptr<float>();
     float* qo = q.data_ptr<float>();
-    const int64_t width = (nh + 2 * nkv) * hd, half = hd / 2;
-    auto run = [&](const auto* x) {
+    const bool half = k_cache->scalar_type() == at::kHalf;
+    const auto store_f16 = attention_kernels(isa).store_f16;
+    std::atomic<bool> out_of_range{false};
+    const int64_t width = (nh + 2 * nkv) * hd, half_hd = hd / 2;
+    auto run = [&](const auto* x, auto* kc, auto* vc) {
+      // float, or uint16_t holding f16 bit patterns.
+      using Cached = std::remove_pointer_t<decltype(kc)>;
       at::parallel_for(0, b * t, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t bi = row / t, ti = row % t;
-          const auto* xr = x + row * width;
-          const float* c = ct + pos[row] * hd;
-          const float* s = st + pos[row] * hd;
+        std::vector<float> row(hd);
+        auto put = [&](Cached* dst) {
+          if constexpr (std::is_same_v<Cached, float>) {
+            std::memcpy(dst, row.data(), hd * sizeof(float));
+          } else if (store_f16(row.data(), dst, hd) > kHalfMax) {
+            out_of_range = true;
+          }
+        };
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t bi = r / t, ti = r % t;
+          const auto* xr = x + r * width;
+          const float* c = ct + pos[r] * hd;
+          const float* s = st + pos[r] * hd;
           for (int64_t h = 0; h < nh + nkv; ++h) {
             const auto* xh = xr + h * hd;
-            float* dst = h < nh ? qo + ((bi * nh + h) * t + ti) * hd
-                                : kc + ((bi * nkv + (h - nh)) * cap + past + ti) * hd;
-            for (int64_t d = 0; d < half; ++d) {
-              dst[d] = to_f32(xh[d]) * c[d] + to_f32(xh[d + half]) * s[d];
+            float* dst = h < nh ? qo + ((bi * nh + h) * t + ti) * hd : row.data();
+            for (int64_t d = 0; d < half_hd; ++d) {
+              dst[d] = to_f32(xh[d]) * c[d] + to_f32(xh[d + half_hd]) * s[d];
             }
-            for (int64_t d = half; d < hd; ++d) {
-              dst[d] = to_f32(xh[d]) * c[d] + to_f32(xh[d - half]) * s[d];
+            for (int64_t d = half_hd; d < hd; ++d) {
+              dst[d] = to_f32(xh[d]) * c[d] + to_f32(xh[d - half_hd]) * s[d];
+            }
+            if (h >= nh) {
+              put(kc + ((bi * nkv + (h - nh)) * cap + past + ti) * hd);
             }
           }
           for (int64_t h = 0; h < nkv; ++h) {
-            float* dst = vc + ((bi * nkv + h) * cap + past + ti) * hd;
             const auto* src = xr + (nh + nkv + h) * hd;
             for (int64_t d = 0; d < hd; ++d) {
-              dst[d] = to_f32(src[d]);
+              row[d] = to_f32(src[d]);
             }
+            put(vc + ((bi * nkv + h) * cap + past + ti) * hd);
           }
         }
       });
     };
+    auto with_cache = [&](const auto* x) {
+      if (half) {
+        run(x, reinterpret_cast<uint16_t*>(k_cache->data_ptr<c10::Half>()),
+            reinterpret_cast<uint16_t*>(v_cache->data_ptr<c10::Half>()));
+      } else {
+        run(x, k_cache->data_ptr<float>(), v_cache->data_ptr<float>());
+      }
+    };
     if (qkv->scalar_type() == at::kBFloat16) {
-      run(qkv->data_ptr<c10::BFloat16>());
+      with_cache(qkv->data_ptr<c10::BFloat16>());
     } else {
-      run(qkv->data_ptr<float>());
+      with_cache(qkv->data_ptr<float>());
     }
+    TORCH_CHECK(!out_of_range, "a key or value exceeds the f16 cache's range (65504); ",
+                "use an f32 model");
     *q_out = new Tensor(std::move(q));
   });
 }
-
 // Attention of one new query per sequence over the cached keys and values: q [b, nh, 1, hd],
-// caches [b, nkv, capacity, hd], valid [b, capacity] (bool; the last of the `total` columns
-// always counts). Returns [b, 1, nh·hd], the layout the output projection takes.
+// caches [b, nkv, capacity, hd] (both f32, or both f16), valid [b, capacity] (bool; the last of the `total` columns
+// always counts). Returns [b, 1, nh·hd], the layout the output projection takes. `isa` as in
+// attention_kernels.
 char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tensor* v_cache,
                              const Tensor* valid, int64_t total, double scale, int out_bf16,
-                             Tensor** out) {
+                             int isa, Tensor** out) {
   return guarded([&] {
     check_f32_cpu(*q, "queries");
-    check_f32_cpu(*k_cache, "key cache");
-    check_f32_cpu(*v_cache, "value cache");
+    check_cache(*k_cache, *v_cache);
     TORCH_CHECK(valid->scalar_type() == at::kBool && valid->is_contiguous(),
                 "validity must be contiguous bool");
     TORCH_CHECK(q->dim() == 4 && q->size(2) == 1, "queries must be [b, heads, 1, hd]");
@@ -511,8 +335,11 @@ char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tenso
     const int64_t group = nh / nkv;
     Tensor o = at::empty({b, 1, nh * hd}, q->options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
     const float* qp = q->data_ptr<float>();
-    const float* kp = k_cache->data_ptr<float>();
-    const float* vp = v_cache->data_ptr<float>();
+    const bool half = k_cache->scalar_type() == at::kHalf;
+    const char* kp = static_cast<const char*>(k_cache->data_ptr());
+    const char* vp = static_cast<const char*>(v_cache->data_ptr());
+    const int64_t row_bytes = cap * hd * k_cache->element_size();
+    const AttentionKernels& kernels = attention_kernels(isa);
     const bool* vm = valid->data_ptr<bool>();
     const float sc = static_cast<float>(scale);
     at::parallel_for(0, b * nkv, 1, [&](int64_t begin, int64_t end) {
@@ -522,8 +349,17 @@ char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tenso
         const int64_t bi = item / nkv, h = item % nkv;
         const int64_t head0 = bi * nh + h * group;
         float* dst = out_bf16 ? rows.data() : o.data_ptr<float>() + head0 * hd;
-        attend_one(qp + head0 * hd, kp + item * cap * hd, vp + item * cap * hd, vm + bi * cap,
-                   total, group, hd, sc, dst, scores.data());
+        const char* k = kp + item * row_bytes;
+        const char* v = vp + item * row_bytes;
+        if (half) {
+          kernels.attend_f16(qp + head0 * hd, reinterpret_cast<const uint16_t*>(k),
+                             reinterpret_cast<const uint16_t*>(v), vm + bi * cap, total, group,
+                             hd, sc, dst, scores.data());
+        } else {
+          kernels.attend_f32(qp + head0 * hd, reinterpret_cast<const float*>(k),
+                             reinterpret_cast<const float*>(v), vm + bi * cap, total, group, hd,
+                             sc, dst, scores.data());
+        }
         if (out_bf16) {
           c10::BFloat16* ob = o.data_ptr<c10::BFloat16>() + head0 * hd;
           for (int64_t i = 0; i < group * hd; ++i) {
