@@ -92,40 +92,9 @@ pub fn grad_enabled() -> bool {
     unsafe { cairn_grad_enabled() != 0 }
 }
 
-/// Rotary embedding of the query and key heads of a fused projection `qkv`
-/// `[b, t, (nh + 2·nkv)·hd]` (f32 or bf16, contiguous) at `positions` `[b, t]`, with the rotated keys
-/// and the values written into the caches `[b, nkv, capacity, hd]` (both f32 or both f16) at
-/// columns `past..past + t`. `cos`/`signed_sin` are the rotate-half tables `[max_pos, hd]`
-/// with the sine's first half negated. Returns the rotated queries `[b, nh, t, hd]` (f32).
-/// An f16 cache rounds to nearest even; a key or value past the f16 range (65504) is an
-/// error, not a cached infinity.
-#[allow(clippy::too_many_arguments)]
-pub fn rope_append(
-    qkv: &Tensor,
-    positions: &Tensor,
-    cos: &Tensor,
-    signed_sin: &Tensor,
-    k_cache: &mut Tensor,
-    v_cache: &mut Tensor,
-    past: i64,
-    heads: (i64, i64),
-) -> Result<Tensor, ModelError> {
-    rope_append_on(
-        Isa::Best,
-        qkv,
-        positions,
-        cos,
-        signed_sin,
-        k_cache,
-        v_cache,
-        past,
-        heads,
-    )
-}
-
 /// The instruction-set level the cache and attention kernels run at. They are compiled for
-/// each level; [`Isa::Best`] is what the CPU supports, the others let the tests check every
-/// compiled variant on one machine.
+/// each level; [`Isa::Best`] is what the CPU supports. Tests pin the others on their own
+/// thread (`at_level`) to check every compiled variant on one machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
     Best = -1,
@@ -137,10 +106,28 @@ enum Isa {
     V4 = 2,
 }
 
-/// [`rope_append`] at a given instruction-set level.
+#[cfg(test)]
+thread_local! {
+    static PINNED_LEVEL: std::cell::Cell<Isa> = const { std::cell::Cell::new(Isa::Best) };
+}
+
+/// The level passed to the kernels: the best one, unless a test pinned another.
+fn level() -> i32 {
+    #[cfg(test)]
+    return PINNED_LEVEL.with(|l| l.get()) as i32;
+    #[cfg(not(test))]
+    return Isa::Best as i32;
+}
+
+/// Rotary embedding of the query and key heads of a fused projection `qkv`
+/// `[b, t, (nh + 2·nkv)·hd]` (f32 or bf16, contiguous) at `positions` `[b, t]`, with the rotated keys
+/// and the values written into the caches `[b, nkv, capacity, hd]` (both f32 or both f16) at
+/// columns `past..past + t`. `cos`/`signed_sin` are the rotate-half tables `[max_pos, hd]`
+/// with the sine's first half negated. Returns the rotated queries `[b, nh, t, hd]` (f32).
+/// An f16 cache rounds to nearest even; a key or value past the f16 range (65504) is an
+/// error, not a cached infinity.
 #[allow(clippy::too_many_arguments)]
-fn rope_append_on(
-    isa: Isa,
+pub fn rope_append(
     qkv: &Tensor,
     positions: &Tensor,
     cos: &Tensor,
@@ -164,7 +151,7 @@ fn rope_append_on(
             past,
             heads.0,
             heads.1,
-            isa as i32,
+            level(),
             &mut q,
         )
     })?;
@@ -189,21 +176,6 @@ pub fn decode_attention(
     scale: f64,
     out: Kind,
 ) -> Result<Tensor, ModelError> {
-    decode_attention_on(Isa::Best, q, k_cache, v_cache, valid, total, scale, out)
-}
-
-/// [`decode_attention`] at a given instruction-set level.
-#[allow(clippy::too_many_arguments)]
-fn decode_attention_on(
-    isa: Isa,
-    q: &Tensor,
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    valid: &Tensor,
-    total: i64,
-    scale: f64,
-    out: Kind,
-) -> Result<Tensor, ModelError> {
     let kind = out;
     let mut out = ptr::null_mut();
     // SAFETY: as in `rope_append`; nothing is written but the new output.
@@ -216,7 +188,7 @@ fn decode_attention_on(
             total,
             scale,
             bf16(kind),
-            isa as i32,
+            level(),
             &mut out,
         )
     })?;
@@ -318,14 +290,24 @@ mod tests {
             .reshape([b, 1, nh * hd])
     }
 
+    /// Runs `f` with the kernels pinned to `isa` on this thread.
+    fn at_level<T>(isa: Isa, f: impl FnOnce() -> T) -> T {
+        PINNED_LEVEL.with(|l| l.set(isa));
+        let out = f();
+        PINNED_LEVEL.with(|l| l.set(Isa::Best));
+        out
+    }
+
     /// The instruction-set levels this CPU runs (the kernels refuse the others).
     fn levels() -> Vec<Isa> {
         let q = Tensor::zeros([1, 1, 1, 16], (Kind::Float, Device::Cpu));
         let valid = Tensor::ones([1, 1], (Kind::Bool, Device::Cpu));
         let runs = |isa| {
-            decode_attention_on(isa, &q, &q, &q, &valid, 1, 1.0, Kind::Float)
-                .map_err(|e| assert!(e.to_string().contains("lacks"), "{e}"))
-                .is_ok()
+            at_level(isa, || {
+                decode_attention(&q, &q, &q, &valid, 1, 1.0, Kind::Float)
+            })
+            .map_err(|e| assert!(e.to_string().contains("lacks"), "{e}"))
+            .is_ok()
         };
         let levels: Vec<Isa> = [Isa::Baseline, Isa::V3, Isa::V4]
             .into_iter()
@@ -362,16 +344,17 @@ mod tests {
             for isa in levels() {
                 for cache_kind in [Kind::Float, Kind::Half] {
                     let (k, v) = (k.to_kind(cache_kind), v.to_kind(cache_kind));
-                    let got = decode_attention_on(
-                        isa,
-                        &q,
-                        &k,
-                        &v,
-                        &valid,
-                        total,
-                        1.0 / (hd as f64).sqrt(),
-                        Kind::Float,
-                    )
+                    let got = at_level(isa, || {
+                        decode_attention(
+                            &q,
+                            &k,
+                            &v,
+                            &valid,
+                            total,
+                            1.0 / (hd as f64).sqrt(),
+                            Kind::Float,
+                        )
+                    })
                     .expect("kernel runs");
                     // The reference reads the same (possibly rounded) cache, widened.
                     let (k, v) = (k.to_kind(Kind::Float), v.to_kind(Kind::Float));
@@ -436,18 +419,12 @@ mod tests {
         for isa in levels() {
             let half = (Kind::Half, Device::Cpu);
             let (mut k16, mut v16) = (Tensor::zeros(shape, half), Tensor::zeros(shape, half));
-            let q16 = rope_append_on(
-                isa,
-                &qkv,
-                &positions,
-                &cos,
-                &sin,
-                &mut k16,
-                &mut v16,
-                0,
-                (nh, nkv),
-            )
-            .expect("kernel runs");
+            let append = |input: &Tensor, k: &mut Tensor, v: &mut Tensor| {
+                at_level(isa, || {
+                    rope_append(input, &positions, &cos, &sin, k, v, 0, (nh, nkv))
+                })
+            };
+            let q16 = append(&qkv, &mut k16, &mut v16).expect("kernel runs");
             assert!(q16.equal(&q32), "{isa:?} queries stay f32");
             // Bit for bit what libtorch's own rounding to f16 gives.
             assert!(k16.equal(&k32.to_kind(Kind::Half)), "{isa:?} keys");
@@ -459,18 +436,7 @@ mod tests {
                 .get(2)
                 .narrow(0, (nh + nkv) * hd + 3, 1)
                 .fill_(65520.0);
-            let err = rope_append_on(
-                isa,
-                &big,
-                &positions,
-                &cos,
-                &sin,
-                &mut k16,
-                &mut v16,
-                0,
-                (nh, nkv),
-            )
-            .expect_err("out of the f16 range");
+            let err = append(&big, &mut k16, &mut v16).expect_err("out of the f16 range");
             assert!(err.to_string().contains("f16"), "{isa:?}: {err}");
         }
         // Mixed formats are refused.
