@@ -351,14 +351,18 @@ char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tenso
         float* dst = out_bf16 ? rows.data() : o.data_ptr<float>() + head0 * hd;
         const char* k = kp + item * row_bytes;
         const char* v = vp + item * row_bytes;
+        // The next item of this thread's range, whose keys the kernel fetches ahead.
+        const char* next_k = item + 1 < end ? k + row_bytes : nullptr;
         if (half) {
           kernels.attend_f16(qp + head0 * hd, reinterpret_cast<const uint16_t*>(k),
-                             reinterpret_cast<const uint16_t*>(v), vm + bi * cap, total, group,
-                             hd, sc, dst, scores.data());
+                             reinterpret_cast<const uint16_t*>(v),
+                             reinterpret_cast<const uint16_t*>(next_k), vm + bi * cap, total,
+                             group, hd, sc, dst, scores.data());
         } else {
           kernels.attend_f32(qp + head0 * hd, reinterpret_cast<const float*>(k),
-                             reinterpret_cast<const float*>(v), vm + bi * cap, total, group, hd,
-                             sc, dst, scores.data());
+                             reinterpret_cast<const float*>(v),
+                             reinterpret_cast<const float*>(next_k), vm + bi * cap, total, group,
+                             hd, sc, dst, scores.data());
         }
         if (out_bf16) {
           c10::BFloat16* ob = o.data_ptr<c10::BFloat16>() + head0 * hd;
