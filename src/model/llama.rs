@@ -50,7 +50,7 @@ pub struct Llama {
 }
 
 /// Keys and values of past positions, per layer: `[batch, kv_heads, capacity, head_dim]`,
-/// in f32, or f16 for bf16 models on the fused CPU path ([`Llama::new_cache`] picks).
+/// in f32, or f16 for bf16 models on the CPU ([`Llama::new_cache`] picks).
 pub struct KvCache {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
@@ -351,8 +351,8 @@ impl Llama {
 
     /// An empty KV cache for `batch` sequences of up to `capacity` positions, in the format
     /// this model decodes fastest with: f16 for bf16 weights on the CPU (half the bytes for
-    /// the decode-attention kernel to stream; three more mantissa bits than bf16, and a
-    /// bf16 model's values fit it exactly), f32 otherwise (exact; f32 models stay the
+    /// the decode-attention kernel to stream; three more mantissa bits than bf16, so a bf16
+    /// projection's values between 6·10⁻⁵ and 65504 fit it exactly), f32 otherwise (exact; f32 models stay the
     /// reference). The plain tensor path reads either format, so the fused kernels and the
     /// plain ops see the same cache.
     pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
