@@ -49,9 +49,9 @@ constexpr AttentionKernels kIsaV4{isa_v4::attend_f32, isa_v4::attend_f16, isa_v4
 // The set for `isa`: 0 baseline, 1 x86-64-v3, 2 x86-64-v4, -1 the best this CPU runs (the
 // explicit levels let the tests check every compiled set on one machine).
 const AttentionKernels& attention_kernels(int isa) {
-  __builtin_cpu_init();
-  const bool v4 = __builtin_cpu_supports("x86-64-v4");
-  const bool v3 = __builtin_cpu_supports("x86-64-v3");
+  // Read once: every decode step asks, 30 times.
+  static const bool v4 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v4"));
+  static const bool v3 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v3"));
   switch (isa) {
     case -1: return v4 ? kIsaV4 : (v3 ? kIsaV3 : kIsaBase);
     case 0: return kIsaBase;
@@ -311,10 +311,11 @@ char* cairn_rope_append(const Tensor* qkv, const Tensor* positions, const Tensor
     *q_out = new Tensor(std::move(q));
   });
 }
+
 // Attention of one new query per sequence over the cached keys and values: q [b, nh, 1, hd],
-// caches [b, nkv, capacity, hd] (both f32, or both f16), valid [b, capacity] (bool; the last of the `total` columns
-// always counts). Returns [b, 1, nh·hd], the layout the output projection takes. `isa` as in
-// attention_kernels.
+// caches [b, nkv, capacity, hd] (both f32, or both f16), valid [b, capacity] (bool; the last
+// of the `total` columns always counts). Returns [b, 1, nh·hd], the layout the output
+// projection takes. `isa` as in attention_kernels.
 char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tensor* v_cache,
                              const Tensor* valid, int64_t total, double scale, int out_bf16,
                              int isa, Tensor** out) {
