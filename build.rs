@@ -38,7 +38,8 @@ fn main() {
 }
 
 /// Builds the fused kernels into a static library: `src/model/fused/kernels.cpp`, and the
-/// attention kernels of `attention.inc` once per instruction set (x86-64-v4, x86-64-v3, the
+/// attention and f32 product kernels of `attention.inc` and `gemm.inc` (through
+/// `isa_{v4,v3,base}.cpp`) once per instruction set (x86-64-v4, x86-64-v3, the
 /// baseline; `kernels.cpp` picks one at load time). They include ATen headers and run inside
 /// libtorch's OpenMP pool, so they are compiled with `-fopenmp` and link the same libgomp
 /// libtorch ships (torch-sys already asks for `-lgomp`, found through the rpath). Always
@@ -50,9 +51,11 @@ fn build_kernels(lib: &std::path::Path) {
         "simd.h",
         "attention.h",
         "attention.inc",
-        "attention_v4.cpp",
-        "attention_v3.cpp",
-        "attention_base.cpp",
+        "gemm.h",
+        "gemm.inc",
+        "isa_v4.cpp",
+        "isa_v3.cpp",
+        "isa_base.cpp",
     ] {
         println!("cargo:rerun-if-changed={DIR}/{file}");
     }
@@ -75,9 +78,9 @@ fn build_kernels(lib: &std::path::Path) {
     };
     let mut objects = Vec::new();
     for (file, march) in [
-        ("attention_v4.cpp", Some("x86-64-v4")),
-        ("attention_v3.cpp", Some("x86-64-v3")),
-        ("attention_base.cpp", None),
+        ("isa_v4.cpp", Some("x86-64-v4")),
+        ("isa_v3.cpp", Some("x86-64-v3")),
+        ("isa_base.cpp", None),
     ] {
         let mut b = build();
         b.file(format!("{DIR}/{file}"));

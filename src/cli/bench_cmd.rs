@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use tch::{Device, Kind, Tensor};
 
-use cairn::model::{self, Dtype, GenerateRequest, Llama, Message, Role, SamplingParams};
+use cairn::model::{self, Dtype, GenerateRequest, Llama, Message, Role, SamplingParams, fused};
 use cairn::paths;
 
 /// Benchmarks.
@@ -136,10 +136,24 @@ fn time_it(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow:
 /// reference definition. `transposed` multiplies `x · W` by a contiguous transposed copy
 /// instead of `x · Wᵀ` by the stored matrix (the library may pack the two differently); the
 /// ceiling is the faster layout, so it is the best the matmul library does, not an artefact
-/// of one layout.
+/// of one layout. `Packed` is cairn's own chain instead: the fused matrices through
+/// `fused::linear_packed` (f32 only), the products the runtime itself runs.
 struct Chain {
     layers: Vec<Vec<Tensor>>,
-    transposed: bool,
+    layout: Layout,
+    /// Output width of each packed matrix (its panels are padded to 32 columns).
+    widths: Vec<Vec<i64>>,
+}
+
+/// How a [`Chain`] holds and multiplies its weights.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `x · Wᵀ` by the stored `[out, in]` matrix.
+    Stored,
+    /// `x · W` by a contiguous `[in, out]` copy.
+    Transposed,
+    /// `fused::linear_packed` over `fused::pack_linear(W)`.
+    Packed,
 }
 
 impl Chain {
@@ -147,7 +161,7 @@ impl Chain {
         model: &Llama,
         tensors: &[(String, Tensor)],
         fused: bool,
-        transposed: bool,
+        layout: Layout,
     ) -> anyhow::Result<Chain> {
         let _g = tch::no_grad_guard();
         // Weights as `[out, in]`; the transposed copies become `[in, out]` for `x · W`.
@@ -187,14 +201,24 @@ impl Chain {
             }
         }
         layers.push(vec![get("model.embed_tokens.weight")?]);
-        if transposed {
-            for layer in &mut layers {
-                for w in layer.iter_mut() {
-                    *w = w.tr().contiguous();
+        let widths = layers
+            .iter()
+            .map(|layer| layer.iter().map(|w| w.size()[0]).collect())
+            .collect();
+        for layer in &mut layers {
+            for w in layer.iter_mut() {
+                match layout {
+                    Layout::Stored => {}
+                    Layout::Transposed => *w = w.tr().contiguous(),
+                    Layout::Packed => *w = fused::pack_linear(w),
                 }
             }
         }
-        Ok(Chain { layers, transposed })
+        Ok(Chain {
+            layers,
+            layout,
+            widths,
+        })
     }
 
     /// Seconds of one step on inputs `x` `[batch, hidden]` and `ffn_in`
@@ -205,19 +229,19 @@ impl Chain {
         let reps = 10;
         let t = Instant::now();
         for _ in 0..reps {
-            for layer in &self.layers {
-                for w in layer {
+            for (layer, widths) in self.layers.iter().zip(&self.widths) {
+                for (w, &n) in layer.iter().zip(widths) {
                     // Each matmul reads its own weight; inputs of the right width.
-                    let width = if self.transposed {
-                        w.size()[0]
-                    } else {
-                        w.size()[1]
+                    let width = match self.layout {
+                        Layout::Transposed => w.size()[0],
+                        Layout::Stored | Layout::Packed => w.size()[1],
                     };
                     let input = if width == h { x } else { ffn_in };
-                    let _ = if self.transposed {
-                        input.matmul(w)
-                    } else {
-                        input.matmul(&w.tr())
+                    let _ = match self.layout {
+                        Layout::Stored => input.matmul(&w.tr()),
+                        Layout::Transposed => input.matmul(w),
+                        Layout::Packed => fused::linear_packed(input, w, n, None)
+                            .unwrap_or_else(|_| Tensor::new()),
                     };
                 }
             }
@@ -300,11 +324,20 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
     for &dtype in &dtypes {
         loaded.model.set_dtype(dtype);
         // The chains' weights (copies in the other layout, fused matrices) are built once
-        // per format: [unfused x·Wᵀ, unfused x·W, fused x·Wᵀ, fused x·W].
+        // per format: [unfused x·Wᵀ, unfused x·W, fused x·Wᵀ, fused x·W, (f32) packed].
         let tensors = loaded.model.named_tensors();
-        let chains = [(false, false), (false, true), (true, false), (true, true)]
+        let mut layouts = vec![
+            (false, Layout::Stored),
+            (false, Layout::Transposed),
+            (true, Layout::Stored),
+            (true, Layout::Transposed),
+        ];
+        if dtype == Dtype::F32 {
+            layouts.push((true, Layout::Packed));
+        }
+        let chains = layouts
             .into_iter()
-            .map(|(fused, transposed)| Chain::new(&loaded.model, &tensors, fused, transposed))
+            .map(|(fused, layout)| Chain::new(&loaded.model, &tensors, fused, layout))
             .collect::<anyhow::Result<Vec<_>>>()?;
         drop(tensors);
         for &b in &args.batch {
@@ -355,6 +388,7 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
             }
             let (mut whole, mut decode, mut ceil, mut fused, mut shares) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut packed, mut packed_shares) = (Vec::new(), Vec::new());
             for _ in 0..args.repeats.max(1) {
                 let full = run(&requests)?;
                 let first = run(&first_only)?;
@@ -370,7 +404,17 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
                 ceil.push(c);
                 fused.push(b as f64 / steps[2].min(steps[3]));
                 shares.push(d / c);
+                if let Some(&own) = steps.get(4) {
+                    packed.push(b as f64 / own);
+                    packed_shares.push(d * own / b as f64);
+                }
             }
+            // cairn's own packed chain (f32): how close decoding gets to its own products.
+            let (packed_tok_s, packed_share) = if packed.is_empty() {
+                (serde_json::Value::Null, serde_json::Value::Null)
+            } else {
+                (median(packed).into(), median(packed_shares).into())
+            };
             let (tok_s, decode_tok_s, ceiling, fused_tok_s, share) = (
                 median(whole),
                 median(decode),
@@ -382,12 +426,19 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
                 "{dtype} batch {b:>3}: {tok_s:>8.1} tok/s ({decode_tok_s:>8.1} decode only) | chain ceiling {ceiling:>8.1} tok/s (fused chain {fused_tok_s:>8.1}) | decode {:>5.1}% of ceiling",
                 100.0 * share
             );
+            if let (Some(own), Some(own_share)) = (packed_tok_s.as_f64(), packed_share.as_f64()) {
+                eprintln!(
+                    "{dtype} batch {b:>3}: cairn's packed chain {own:>8.1} tok/s | decode {:>5.1}% of it",
+                    100.0 * own_share
+                );
+            }
             rows.push(serde_json::json!({
                 "dtype": dtype.to_string(), "batch": b, "cairn_tok_s": tok_s,
                 "fused_kernels": !args.unfused,
                 "cairn_decode_only_tok_s": decode_tok_s,
                 "chain_ceiling_tok_s": ceiling, "fused_chain_tok_s": fused_tok_s,
                 "share_of_ceiling": share,
+                "packed_chain_tok_s": packed_tok_s, "share_of_packed_chain": packed_share,
                 "end_to_end_share_of_ceiling": tok_s / ceiling,
             }));
         }
@@ -482,9 +533,9 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
         }
     }
     println!(
-        "| dtype | batch | cairn tok/s | cairn decode-only tok/s | chain ceiling (same dtype) | decode share of ceiling | transformers f32 | cairn / transformers f32 | transformers same dtype | cairn / transformers same dtype | llama.cpp (Q4_1) | cairn / llama.cpp |"
+        "| dtype | batch | cairn tok/s | cairn decode-only tok/s | chain ceiling (same dtype) | decode share of ceiling | cairn packed chain | decode share of packed chain | transformers f32 | cairn / transformers f32 | transformers same dtype | cairn / transformers same dtype | llama.cpp (Q4_1) | cairn / llama.cpp |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let cell = |v: &serde_json::Value, digits: usize| {
         v.as_f64()
             .map(|x| format!("{x:.digits$}"))
@@ -492,13 +543,15 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
     };
     for row in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row["dtype"].as_str().unwrap_or("?"),
             row["batch"],
             cell(&row["cairn_tok_s"], 1),
             cell(&row["cairn_decode_only_tok_s"], 1),
             cell(&row["chain_ceiling_tok_s"], 1),
             cell(&row["share_of_ceiling"], 2),
+            cell(&row["packed_chain_tok_s"], 1),
+            cell(&row["share_of_packed_chain"], 2),
             cell(&row["transformers_tok_s"], 1),
             cell(&row["ratio_vs_transformers"], 2),
             cell(&row["transformers_same_dtype_tok_s"], 1),

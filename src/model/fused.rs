@@ -58,6 +58,15 @@ unsafe extern "C" {
         argmax: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn cairn_silu_mul(gate_up: *const C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
+    fn cairn_linear_packed(
+        x: *const C_tensor,
+        packed: *const C_tensor,
+        n: i64,
+        bias: *const C_tensor,
+        into: *mut C_tensor,
+        isa: i32,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
 }
 
 /// Turns a kernel's error string (null on success) into a result, freeing the string.
@@ -221,6 +230,83 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor, ModelError> {
     // SAFETY: as in `decode_attention`.
     check(unsafe { cairn_silu_mul(gate_up.as_ptr(), &mut out) })?;
     owned(out)
+}
+
+/// Output columns per panel of a packed weight (`PANEL_COLS` in `fused/gemm.h`).
+pub const PANEL_COLS: i64 = 32;
+
+/// A weight `w` `[n, k]` (f32, CPU) repacked for [`linear_packed`]: `[⌈n / 32⌉, k, 32]`,
+/// each panel the transposed block of 32 consecutive rows, the last one zero-padded. A
+/// panel is then one contiguous stream, read once per product whatever the batch size.
+pub fn pack_linear(w: &Tensor) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let (n, k) = (w.size()[0], w.size()[1]);
+    let panels = (n + PANEL_COLS - 1) / PANEL_COLS;
+    let padded = if panels * PANEL_COLS == n {
+        w.shallow_clone()
+    } else {
+        let pad = Tensor::zeros([panels * PANEL_COLS - n, k], (w.kind(), w.device()));
+        Tensor::cat(&[w.shallow_clone(), pad], 0)
+    };
+    padded
+        .reshape([panels, PANEL_COLS, k])
+        .transpose(1, 2)
+        .contiguous()
+}
+
+/// `x · wᵀ (+ bias)` for f32 `x` `[.., k]` (contiguous) and `w` `[n, k]` given as
+/// [`pack_linear`]`(w)`, with AVX-512 / AVX2 tiles where the CPU has them. Each output is
+/// one chain of multiply-adds over `k` in order, so a row's result does not depend on the
+/// other rows of `x` (batch composition) or on the number of threads.
+pub fn linear_packed(
+    x: &Tensor,
+    packed: &Tensor,
+    n: i64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor, ModelError> {
+    let mut out = ptr::null_mut();
+    let bias = bias.map_or(ptr::null(), |b| b.as_ptr());
+    // SAFETY: the tensors outlive the call; the kernel checks their formats and shapes and
+    // writes only the new output.
+    check(unsafe {
+        cairn_linear_packed(
+            x.as_ptr(),
+            packed.as_ptr(),
+            n,
+            bias,
+            ptr::null_mut(),
+            level(),
+            &mut out,
+        )
+    })?;
+    owned(out)
+}
+
+/// `into += x · wᵀ (+ bias)` in place, for `into` `[.., n]` (f32, contiguous, as many rows as
+/// `x`) and `w` packed by [`pack_linear`]: the residual add of a projection without a
+/// separate pass over the stream.
+pub fn add_linear_packed_(
+    into: &mut Tensor,
+    x: &Tensor,
+    packed: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(), ModelError> {
+    let n = into.size().last().copied().unwrap_or(0);
+    let bias = bias.map_or(ptr::null(), |b| b.as_ptr());
+    let mut unused = ptr::null_mut();
+    // SAFETY: as in `linear_packed`; the kernel writes into `into`'s own storage, which the
+    // exclusive borrow guarantees no one else is reading.
+    check(unsafe {
+        cairn_linear_packed(
+            x.as_ptr(),
+            packed.as_ptr(),
+            n,
+            bias,
+            into.as_mut_ptr(),
+            level(),
+            &mut unused,
+        )
+    })
 }
 
 #[cfg(test)]
@@ -596,5 +682,89 @@ mod tests {
         let valid = Tensor::ones([1, 6], (Kind::Bool, Device::Cpu));
         assert!(decode_attention(&q, &cache, &cache, &valid, 7, 1.0, Kind::Float).is_err());
         assert!(decode_attention(&q, &cache, &cache, &valid, 6, 1.0, Kind::Float).is_ok());
+    }
+
+    #[test]
+    fn packed_products_match_the_tensor_op_at_every_level() {
+        tch::manual_seed(11);
+        // Widths around the 32-column panels, row counts around every tile height (12 / 2 /
+        // 1 rows) and past the 128-row block, odd inner sizes.
+        for (n, k) in [(1, 1), (31, 7), (32, 64), (33, 65), (100, 576), (960, 37)] {
+            let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu));
+            let bias = Tensor::randn([n], (Kind::Float, Device::Cpu));
+            let packed = pack_linear(&w);
+            assert_eq!(packed.size(), vec![(n + 31) / 32, k, 32]);
+            for m in [1, 2, 5, 12, 13, 25, 130] {
+                let x = Tensor::randn([m, k], (Kind::Float, Device::Cpu));
+                let expected = x.matmul(&w.tr());
+                let tolerance = 1e-5 * (k as f64).sqrt() * 4.0;
+                for isa in levels() {
+                    at_level(isa, || {
+                        let got = linear_packed(&x, &packed, n, None).expect("kernel runs");
+                        assert_eq!(got.size(), vec![m, n]);
+                        let d = max_diff(&got, &expected);
+                        assert!(d < tolerance, "{isa:?} n={n} k={k} m={m}: {d}");
+                        let with_bias =
+                            linear_packed(&x, &packed, n, Some(&bias)).expect("kernel runs");
+                        assert!(max_diff(&with_bias, &(&expected + &bias)) < tolerance);
+                        let mut stream = Tensor::randn([m, n], (Kind::Float, Device::Cpu));
+                        let before = stream.copy();
+                        add_linear_packed_(&mut stream, &x, &packed, Some(&bias))
+                            .expect("kernel runs");
+                        assert!(max_diff(&stream, &(&before + &expected + &bias)) < tolerance);
+                    });
+                }
+            }
+        }
+        // Leading dimensions are kept: [b, t, k] → [b, t, n].
+        let w = Tensor::randn([40, 16], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
+        let got = linear_packed(&x, &pack_linear(&w), 40, None).expect("kernel runs");
+        assert_eq!(got.size(), vec![2, 3, 40]);
+        assert!(max_diff(&got, &x.matmul(&w.tr())) < 1e-4);
+    }
+
+    #[test]
+    fn a_packed_product_row_does_not_depend_on_its_batch() {
+        tch::manual_seed(12);
+        let (n, k) = (200, 300);
+        let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu));
+        let packed = pack_linear(&w);
+        let x = Tensor::randn([37, k], (Kind::Float, Device::Cpu));
+        for isa in levels() {
+            at_level(isa, || {
+                let all = linear_packed(&x, &packed, n, None).expect("kernel runs");
+                for (row, width) in [(0, 1), (5, 1), (13, 7), (30, 7), (11, 26)] {
+                    let part = linear_packed(&x.narrow(0, row, width), &packed, n, None)
+                        .expect("kernel runs");
+                    // Bit for bit: each output is one chain of multiply-adds in k order.
+                    assert!(
+                        part.equal(&all.narrow(0, row, width)),
+                        "{isa:?}: rows {row}..{} differ when batched",
+                        row + width
+                    );
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn packed_products_reject_mismatched_shapes() {
+        let w = Tensor::randn([40, 16], (Kind::Float, Device::Cpu));
+        let packed = pack_linear(&w);
+        let x = Tensor::randn([3, 17], (Kind::Float, Device::Cpu));
+        let err = linear_packed(&x, &packed, 40, None).expect_err("k mismatch");
+        assert!(err.to_string().contains("packed weight"), "{err}");
+        let x = Tensor::randn([3, 16], (Kind::Float, Device::Cpu));
+        assert!(
+            linear_packed(&x, &packed, 70, None).is_err(),
+            "n beyond the panels"
+        );
+        let bias = Tensor::randn([39], (Kind::Float, Device::Cpu));
+        assert!(linear_packed(&x, &packed, 40, Some(&bias)).is_err());
+        let mut wrong = Tensor::zeros([4, 40], (Kind::Float, Device::Cpu));
+        assert!(add_linear_packed_(&mut wrong, &x, &packed, None).is_err());
+        let halves = x.to_kind(Kind::Half);
+        assert!(linear_packed(&halves, &packed, 40, None).is_err());
     }
 }

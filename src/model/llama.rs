@@ -28,6 +28,13 @@ struct Block {
     w_down: Tensor,
 }
 
+/// A weight matrix packed for [`super::fused::linear_packed`], and what it was packed from:
+/// the source's version counter (bumped by in-place updates) and storage address.
+struct PackedWeight {
+    source: (i64, usize),
+    panels: Tensor,
+}
+
 /// A loaded decoder.
 pub struct Llama {
     config: LlamaConfig,
@@ -43,10 +50,11 @@ pub struct Llama {
     dtype: Dtype,
     /// Whether inference on the CPU uses the fused kernels of [`super::fused`].
     fused: bool,
-    /// f32 inference on the CPU: the vocabulary projection as a contiguous `[hidden, vocab]`
-    /// copy, keyed by the source matrix's version counter and storage, so an optimizer step
-    /// or a reload rebuilds it (see `vocab_projection`).
-    vocab_t: Mutex<Option<((i64, usize), Tensor)>>,
+    /// f32 inference on the CPU: each weight matrix repacked into the column panels of
+    /// [`super::fused::linear_packed`], by the address of the matrix's tensor handle (a
+    /// field of this struct), with the matrix's version counter and storage it was packed
+    /// from, so an optimizer step or a reload repacks it (see `packed_weight`).
+    packed: Mutex<HashMap<usize, PackedWeight>>,
 }
 
 /// Keys and values of past positions, per layer: `[batch, kv_heads, capacity, head_dim]`,
@@ -266,7 +274,7 @@ impl Llama {
             rope_sin,
             dtype: Dtype::F32,
             fused: true,
-            vocab_t: Mutex::new(None),
+            packed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -315,7 +323,16 @@ impl Llama {
     /// below take a bf16 product into the f32 stream without a separate conversion).
     fn linear_raw(&self, x: &Tensor, w: &Tensor) -> Tensor {
         match self.dtype {
-            Dtype::F32 => x.matmul(&w.tr()),
+            Dtype::F32 => match self.packed_weight(w) {
+                Some(panels) => {
+                    super::fused::linear_packed(&x.contiguous(), &panels, w.size()[0], None)
+                        .unwrap_or_else(|e| {
+                            tracing::warn!("packed product failed, using the tensor op: {e}");
+                            x.matmul(&w.tr())
+                        })
+                }
+                None => x.matmul(&w.tr()),
+            },
             Dtype::Bf16 => x.to_kind(Kind::BFloat16).matmul(&w.tr()),
         }
     }
@@ -325,6 +342,12 @@ impl Llama {
     fn add_linear_(&self, x: &mut Tensor, y: &Tensor, w: &Tensor) {
         match self.dtype {
             Dtype::F32 => {
+                if let Some(panels) = self.packed_weight(w).filter(|_| x.is_contiguous()) {
+                    match super::fused::add_linear_packed_(x, &y.contiguous(), &panels, None) {
+                        Ok(()) => return,
+                        Err(e) => tracing::warn!("packed product failed, using the tensor op: {e}"),
+                    }
+                }
                 let _ = x.addmm_(y, &w.tr());
             }
             Dtype::Bf16 => {
@@ -619,14 +642,12 @@ impl Llama {
     /// Next-token logits `[.., vocab]` of final hidden states `[.., hidden]`, in the weights'
     /// format (bf16 logits skip a conversion pass when only their summary is needed).
     pub fn logits_raw(&self, hidden: &Tensor) -> Tensor {
-        self.vocab_projection(hidden)
-            .unwrap_or_else(|| self.linear_raw(hidden, self.vocab_matrix()))
+        self.linear_raw(hidden, self.vocab_matrix())
     }
 
     /// Next-token logits `[.., vocab]` of final hidden states `[.., hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        self.vocab_projection(hidden)
-            .unwrap_or_else(|| self.linear(hidden, self.vocab_matrix()))
+        self.linear(hidden, self.vocab_matrix())
     }
 
     /// The `[vocab, hidden]` matrix of the vocabulary projection (the tied embedding when
@@ -635,25 +656,34 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// f32 logits through a contiguous `[hidden, vocab]` copy of the vocabulary matrix, for
-    /// inference on the CPU (None elsewhere). With 2 threads, torch 2.11 multiplies by the
-    /// transposed copy 1.7× faster at batch 1 than by the `[vocab, hidden]` matrix's
-    /// transpose view, ~1.1× at batch 8–64; for bf16 the view is faster, so bf16 keeps it.
-    /// The copy is rebuilt whenever the matrix's version counter (bumped by every in-place
-    /// update, optimizer steps included) or storage (replaced by `set_data`) changes.
-    fn vocab_projection(&self, hidden: &Tensor) -> Option<Tensor> {
-        if self.dtype != Dtype::F32 || self.device() != Device::Cpu || super::fused::grad_enabled()
+    /// The packed panels of weight matrix `w` (a field of this model) when its products
+    /// take [`super::fused::linear_packed`]: f32 inference on the CPU with the fused kernels
+    /// on. libtorch sends f32 products to MKL, which on AMD CPUs runs AVX2 code and repacks
+    /// the weights on every call; the packed kernel measured 2.5–3.3× its chain of decode
+    /// products here (BENCHMARKS.md, session 7). The copy costs the matrix's size again and
+    /// is rebuilt, on first use, whenever the matrix's version counter (every in-place
+    /// update, optimizer steps included) or storage (`set_data`, reloads) changes.
+    fn packed_weight(&self, w: &Tensor) -> Option<Tensor> {
+        if !self.fused
+            || self.dtype != Dtype::F32
+            || self.device() != Device::Cpu
+            || super::fused::grad_enabled()
         {
             return None;
         }
-        let w = self.vocab_matrix();
-        let key = (w.internal_version(), w.data_ptr() as usize);
-        let mut slot = self.vocab_t.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = matches!(&*slot, Some((k, _)) if *k == key);
-        if !fresh {
-            *slot = Some((key, w.tr().contiguous()));
+        let source = (w.internal_version(), w.data_ptr() as usize);
+        let mut packed = self.packed.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = packed
+            .entry(w.as_ptr() as usize)
+            .or_insert_with(|| PackedWeight {
+                source: (-1, 0),
+                panels: Tensor::new(),
+            });
+        if entry.source != source {
+            entry.panels = super::fused::pack_linear(w);
+            entry.source = source;
         }
-        slot.as_ref().map(|(_, t)| hidden.matmul(t))
+        Some(entry.panels.shallow_clone())
     }
 
     /// Scalar-head outputs `[..]` of hidden states `[.., hidden]`, if the model has a head.
@@ -890,7 +920,7 @@ mod tests {
     }
 
     #[test]
-    fn the_transposed_vocabulary_copy_follows_every_weight_update() {
+    fn packed_weights_follow_every_weight_update() {
         let mut model = Llama::random(LlamaConfig::tiny(97), 5, Device::Cpu).expect("model");
         let _g = tch::no_grad_guard();
         let hidden = Tensor::randn(
@@ -899,8 +929,8 @@ mod tests {
         );
         let direct = |m: &Llama| hidden.matmul(&m.vocab_matrix().tr());
         assert!(
-            model.vocab_projection(&hidden).is_some(),
-            "f32 CPU inference uses the copy"
+            model.packed_weight(model.vocab_matrix()).is_some(),
+            "f32 CPU inference uses packed weights"
         );
         assert!(max_diff(&model.logits(&hidden), &direct(&model)) < 1e-5);
         // An in-place update (what an optimizer step does) bumps the version counter.
@@ -917,8 +947,14 @@ mod tests {
         let doubled = &model.embed * 2.0;
         model.embed.set_data(&doubled);
         assert!(max_diff(&model.logits(&hidden), &direct(&model)) < 1e-5);
-        // bf16 keeps the transpose view, which is the faster layout there.
+        // One packed copy per matrix, however often it was repacked.
+        assert_eq!(model.packed.lock().expect("lock").len(), 1);
+        // Autograd, the unfused reference and bf16 weights take the tensor ops.
+        tch::with_grad(|| assert!(model.packed_weight(&model.embed).is_none()));
+        model.set_fused_kernels(false);
+        assert!(model.packed_weight(&model.embed).is_none());
+        model.set_fused_kernels(true);
         model.set_dtype(Dtype::Bf16);
-        assert!(model.vocab_projection(&hidden).is_none());
+        assert!(model.packed_weight(&model.embed).is_none());
     }
 }

@@ -28,27 +28,31 @@
 #include <vector>
 
 #include "attention.h"
+#include "gemm.h"
 #include "simd.h"
 
 using at::Tensor;
 
 namespace {
 
-// The attention kernels of attention.inc, compiled per instruction set.
-struct AttentionKernels {
+// The kernels of attention.inc and gemm.inc, compiled per instruction set.
+struct IsaKernels {
   decltype(&isa_base::attend_f32) attend_f32;
   decltype(&isa_base::attend_f16) attend_f16;
   decltype(&isa_base::store_f16) store_f16;
+  decltype(&isa_base::linear_panels) linear_panels;
 };
 
-constexpr AttentionKernels kIsaBase{isa_base::attend_f32, isa_base::attend_f16,
-                                    isa_base::store_f16};
-constexpr AttentionKernels kIsaV3{isa_v3::attend_f32, isa_v3::attend_f16, isa_v3::store_f16};
-constexpr AttentionKernels kIsaV4{isa_v4::attend_f32, isa_v4::attend_f16, isa_v4::store_f16};
+constexpr IsaKernels kIsaBase{isa_base::attend_f32, isa_base::attend_f16, isa_base::store_f16,
+                              isa_base::linear_panels};
+constexpr IsaKernels kIsaV3{isa_v3::attend_f32, isa_v3::attend_f16, isa_v3::store_f16,
+                            isa_v3::linear_panels};
+constexpr IsaKernels kIsaV4{isa_v4::attend_f32, isa_v4::attend_f16, isa_v4::store_f16,
+                            isa_v4::linear_panels};
 
 // The set for `isa`: 0 baseline, 1 x86-64-v3, 2 x86-64-v4, -1 the best this CPU runs (the
 // explicit levels let the tests check every compiled set on one machine).
-const AttentionKernels& attention_kernels(int isa) {
+const IsaKernels& isa_kernels(int isa) {
   // Read once: every decode step asks, 30 times.
   static const bool v4 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v4"));
   static const bool v3 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v3"));
@@ -218,7 +222,7 @@ int cairn_grad_enabled() { return c10::GradMode::is_enabled() ? 1 : 0; }
 // [b, t] (i64); cos and signed sin [max_pos, hd] (rotate-half layout, the sine's first half
 // negated); the caches [b, nkv, capacity, hd] (both f32, or both f16) receive positions
 // past..past+t. Returns the rotated queries as [b, nh, t, hd] (f32). A key or value beyond
-// the f16 range is refused rather than cached as infinity. `isa` as in attention_kernels.
+// the f16 range is refused rather than cached as infinity. `isa` as in isa_kernels.
 char* cairn_rope_append(const Tensor* qkv, const Tensor* positions, const Tensor* cos,
                         const Tensor* sin, Tensor* k_cache, Tensor* v_cache, int64_t past,
                         int64_t nh, int64_t nkv, int isa, Tensor** q_out) {
@@ -250,7 +254,7 @@ char* cairn_rope_append(const Tensor* qkv, const Tensor* positions, const Tensor
     const float* st = sin->data_ptr<float>();
     float* qo = q.data_ptr<float>();
     const bool half = k_cache->scalar_type() == at::kHalf;
-    const auto store_f16 = attention_kernels(isa).store_f16;
+    const auto store_f16 = isa_kernels(isa).store_f16;
     std::atomic<bool> out_of_range{false};
     const int64_t width = (nh + 2 * nkv) * hd, half_hd = hd / 2;
     auto run = [&](const auto* x, auto* kc, auto* vc) {
@@ -315,7 +319,7 @@ char* cairn_rope_append(const Tensor* qkv, const Tensor* positions, const Tensor
 // Attention of one new query per sequence over the cached keys and values: q [b, nh, 1, hd],
 // caches [b, nkv, capacity, hd] (both f32, or both f16), valid [b, capacity] (bool; the last
 // of the `total` columns always counts). Returns [b, 1, nh·hd], the layout the output
-// projection takes. `isa` as in attention_kernels.
+// projection takes. `isa` as in isa_kernels.
 char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tensor* v_cache,
                              const Tensor* valid, int64_t total, double scale, int out_bf16,
                              int isa, Tensor** out) {
@@ -340,7 +344,7 @@ char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tenso
     const char* kp = static_cast<const char*>(k_cache->data_ptr());
     const char* vp = static_cast<const char*>(v_cache->data_ptr());
     const int64_t row_bytes = cap * hd * k_cache->element_size();
-    const AttentionKernels& kernels = attention_kernels(isa);
+    const IsaKernels& kernels = isa_kernels(isa);
     const bool* vm = valid->data_ptr<bool>();
     const float sc = static_cast<float>(scale);
     at::parallel_for(0, b * nkv, 1, [&](int64_t begin, int64_t end) {
@@ -463,6 +467,56 @@ char* cairn_rms_norm(const Tensor* x, const Tensor* w, double eps, int out_bf16,
       run(o.data_ptr<float>());
     }
     *out = new Tensor(std::move(o));
+  });
+}
+
+// y = x · Wᵀ (+ bias) for f32 x [.., k] and W [n, k] packed by cairn_pack_linear; with
+// `into` set, the product (+ bias) is added into that [.., n] tensor in place instead (the
+// residual stream), and *out is left untouched. `isa` as in isa_kernels.
+char* cairn_linear_packed(const Tensor* x, const Tensor* packed, int64_t n, const Tensor* bias,
+                          Tensor* into, int isa, Tensor** out) {
+  return guarded([&] {
+    check_f32_cpu(*x, "linear input");
+    check_f32_cpu(*packed, "packed weight");
+    TORCH_CHECK(x->dim() >= 1, "linear input must have a last dimension");
+    const int64_t k = x->size(-1);
+    const int64_t panels = (n + kPanelCols - 1) / kPanelCols;
+    TORCH_CHECK(n >= 0 && packed->dim() == 3 && packed->size(0) == panels &&
+                    packed->size(1) == k && packed->size(2) == kPanelCols,
+                "packed weight ", packed->sizes(), " does not hold ", n, " rows of ", k,
+                " columns");
+    const int64_t rows = k == 0 ? 0 : x->numel() / k;
+    const float* bp = nullptr;
+    if (bias != nullptr) {
+      check_f32_cpu(*bias, "linear bias");
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "linear bias must be [", n, "]");
+      bp = bias->data_ptr<float>();
+    }
+    Tensor o;
+    if (into != nullptr) {
+      check_f32_cpu(*into, "linear accumulator");
+      TORCH_CHECK(into->dim() >= 1 && into->size(-1) == n && into->numel() == rows * n,
+                  "linear accumulator ", into->sizes(), " is not [", rows, ", ", n, "]");
+      o = *into;
+    } else {
+      std::vector<int64_t> shape(x->sizes().begin(), x->sizes().end());
+      shape.back() = n;
+      o = at::empty(shape, x->options());
+    }
+    if (rows > 0 && n > 0) {
+      const auto linear_panels = isa_kernels(isa).linear_panels;
+      const float* xp = x->data_ptr<float>();
+      const float* wp = packed->data_ptr<float>();
+      float* op = o.data_ptr<float>();
+      const bool accumulate = into != nullptr;
+      // Threads split the output columns: each weight panel is read by one thread only.
+      at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+        linear_panels(xp, rows, k, wp, n, bp, op, accumulate, begin, end);
+      });
+    }
+    if (into == nullptr) {
+      *out = new Tensor(std::move(o));
+    }
   });
 }
 
