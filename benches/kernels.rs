@@ -9,6 +9,9 @@
 //!   them), against libtorch over the f32 caches.
 //! - `logits_summary/{fused,libtorch}`: log-sum-exp, max and argmax of [64, 49152] logits.
 //! - `silu_mul/{fused,libtorch}`: `silu(gate)·up` of a [64, 2·1536] projection.
+//! - `linear_f32_b{1,64}/{fused,libtorch}`: 30 layers' gate/up products ([3072, 576] f32
+//!   weights, 212 MB, so they stream from memory) at batch 1 and 64: `fused::linear_packed`
+//!   over packed weights against `x · Wᵀ` (MKL).
 //!
 //! After the criterion groups, the fused/libtorch time ratios (medians of interleaved runs)
 //! go to stderr; `cargo test --benches`, `--test`, `--list`, `--profile-time` and
@@ -44,6 +47,11 @@ struct Inputs {
     valid: Tensor,
     logits: Tensor,
     gate_up: Tensor,
+    /// Per layer, the f32 gate/up weight and its packed panels.
+    w_gate_up: Vec<Tensor>,
+    packed_gate_up: Vec<Tensor>,
+    x1: Tensor,
+    x64: Tensor,
 }
 
 fn inputs() -> Inputs {
@@ -55,6 +63,9 @@ fn inputs() -> Inputs {
     let v: Vec<Tensor> = (0..LAYERS)
         .map(|_| Tensor::randn([B, NKV, CAP, HD], f))
         .collect();
+    let w_gate_up: Vec<Tensor> = (0..LAYERS)
+        .map(|_| Tensor::randn([2 * 1536, 576], f))
+        .collect();
     let half = |t: &Vec<Tensor>| t.iter().map(|t| t.to_kind(Kind::Half)).collect();
     Inputs {
         k16: half(&k),
@@ -65,6 +76,10 @@ fn inputs() -> Inputs {
         valid: Tensor::ones([B, CAP], (Kind::Bool, Device::Cpu)),
         logits: Tensor::randn([B, 49152], f) * 4.0,
         gate_up: Tensor::randn([B, 2 * 1536], f),
+        packed_gate_up: w_gate_up.iter().map(fused::pack_linear).collect(),
+        w_gate_up,
+        x1: Tensor::randn([1, 576], f),
+        x64: Tensor::randn([B, 576], f),
     }
 }
 
@@ -113,9 +128,37 @@ fn silu_libtorch(x: &Inputs) {
     let _ = black_box(x.gate_up.narrow(-1, 0, 1536).silu() * x.gate_up.narrow(-1, 1536, 1536));
 }
 
+fn linear_packed(x: &Inputs, input: &Tensor) {
+    for w in &x.packed_gate_up {
+        let _ = black_box(fused::linear_packed(input, w, 2 * 1536, None).expect("kernel runs"));
+    }
+}
+
+fn linear_libtorch(x: &Inputs, input: &Tensor) {
+    for w in &x.w_gate_up {
+        let _ = black_box(input.matmul(&w.tr()));
+    }
+}
+
+fn linear_b1_fused(x: &Inputs) {
+    linear_packed(x, &x.x1);
+}
+
+fn linear_b1_libtorch(x: &Inputs) {
+    linear_libtorch(x, &x.x1);
+}
+
+fn linear_b64_fused(x: &Inputs) {
+    linear_packed(x, &x.x64);
+}
+
+fn linear_b64_libtorch(x: &Inputs) {
+    linear_libtorch(x, &x.x64);
+}
+
 type Pair = (&'static str, fn(&Inputs), fn(&Inputs));
 
-const PAIRS: [Pair; 4] = [
+const PAIRS: [Pair; 6] = [
     ("decode_attention", attention_fused, attention_libtorch),
     (
         "decode_attention_f16",
@@ -124,6 +167,8 @@ const PAIRS: [Pair; 4] = [
     ),
     ("logits_summary", logits_fused, logits_libtorch),
     ("silu_mul", silu_fused, silu_libtorch),
+    ("linear_f32_b1", linear_b1_fused, linear_b1_libtorch),
+    ("linear_f32_b64", linear_b64_fused, linear_b64_libtorch),
 ];
 
 fn criterion_groups(c: &mut Criterion, x: &Inputs) {
