@@ -38,9 +38,9 @@ fn main() {
 }
 
 /// Builds the fused kernels into a static library: `src/model/fused/kernels.cpp`, and the
-/// attention and f32 product kernels of `attention.inc` and `gemm.inc` (through
-/// `isa_{v4,v3,base}.cpp`) once per instruction set (x86-64-v4, x86-64-v3, the
-/// baseline; `kernels.cpp` picks one at load time). They include ATen headers and run inside
+/// attention and product kernels of `attention.inc` and `gemm.inc` once per instruction set
+/// (`isa_{v4,v3,base}.cpp`: x86-64-v4, x86-64-v3, the baseline; `isa_v4_bf16.cpp`: v4 with
+/// AVX512-BF16, for bf16 products; `kernels.cpp` picks one set at load time). They include ATen headers and run inside
 /// libtorch's OpenMP pool, so they are compiled with `-fopenmp` and link the same libgomp
 /// libtorch ships (torch-sys already asks for `-lgomp`, found through the rpath). Always
 /// optimised: the test profile would otherwise build these loops at -O0.
@@ -56,6 +56,7 @@ fn build_kernels(lib: &std::path::Path) {
         "isa_v4.cpp",
         "isa_v3.cpp",
         "isa_base.cpp",
+        "isa_v4_bf16.cpp",
     ] {
         println!("cargo:rerun-if-changed={DIR}/{file}");
     }
@@ -81,11 +82,16 @@ fn build_kernels(lib: &std::path::Path) {
         ("isa_v4.cpp", Some("x86-64-v4")),
         ("isa_v3.cpp", Some("x86-64-v3")),
         ("isa_base.cpp", None),
+        ("isa_v4_bf16.cpp", Some("x86-64-v4")),
     ] {
         let mut b = build();
         b.file(format!("{DIR}/{file}"));
         if let Some(march) = march {
             b.flag(format!("-march={march}"));
+        }
+        if file.contains("bf16") {
+            // A compiler without it builds the widening bf16 tiles there instead.
+            b.flag_if_supported("-mavx512bf16");
         }
         objects.extend(b.compile_intermediates());
     }

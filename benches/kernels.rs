@@ -12,6 +12,9 @@
 //! - `linear_f32_b{1,64}/{fused,libtorch}`: 30 layers' gate/up products ([3072, 576] f32
 //!   weights, 212 MB, so they stream from memory) at batch 1 and 64: `fused::linear_packed`
 //!   over packed weights against `x · Wᵀ` (MKL).
+//! - `linear_bf16_b{1,64}/{fused,libtorch}`: the same with bf16 weights and inputs (106 MB):
+//!   the packed bf16 kernel (AVX512-BF16 where the CPU has it) against libtorch's bf16
+//!   `x · Wᵀ` (oneDNN).
 //!
 //! After the criterion groups, the fused/libtorch time ratios (medians of interleaved runs)
 //! go to stderr; `cargo test --benches`, `--test`, `--list`, `--profile-time` and
@@ -52,6 +55,11 @@ struct Inputs {
     packed_gate_up: Vec<Tensor>,
     x1: Tensor,
     x64: Tensor,
+    /// The same in bf16.
+    w_gate_up16: Vec<Tensor>,
+    packed_gate_up16: Vec<Tensor>,
+    x1_16: Tensor,
+    x64_16: Tensor,
 }
 
 fn inputs() -> Inputs {
@@ -66,6 +74,10 @@ fn inputs() -> Inputs {
     let w_gate_up: Vec<Tensor> = (0..LAYERS)
         .map(|_| Tensor::randn([2 * 1536, 576], f))
         .collect();
+    let w_gate_up16: Vec<Tensor> = w_gate_up
+        .iter()
+        .map(|w| w.to_kind(Kind::BFloat16))
+        .collect();
     let half = |t: &Vec<Tensor>| t.iter().map(|t| t.to_kind(Kind::Half)).collect();
     Inputs {
         k16: half(&k),
@@ -77,9 +89,13 @@ fn inputs() -> Inputs {
         logits: Tensor::randn([B, 49152], f) * 4.0,
         gate_up: Tensor::randn([B, 2 * 1536], f),
         packed_gate_up: w_gate_up.iter().map(fused::pack_linear).collect(),
+        packed_gate_up16: w_gate_up16.iter().map(fused::pack_linear).collect(),
         w_gate_up,
+        w_gate_up16,
         x1: Tensor::randn([1, 576], f),
         x64: Tensor::randn([B, 576], f),
+        x1_16: Tensor::randn([1, 576], f).to_kind(Kind::BFloat16),
+        x64_16: Tensor::randn([B, 576], f).to_kind(Kind::BFloat16),
     }
 }
 
@@ -128,37 +144,54 @@ fn silu_libtorch(x: &Inputs) {
     let _ = black_box(x.gate_up.narrow(-1, 0, 1536).silu() * x.gate_up.narrow(-1, 1536, 1536));
 }
 
-fn linear_packed(x: &Inputs, input: &Tensor) {
-    for w in &x.packed_gate_up {
-        let _ = black_box(fused::linear_packed(input, w, 2 * 1536, None).expect("kernel runs"));
+fn linear_packed(weights: &[Tensor], input: &Tensor) {
+    for w in weights {
+        let out = fused::linear_packed(input, w, 2 * 1536, None, input.kind());
+        let _ = black_box(out.expect("kernel runs"));
     }
 }
 
-fn linear_libtorch(x: &Inputs, input: &Tensor) {
-    for w in &x.w_gate_up {
+fn linear_libtorch(weights: &[Tensor], input: &Tensor) {
+    for w in weights {
         let _ = black_box(input.matmul(&w.tr()));
     }
 }
 
 fn linear_b1_fused(x: &Inputs) {
-    linear_packed(x, &x.x1);
+    linear_packed(&x.packed_gate_up, &x.x1);
 }
 
 fn linear_b1_libtorch(x: &Inputs) {
-    linear_libtorch(x, &x.x1);
+    linear_libtorch(&x.w_gate_up, &x.x1);
 }
 
 fn linear_b64_fused(x: &Inputs) {
-    linear_packed(x, &x.x64);
+    linear_packed(&x.packed_gate_up, &x.x64);
 }
 
 fn linear_b64_libtorch(x: &Inputs) {
-    linear_libtorch(x, &x.x64);
+    linear_libtorch(&x.w_gate_up, &x.x64);
+}
+
+fn linear16_b1_fused(x: &Inputs) {
+    linear_packed(&x.packed_gate_up16, &x.x1_16);
+}
+
+fn linear16_b1_libtorch(x: &Inputs) {
+    linear_libtorch(&x.w_gate_up16, &x.x1_16);
+}
+
+fn linear16_b64_fused(x: &Inputs) {
+    linear_packed(&x.packed_gate_up16, &x.x64_16);
+}
+
+fn linear16_b64_libtorch(x: &Inputs) {
+    linear_libtorch(&x.w_gate_up16, &x.x64_16);
 }
 
 type Pair = (&'static str, fn(&Inputs), fn(&Inputs));
 
-const PAIRS: [Pair; 6] = [
+const PAIRS: [Pair; 8] = [
     ("decode_attention", attention_fused, attention_libtorch),
     (
         "decode_attention_f16",
@@ -169,6 +202,8 @@ const PAIRS: [Pair; 6] = [
     ("silu_mul", silu_fused, silu_libtorch),
     ("linear_f32_b1", linear_b1_fused, linear_b1_libtorch),
     ("linear_f32_b64", linear_b64_fused, linear_b64_libtorch),
+    ("linear_bf16_b1", linear16_b1_fused, linear16_b1_libtorch),
+    ("linear_bf16_b64", linear16_b64_fused, linear16_b64_libtorch),
 ];
 
 fn criterion_groups(c: &mut Criterion, x: &Inputs) {

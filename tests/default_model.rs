@@ -195,7 +195,15 @@ fn answers_the_capital_of_france_and_round_trips_as_a_checkpoint() {
         diff > 0.0 && diff < 1.0,
         "bf16 vs f32 logits: max diff {diff}"
     );
-    assert_eq!(exact.argmax(0, false), rounded.argmax(0, false));
+    // The bf16 model's top token is one the f32 model ranks within that difference of its
+    // own top (the default model's two best first tokens here are 0.08 apart, closer than
+    // bf16 weights keep logits, so demanding the same token would test the rounding luck).
+    let top = exact.max().double_value(&[]);
+    let chosen = exact.double_value(&[rounded.argmax(0, false).int64_value(&[])]);
+    assert!(
+        chosen >= top - diff,
+        "bf16 picks a token the f32 model scores {chosen}, its top {top} (max diff {diff})"
+    );
 }
 
 /// SL-CAI end to end on the real default model, tiny counts: every stage produces records,

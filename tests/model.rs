@@ -167,12 +167,13 @@ fn fused_kernels_match_the_plain_tensor_ops() {
         model.set_fused_kernels(false);
         let plain = cached_steps(&model, &prompts(), 6);
         let diff = max_abs_diff(&fused, &plain);
-        // bf16 logits come out of a bf16 matmul: an input differing in its last f32 bit (a
-        // different summation order or FMA contraction, which varies with the CPU's kernel
-        // clone) can move them by a bf16 step, 2^-8 of their magnitude. Allow two steps.
+        // With bf16 weights the plain path rounds every product to bf16 (2^-8 of its
+        // magnitude, a "step"), logits included; the fused path's packed kernels keep their
+        // f32 sums. The two differ by the plain path's roundings, carried through the
+        // layers: allow four steps of the largest logit.
         let tolerance = match dtype {
             Dtype::F32 => 2e-3,
-            Dtype::Bf16 => 2.0 * plain.abs().max().double_value(&[]) / 256.0,
+            Dtype::Bf16 => 4.0 * plain.abs().max().double_value(&[]) / 256.0,
         };
         assert!(
             diff <= tolerance,
@@ -196,14 +197,33 @@ fn fused_kernels_match_the_plain_tensor_ops() {
         let plain = cairn::model::generate::generate(&model, &[], &requests).expect("plain");
         model.set_fused_kernels(true);
         let fused = cairn::model::generate::generate(&model, &[], &requests).expect("fused");
-        for (f, p) in fused.iter().zip(&plain) {
-            assert_eq!(f.tokens, p.tokens, "{dtype}");
-            // A log-probability moves with its logit and with the log-normaliser.
-            let logprob_tolerance = match dtype {
-                Dtype::F32 => 1e-3,
-                Dtype::Bf16 => 2.0 * tolerance,
+        model.set_fused_kernels(false);
+        // A log-probability moves with its logit and with the log-normaliser.
+        let logprob_tolerance = match dtype {
+            Dtype::F32 => 1e-3,
+            Dtype::Bf16 => 2.0 * tolerance,
+        };
+        for ((f, p), request) in fused.iter().zip(&plain).zip(&requests) {
+            // f32: the same tokens. bf16: the plain path's bf16-rounded logits tie near-equal
+            // tokens of this random model, where the fused path's f32 sums do not, so the
+            // generations may part; each fused token's log-probability is then checked
+            // against the plain path's for the same tokens (scored without the kernels).
+            let reference = if dtype == Dtype::F32 {
+                assert_eq!(f.tokens, p.tokens, "{dtype}");
+                p.logprobs.clone()
+            } else {
+                let scored = cairn::model::generate::score(
+                    &model,
+                    &[ScoreRequest {
+                        context: request.prompt.clone(),
+                        continuation: f.tokens.clone(),
+                    }],
+                )
+                .expect("score");
+                scored[0].logprobs.clone()
             };
-            for (x, y) in f.logprobs.iter().zip(&p.logprobs) {
+            assert_eq!(reference.len(), f.logprobs.len());
+            for (x, y) in f.logprobs.iter().zip(&reference) {
                 assert!(
                     f64::from((x - y).abs()) <= logprob_tolerance,
                     "{dtype}: logprob {x} vs {y}"

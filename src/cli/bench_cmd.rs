@@ -137,12 +137,13 @@ fn time_it(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow:
 /// instead of `x · Wᵀ` by the stored matrix (the library may pack the two differently); the
 /// ceiling is the faster layout, so it is the best the matmul library does, not an artefact
 /// of one layout. `Packed` is cairn's own chain instead: the fused matrices through
-/// `fused::linear_packed` (f32 only), the products the runtime itself runs.
+/// `fused::linear_packed`, the products the runtime itself runs.
 struct Chain {
     layers: Vec<Vec<Tensor>>,
     layout: Layout,
-    /// Output width of each packed matrix (its panels are padded to 32 columns).
-    widths: Vec<Vec<i64>>,
+    /// `(out, in)` of each matrix as stored, whatever layout it is held in (packed panels
+    /// pad both).
+    shapes: Vec<Vec<(i64, i64)>>,
 }
 
 /// How a [`Chain`] holds and multiplies its weights.
@@ -201,9 +202,9 @@ impl Chain {
             }
         }
         layers.push(vec![get("model.embed_tokens.weight")?]);
-        let widths = layers
+        let shapes = layers
             .iter()
-            .map(|layer| layer.iter().map(|w| w.size()[0]).collect())
+            .map(|layer| layer.iter().map(|w| (w.size()[0], w.size()[1])).collect())
             .collect();
         for layer in &mut layers {
             for w in layer.iter_mut() {
@@ -217,36 +218,32 @@ impl Chain {
         Ok(Chain {
             layers,
             layout,
-            widths,
+            shapes,
         })
     }
 
     /// Seconds of one step on inputs `x` `[batch, hidden]` and `ffn_in`
     /// `[batch, intermediate]`: the mean of 10 back-to-back steps.
-    fn step_seconds(&self, x: &Tensor, ffn_in: &Tensor) -> f64 {
+    fn step_seconds(&self, x: &Tensor, ffn_in: &Tensor) -> anyhow::Result<f64> {
         let _g = tch::no_grad_guard();
         let h = x.size()[1];
         let reps = 10;
         let t = Instant::now();
         for _ in 0..reps {
-            for (layer, widths) in self.layers.iter().zip(&self.widths) {
-                for (w, &n) in layer.iter().zip(widths) {
+            for (layer, shapes) in self.layers.iter().zip(&self.shapes) {
+                for (w, &(n, k)) in layer.iter().zip(shapes) {
                     // Each matmul reads its own weight; inputs of the right width.
-                    let width = match self.layout {
-                        Layout::Transposed => w.size()[0],
-                        Layout::Stored | Layout::Packed => w.size()[1],
-                    };
-                    let input = if width == h { x } else { ffn_in };
+                    let input = if k == h { x } else { ffn_in };
                     let _ = match self.layout {
                         Layout::Stored => input.matmul(&w.tr()),
                         Layout::Transposed => input.matmul(w),
-                        Layout::Packed => fused::linear_packed(input, w, n, None)
-                            .unwrap_or_else(|_| Tensor::new()),
+                        Layout::Packed => fused::linear_packed(input, w, n, None, input.kind())
+                            .context("cairn's packed chain")?,
                     };
                 }
             }
         }
-        t.elapsed().as_secs_f64() / reps as f64
+        Ok(t.elapsed().as_secs_f64() / reps as f64)
     }
 }
 
@@ -324,17 +321,15 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
     for &dtype in &dtypes {
         loaded.model.set_dtype(dtype);
         // The chains' weights (copies in the other layout, fused matrices) are built once
-        // per format: [unfused x·Wᵀ, unfused x·W, fused x·Wᵀ, fused x·W, (f32) packed].
+        // per format: [unfused x·Wᵀ, unfused x·W, fused x·Wᵀ, fused x·W, packed].
         let tensors = loaded.model.named_tensors();
-        let mut layouts = vec![
+        let layouts = [
             (false, Layout::Stored),
             (false, Layout::Transposed),
             (true, Layout::Stored),
             (true, Layout::Transposed),
+            (true, Layout::Packed),
         ];
-        if dtype == Dtype::F32 {
-            layouts.push((true, Layout::Packed));
-        }
         let chains = layouts
             .into_iter()
             .map(|(fused, layout)| Chain::new(&loaded.model, &tensors, fused, layout))
@@ -384,7 +379,7 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
             run(&requests)?;
             run(&first_only)?;
             for chain in &chains {
-                chain.step_seconds(&x, &ffn_in);
+                chain.step_seconds(&x, &ffn_in)?;
             }
             let (mut whole, mut decode, mut ceil, mut fused, mut shares) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -392,10 +387,10 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
             for _ in 0..args.repeats.max(1) {
                 let full = run(&requests)?;
                 let first = run(&first_only)?;
-                let steps: Vec<f64> = chains
+                let steps = chains
                     .iter()
                     .map(|chain| chain.step_seconds(&x, &ffn_in))
-                    .collect();
+                    .collect::<anyhow::Result<Vec<f64>>>()?;
                 // Clamped so a degenerate timing stays a finite number in the JSON.
                 let d = (b * args.new_tokens.saturating_sub(1)) as f64 / (full - first).max(1e-9);
                 let c = b as f64 / steps[0].min(steps[1]);
@@ -409,7 +404,7 @@ fn generate(args: GenerateBench) -> anyhow::Result<ExitCode> {
                     packed_shares.push(d * own / b as f64);
                 }
             }
-            // cairn's own packed chain (f32): how close decoding gets to its own products.
+            // cairn's own packed chain: how close decoding gets to its own products.
             let (packed_tok_s, packed_share) = if packed.is_empty() {
                 (serde_json::Value::Null, serde_json::Value::Null)
             } else {

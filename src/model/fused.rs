@@ -64,6 +64,7 @@ unsafe extern "C" {
         n: i64,
         bias: *const C_tensor,
         into: *mut C_tensor,
+        out_bf16: i32,
         isa: i32,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
@@ -113,6 +114,9 @@ enum Isa {
     V3 = 1,
     #[cfg_attr(not(test), allow(dead_code))]
     V4 = 2,
+    /// x86-64-v4 with AVX512-BF16 (bf16 products on its dot-product instruction).
+    #[cfg_attr(not(test), allow(dead_code))]
+    V4Bf16 = 3,
 }
 
 #[cfg(test)]
@@ -232,30 +236,48 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor, ModelError> {
     owned(out)
 }
 
-/// Output columns per panel of a packed weight (`PANEL_COLS` in `fused/gemm.h`).
+/// Output columns per panel of a packed weight (`kPanelCols` in `fused/gemm.h`).
 pub const PANEL_COLS: i64 = 32;
 
-/// A weight `w` `[n, k]` (f32, CPU) repacked for [`linear_packed`]: `[⌈n / 32⌉, k, 32]`,
-/// each panel the transposed block of 32 consecutive rows, the last one zero-padded. A
-/// panel is then one contiguous stream, read once per product whatever the batch size.
+/// A weight `w` `[n, k]` (f32 or bf16, CPU) repacked for [`linear_packed`], in its format:
+///
+/// - f32: `[⌈n/32⌉, k, 32]`, each panel the transposed block of 32 consecutive rows;
+/// - bf16: `[⌈n/32⌉, ⌈k/2⌉, 64]`, the two weights of a column for inputs `2j` and `2j+1`
+///   side by side (the operand layout of AVX512-BF16's pairwise dot product).
+///
+/// Padding (rows up to a multiple of 32, an odd `k`'s last column) is zero. A panel is one
+/// contiguous stream, read once per product whatever the batch size.
 pub fn pack_linear(w: &Tensor) -> Tensor {
     let _guard = tch::no_grad_guard();
     let (n, k) = (w.size()[0], w.size()[1]);
     let panels = (n + PANEL_COLS - 1) / PANEL_COLS;
-    let padded = if panels * PANEL_COLS == n {
+    let pairs = w.kind() == Kind::BFloat16;
+    let depth = if pairs { k + k % 2 } else { k };
+    let padded = if panels * PANEL_COLS == n && depth == k {
         w.shallow_clone()
     } else {
-        let pad = Tensor::zeros([panels * PANEL_COLS - n, k], (w.kind(), w.device()));
-        Tensor::cat(&[w.shallow_clone(), pad], 0)
+        let grown = Tensor::zeros([panels * PANEL_COLS, depth], (w.kind(), w.device()));
+        grown.narrow(0, 0, n).narrow(1, 0, k).copy_(w);
+        grown
     };
-    padded
-        .reshape([panels, PANEL_COLS, k])
-        .transpose(1, 2)
-        .contiguous()
+    if pairs {
+        padded
+            .reshape([panels, PANEL_COLS, depth / 2, 2])
+            .permute([0, 2, 1, 3])
+            .contiguous()
+            .reshape([panels, depth / 2, 2 * PANEL_COLS])
+    } else {
+        padded
+            .reshape([panels, PANEL_COLS, k])
+            .transpose(1, 2)
+            .contiguous()
+    }
 }
 
-/// `x · wᵀ (+ bias)` for f32 `x` `[.., k]` (contiguous) and `w` `[n, k]` given as
-/// [`pack_linear`]`(w)`, with AVX-512 / AVX2 tiles where the CPU has them. Each output is
+/// `x · wᵀ (+ bias)` for `x` `[.., k]` (contiguous) and `w` `[n, k]` given as
+/// [`pack_linear`]`(w)`, in the same format as `x` (f32, or bf16 with f32 accumulation), on
+/// AVX-512 / AVX2 register tiles where the CPU has them (AVX512-BF16's dot product for bf16).
+/// The product is written as `out` (`Float`, or `BFloat16` for a bf16 `x`). Each output is
 /// one chain of multiply-adds over `k` in order, so a row's result does not depend on the
 /// other rows of `x` (batch composition) or on the number of threads.
 pub fn linear_packed(
@@ -263,7 +285,9 @@ pub fn linear_packed(
     packed: &Tensor,
     n: i64,
     bias: Option<&Tensor>,
+    out: Kind,
 ) -> Result<Tensor, ModelError> {
+    let kind = out;
     let mut out = ptr::null_mut();
     let bias = bias.map_or(ptr::null(), |b| b.as_ptr());
     // SAFETY: the tensors outlive the call; the kernel checks their formats and shapes and
@@ -275,6 +299,7 @@ pub fn linear_packed(
             n,
             bias,
             ptr::null_mut(),
+            bf16(kind),
             level(),
             &mut out,
         )
@@ -283,8 +308,8 @@ pub fn linear_packed(
 }
 
 /// `into += x · wᵀ (+ bias)` in place, for `into` `[.., n]` (f32, contiguous, as many rows as
-/// `x`) and `w` packed by [`pack_linear`]: the residual add of a projection without a
-/// separate pass over the stream.
+/// `x`) and `w` packed by [`pack_linear`] in `x`'s format: the residual add of a projection
+/// without a separate pass over the stream.
 pub fn add_linear_packed_(
     into: &mut Tensor,
     x: &Tensor,
@@ -303,6 +328,7 @@ pub fn add_linear_packed_(
             n,
             bias,
             into.as_mut_ptr(),
+            0,
             level(),
             &mut unused,
         )
@@ -395,7 +421,7 @@ mod tests {
             .map_err(|e| assert!(e.to_string().contains("lacks"), "{e}"))
             .is_ok()
         };
-        let levels: Vec<Isa> = [Isa::Baseline, Isa::V3, Isa::V4]
+        let levels: Vec<Isa> = [Isa::Baseline, Isa::V3, Isa::V4, Isa::V4Bf16]
             .into_iter()
             .filter(|&isa| runs(isa))
             .collect();
@@ -688,38 +714,51 @@ mod tests {
     fn packed_products_match_the_tensor_op_at_every_level() {
         tch::manual_seed(11);
         // Widths around the 32-column panels, row counts around every tile height (12 / 2 /
-        // 1 rows) and past the 128-row block, odd inner sizes.
-        for (n, k) in [(1, 1), (31, 7), (32, 64), (33, 65), (100, 576), (960, 37)] {
-            let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu));
-            let bias = Tensor::randn([n], (Kind::Float, Device::Cpu));
-            let packed = pack_linear(&w);
-            assert_eq!(packed.size(), vec![(n + 31) / 32, k, 32]);
-            for m in [1, 2, 5, 12, 13, 25, 130] {
-                let x = Tensor::randn([m, k], (Kind::Float, Device::Cpu));
-                let expected = x.matmul(&w.tr());
-                let tolerance = 1e-5 * (k as f64).sqrt() * 4.0;
-                for isa in levels() {
-                    at_level(isa, || {
-                        let got = linear_packed(&x, &packed, n, None).expect("kernel runs");
-                        assert_eq!(got.size(), vec![m, n]);
-                        let d = max_diff(&got, &expected);
-                        assert!(d < tolerance, "{isa:?} n={n} k={k} m={m}: {d}");
-                        let with_bias =
-                            linear_packed(&x, &packed, n, Some(&bias)).expect("kernel runs");
-                        assert!(max_diff(&with_bias, &(&expected + &bias)) < tolerance);
-                        let mut stream = Tensor::randn([m, n], (Kind::Float, Device::Cpu));
-                        let before = stream.copy();
-                        add_linear_packed_(&mut stream, &x, &packed, Some(&bias))
-                            .expect("kernel runs");
-                        assert!(max_diff(&stream, &(&before + &expected + &bias)) < tolerance);
-                    });
+        // 1 rows) and past the 128-row block, odd inner sizes (a bf16 pair cut short).
+        for kind in [Kind::Float, Kind::BFloat16] {
+            for (n, k) in [(1, 1), (31, 7), (32, 64), (33, 65), (100, 576), (960, 37)] {
+                let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu)).to_kind(kind);
+                let bias = Tensor::randn([n], (Kind::Float, Device::Cpu));
+                let packed = pack_linear(&w);
+                let depth = if kind == Kind::Float { k } else { (k + 1) / 2 };
+                let width = if kind == Kind::Float { 32 } else { 64 };
+                assert_eq!(packed.size(), vec![(n + 31) / 32, depth, width]);
+                let wide = |t: &Tensor| t.to_kind(Kind::Double);
+                for m in [1, 2, 5, 12, 13, 25, 130] {
+                    let x = Tensor::randn([m, k], (Kind::Float, Device::Cpu)).to_kind(kind);
+                    let expected = wide(&x).matmul(&wide(&w).tr()).to_kind(Kind::Float);
+                    let tolerance = 1e-5 * (k as f64).sqrt() * 4.0;
+                    for isa in levels() {
+                        at_level(isa, || {
+                            let got = linear_packed(&x, &packed, n, None, Kind::Float)
+                                .expect("kernel runs");
+                            assert_eq!(got.size(), vec![m, n]);
+                            let d = max_diff(&got, &expected);
+                            assert!(d < tolerance, "{kind:?} {isa:?} n={n} k={k} m={m}: {d}");
+                            let with_bias = linear_packed(&x, &packed, n, Some(&bias), Kind::Float)
+                                .expect("kernel runs");
+                            assert!(max_diff(&with_bias, &(&expected + &bias)) < tolerance);
+                            let mut stream = Tensor::randn([m, n], (Kind::Float, Device::Cpu));
+                            let before = stream.copy();
+                            add_linear_packed_(&mut stream, &x, &packed, Some(&bias))
+                                .expect("kernel runs");
+                            assert!(max_diff(&stream, &(&before + &expected + &bias)) < tolerance);
+                            if kind == Kind::BFloat16 {
+                                // Written as bf16: the f32 result rounded to nearest even.
+                                let half = linear_packed(&x, &packed, n, Some(&bias), kind)
+                                    .expect("kernel runs");
+                                assert_eq!(half.kind(), Kind::BFloat16);
+                                assert!(half.equal(&with_bias.to_kind(Kind::BFloat16)));
+                            }
+                        });
+                    }
                 }
             }
         }
         // Leading dimensions are kept: [b, t, k] → [b, t, n].
         let w = Tensor::randn([40, 16], (Kind::Float, Device::Cpu));
         let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
-        let got = linear_packed(&x, &pack_linear(&w), 40, None).expect("kernel runs");
+        let got = linear_packed(&x, &pack_linear(&w), 40, None, Kind::Float).expect("kernel runs");
         assert_eq!(got.size(), vec![2, 3, 40]);
         assert!(max_diff(&got, &x.matmul(&w.tr())) < 1e-4);
     }
@@ -727,24 +766,28 @@ mod tests {
     #[test]
     fn a_packed_product_row_does_not_depend_on_its_batch() {
         tch::manual_seed(12);
-        let (n, k) = (200, 300);
-        let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu));
-        let packed = pack_linear(&w);
-        let x = Tensor::randn([37, k], (Kind::Float, Device::Cpu));
-        for isa in levels() {
-            at_level(isa, || {
-                let all = linear_packed(&x, &packed, n, None).expect("kernel runs");
-                for (row, width) in [(0, 1), (5, 1), (13, 7), (30, 7), (11, 26)] {
-                    let part = linear_packed(&x.narrow(0, row, width), &packed, n, None)
-                        .expect("kernel runs");
-                    // Bit for bit: each output is one chain of multiply-adds in k order.
-                    assert!(
-                        part.equal(&all.narrow(0, row, width)),
-                        "{isa:?}: rows {row}..{} differ when batched",
-                        row + width
-                    );
-                }
-            });
+        let (n, k) = (200, 301);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu)).to_kind(kind);
+            let packed = pack_linear(&w);
+            let x = Tensor::randn([37, k], (Kind::Float, Device::Cpu)).to_kind(kind);
+            for isa in levels() {
+                at_level(isa, || {
+                    let all =
+                        linear_packed(&x, &packed, n, None, Kind::Float).expect("kernel runs");
+                    for (row, width) in [(0, 1), (5, 1), (13, 7), (30, 7), (11, 26)] {
+                        let part =
+                            linear_packed(&x.narrow(0, row, width), &packed, n, None, Kind::Float)
+                                .expect("kernel runs");
+                        // Bit for bit: each output is one chain of multiply-adds in k order.
+                        assert!(
+                            part.equal(&all.narrow(0, row, width)),
+                            "{kind:?} {isa:?}: rows {row}..{} differ when batched",
+                            row + width
+                        );
+                    }
+                });
+            }
         }
     }
 
@@ -753,18 +796,22 @@ mod tests {
         let w = Tensor::randn([40, 16], (Kind::Float, Device::Cpu));
         let packed = pack_linear(&w);
         let x = Tensor::randn([3, 17], (Kind::Float, Device::Cpu));
-        let err = linear_packed(&x, &packed, 40, None).expect_err("k mismatch");
+        let err = linear_packed(&x, &packed, 40, None, Kind::Float).expect_err("k mismatch");
         assert!(err.to_string().contains("packed weight"), "{err}");
         let x = Tensor::randn([3, 16], (Kind::Float, Device::Cpu));
         assert!(
-            linear_packed(&x, &packed, 70, None).is_err(),
+            linear_packed(&x, &packed, 70, None, Kind::Float).is_err(),
             "n beyond the panels"
         );
         let bias = Tensor::randn([39], (Kind::Float, Device::Cpu));
-        assert!(linear_packed(&x, &packed, 40, Some(&bias)).is_err());
+        assert!(linear_packed(&x, &packed, 40, Some(&bias), Kind::Float).is_err());
         let mut wrong = Tensor::zeros([4, 40], (Kind::Float, Device::Cpu));
         assert!(add_linear_packed_(&mut wrong, &x, &packed, None).is_err());
         let halves = x.to_kind(Kind::Half);
-        assert!(linear_packed(&halves, &packed, 40, None).is_err());
+        assert!(linear_packed(&halves, &packed, 40, None, Kind::Float).is_err());
+        // Input and panels in different formats; a bf16 result of an f32 product.
+        let bf = x.to_kind(Kind::BFloat16);
+        assert!(linear_packed(&bf, &packed, 40, None, Kind::Float).is_err());
+        assert!(linear_packed(&x, &packed, 40, None, Kind::BFloat16).is_err());
     }
 }

@@ -311,47 +311,60 @@ impl Llama {
             let converted = t.to_kind(kind);
             t.set_data(&converted);
         }
+        // Copies packed in the old format would be repacked on first use anyway; drop them
+        // now rather than hold both formats.
+        self.packed
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.dtype = dtype;
     }
 
-    /// `x · wᵀ` in the model's number format, returned as f32.
+    /// `x · wᵀ` in the model's number format, returned as f32 (the packed kernels write
+    /// their f32 sums directly; no bf16 rounding on the way).
     fn linear(&self, x: &Tensor, w: &Tensor) -> Tensor {
-        self.linear_raw(x, w).to_kind(Kind::Float)
+        self.product(x, w, Kind::Float)
     }
 
     /// `x · wᵀ` in the model's number format, returned in that format (the residual adds
     /// below take a bf16 product into the f32 stream without a separate conversion).
     fn linear_raw(&self, x: &Tensor, w: &Tensor) -> Tensor {
-        match self.dtype {
-            Dtype::F32 => match self.packed_weight(w) {
-                Some(panels) => {
-                    super::fused::linear_packed(&x.contiguous(), &panels, w.size()[0], None)
-                        .unwrap_or_else(|e| {
-                            tracing::warn!("packed product failed, using the tensor op: {e}");
-                            x.matmul(&w.tr())
-                        })
-                }
-                None => x.matmul(&w.tr()),
-            },
-            Dtype::Bf16 => x.to_kind(Kind::BFloat16).matmul(&w.tr()),
-        }
+        self.product(x, w, self.dtype.kind())
     }
 
-    /// `x += y · wᵀ` for the residual stream `x` `[rows, hidden]` (f32, no autograd): one
-    /// BLAS call accumulating into `x` in f32, or a bf16 product added in place.
+    /// `x · wᵀ` in the model's number format, returned as `out` (`Float` or the model's
+    /// format): the packed kernels where [`Self::packed_weight`] allows, else libtorch.
+    fn product(&self, x: &Tensor, w: &Tensor, out: Kind) -> Tensor {
+        let x = match self.dtype {
+            Dtype::F32 => x.shallow_clone(),
+            Dtype::Bf16 => x.to_kind(Kind::BFloat16),
+        };
+        if let Some(panels) = self.packed_weight(w) {
+            match super::fused::linear_packed(&x.contiguous(), &panels, w.size()[0], None, out) {
+                Ok(y) => return y,
+                Err(e) => tracing::warn!("packed product failed, using the tensor op: {e}"),
+            }
+        }
+        x.matmul(&w.tr()).to_kind(out)
+    }
+
+    /// `x += y · wᵀ` for the residual stream `x` `[rows, hidden]` (f32, no autograd): the
+    /// packed product accumulating into `x` in f32, else one BLAS call accumulating into `x`
+    /// (f32 weights) or a bf16 product added in place.
     fn add_linear_(&self, x: &mut Tensor, y: &Tensor, w: &Tensor) {
+        if let Some(panels) = self.packed_weight(w).filter(|_| x.is_contiguous()) {
+            let y = y.to_kind(self.dtype.kind()).contiguous();
+            match super::fused::add_linear_packed_(x, &y, &panels, None) {
+                Ok(()) => return,
+                Err(e) => tracing::warn!("packed product failed, using the tensor op: {e}"),
+            }
+        }
         match self.dtype {
             Dtype::F32 => {
-                if let Some(panels) = self.packed_weight(w).filter(|_| x.is_contiguous()) {
-                    match super::fused::add_linear_packed_(x, &y.contiguous(), &panels, None) {
-                        Ok(()) => return,
-                        Err(e) => tracing::warn!("packed product failed, using the tensor op: {e}"),
-                    }
-                }
                 let _ = x.addmm_(y, &w.tr());
             }
             Dtype::Bf16 => {
-                let _ = x.g_add_(&self.linear_raw(y, w));
+                let _ = x.g_add_(&y.to_kind(Kind::BFloat16).matmul(&w.tr()));
             }
         }
     }
@@ -639,10 +652,18 @@ impl Llama {
             .view([b, t, h]))
     }
 
-    /// Next-token logits `[.., vocab]` of final hidden states `[.., hidden]`, in the weights'
-    /// format (bf16 logits skip a conversion pass when only their summary is needed).
+    /// Next-token logits `[.., vocab]` of final hidden states `[.., hidden]` for sampling:
+    /// f32 from the packed kernels (whose sums are f32 anyway; bf16 logits near 25 are 0.125
+    /// apart, coarse enough to tie the top two tokens), else in the weights' format (a bf16
+    /// libtorch product skips a conversion pass when only its summary is needed).
     pub fn logits_raw(&self, hidden: &Tensor) -> Tensor {
-        self.linear_raw(hidden, self.vocab_matrix())
+        let w = self.vocab_matrix();
+        let out = if self.packed_weight(w).is_some() {
+            Kind::Float
+        } else {
+            self.dtype.kind()
+        };
+        self.product(hidden, w, out)
     }
 
     /// Next-token logits `[.., vocab]` of final hidden states `[.., hidden]`.
@@ -657,18 +678,15 @@ impl Llama {
     }
 
     /// The packed panels of weight matrix `w` (a field of this model) when its products
-    /// take [`super::fused::linear_packed`]: f32 inference on the CPU with the fused kernels
-    /// on. libtorch sends f32 products to MKL, which on AMD CPUs runs AVX2 code and repacks
-    /// the weights on every call; the packed kernel measured 2.5–3.3× its chain of decode
-    /// products here (BENCHMARKS.md, session 7). The copy costs the matrix's size again and
-    /// is rebuilt, on first use, whenever the matrix's version counter (every in-place
-    /// update, optimizer steps included) or storage (`set_data`, reloads) changes.
+    /// take [`super::fused::linear_packed`]: inference on the CPU with the fused kernels on,
+    /// in either weight format. libtorch sends f32 products to MKL, which on AMD CPUs runs
+    /// AVX2 code and repacks the weights on every call; the packed kernels ran the decode
+    /// chain of products 2.5–3.3× faster than MKL in f32 here (BENCHMARKS.md, session 7).
+    /// The copy costs the matrix's size again and is rebuilt, on first use, whenever the
+    /// matrix's version counter (every in-place update, optimizer steps included) or storage
+    /// (`set_data`, `set_dtype`, reloads) changes.
     fn packed_weight(&self, w: &Tensor) -> Option<Tensor> {
-        if !self.fused
-            || self.dtype != Dtype::F32
-            || self.device() != Device::Cpu
-            || super::fused::grad_enabled()
-        {
+        if !self.fused || self.device() != Device::Cpu || super::fused::grad_enabled() {
             return None;
         }
         let source = (w.internal_version(), w.data_ptr() as usize);
@@ -949,12 +967,27 @@ mod tests {
         assert!(max_diff(&model.logits(&hidden), &direct(&model)) < 1e-5);
         // One packed copy per matrix, however often it was repacked.
         assert_eq!(model.packed.lock().expect("lock").len(), 1);
-        // Autograd, the unfused reference and bf16 weights take the tensor ops.
+        // Autograd and the unfused reference take the tensor ops.
         tch::with_grad(|| assert!(model.packed_weight(&model.embed).is_none()));
         model.set_fused_kernels(false);
         assert!(model.packed_weight(&model.embed).is_none());
         model.set_fused_kernels(true);
+        // bf16 weights are packed in their own format, after the f32 copies are dropped.
         model.set_dtype(Dtype::Bf16);
-        assert!(model.packed_weight(&model.embed).is_none());
+        assert!(model.packed.lock().expect("lock").is_empty());
+        let logits = model.logits_raw(&hidden);
+        assert_eq!(
+            logits.kind(),
+            Kind::Float,
+            "packed sums are not rounded to bf16"
+        );
+        let exact = hidden
+            .to_kind(Kind::BFloat16)
+            .to_kind(Kind::Float)
+            .matmul(&model.embed.to_kind(Kind::Float).tr());
+        assert!(max_diff(&logits, &exact) < 1e-4);
+        let _ = model.embed.g_add_scalar_(0.5);
+        let moved = model.logits_raw(&hidden);
+        assert!(max_diff(&moved, &logits) > 0.1);
     }
 }

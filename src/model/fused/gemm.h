@@ -1,12 +1,15 @@
-// The f32 products of gemm.inc, declared once per instruction set they are compiled for
-// (namespaces isa_v4, isa_v3, isa_base); kernels.cpp picks one set at load time.
+// The products of gemm.inc, declared once per instruction set they are compiled for
+// (namespaces isa_v4, isa_v3, isa_base, and isa_v4_bf16 for x86-64-v4 with AVX512-BF16);
+// kernels.cpp picks one set at load time.
 
 #pragma once
 
 #include <cstdint>
 
-// Output columns per packed weight panel: a packed [n, k] matrix is
-// [ceil(n / kPanelCols)][k][kPanelCols] floats, the last panel zero-padded.
+// Output columns per packed weight panel: a packed [n, k] f32 matrix is
+// [ceil(n / kPanelCols)][k][kPanelCols] floats, a bf16 one [ceil(n / kPanelCols)][ceil(k / 2)]
+// [kPanelCols][2] bf16 values (weights for inputs 2j and 2j + 1 side by side); padding is
+// zero.
 constexpr int64_t kPanelCols = 32;
 
 #define CAIRN_DECLARE_GEMM(ns)                                                                 \
@@ -17,8 +20,18 @@ constexpr int64_t kPanelCols = 32;
   void linear_panels(const float* x, int64_t m, int64_t k, const float* packed, int64_t n,      \
                      const float* bias, float* y, bool accumulate, int64_t panel_begin,        \
                      int64_t panel_end);                                                       \
+  /* The same for bf16 x and packed W (bit patterns), into f32 y32, or bf16 y16 when set;    \
+     bf16 pairs widened to f32. */                                                             \
+  void linear_panels_bf16(const uint16_t* x, int64_t m, int64_t k, const uint16_t* packed,      \
+                          int64_t n, const float* bias, float* y32, uint16_t* y16,              \
+                          bool accumulate, int64_t panel_begin, int64_t panel_end);             \
+  /* The same on AVX512-BF16's VDPBF16PS (isa_v4_bf16; elsewhere linear_panels_bf16). */      \
+  void linear_panels_bf16_dot(const uint16_t* x, int64_t m, int64_t k, const uint16_t* packed,  \
+                              int64_t n, const float* bias, float* y32, uint16_t* y16,          \
+                              bool accumulate, int64_t panel_begin, int64_t panel_end);         \
   }
 
 CAIRN_DECLARE_GEMM(isa_v4)
 CAIRN_DECLARE_GEMM(isa_v3)
 CAIRN_DECLARE_GEMM(isa_base)
+CAIRN_DECLARE_GEMM(isa_v4_bf16)

@@ -40,27 +40,37 @@ struct IsaKernels {
   decltype(&isa_base::attend_f32) attend_f32;
   decltype(&isa_base::attend_f16) attend_f16;
   decltype(&isa_base::store_f16) store_f16;
-  decltype(&isa_base::linear_panels) linear_panels;
+  decltype(&isa_base::linear_panels) linear_f32;
+  decltype(&isa_base::linear_panels_bf16) linear_bf16;
 };
 
-constexpr IsaKernels kIsaBase{isa_base::attend_f32, isa_base::attend_f16, isa_base::store_f16,
-                              isa_base::linear_panels};
-constexpr IsaKernels kIsaV3{isa_v3::attend_f32, isa_v3::attend_f16, isa_v3::store_f16,
-                            isa_v3::linear_panels};
-constexpr IsaKernels kIsaV4{isa_v4::attend_f32, isa_v4::attend_f16, isa_v4::store_f16,
-                            isa_v4::linear_panels};
+#define CAIRN_ISA_KERNELS(ns, bf16)                                                        \
+  IsaKernels {                                                                            \
+    ns::attend_f32, ns::attend_f16, ns::store_f16, ns::linear_panels, bf16               \
+  }
+constexpr IsaKernels kIsaBase = CAIRN_ISA_KERNELS(isa_base, isa_base::linear_panels_bf16);
+constexpr IsaKernels kIsaV3 = CAIRN_ISA_KERNELS(isa_v3, isa_v3::linear_panels_bf16);
+constexpr IsaKernels kIsaV4 = CAIRN_ISA_KERNELS(isa_v4, isa_v4::linear_panels_bf16);
+// x86-64-v4 plus AVX512-BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids): bf16 products
+// on VDPBF16PS.
+constexpr IsaKernels kIsaV4Bf16 =
+    CAIRN_ISA_KERNELS(isa_v4, isa_v4_bf16::linear_panels_bf16_dot);
+#undef CAIRN_ISA_KERNELS
 
-// The set for `isa`: 0 baseline, 1 x86-64-v3, 2 x86-64-v4, -1 the best this CPU runs (the
-// explicit levels let the tests check every compiled set on one machine).
+// The set for `isa`: 0 baseline, 1 x86-64-v3, 2 x86-64-v4, 3 x86-64-v4 with AVX512-BF16, -1
+// the best this CPU runs (the explicit levels let the tests check every compiled set on one
+// machine).
 const IsaKernels& isa_kernels(int isa) {
-  // Read once: every decode step asks, 30 times.
+  // Read once: every decode step asks, hundreds of times.
   static const bool v4 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v4"));
   static const bool v3 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v3"));
+  static const bool bf16 = v4 && __builtin_cpu_supports("avx512bf16");
   switch (isa) {
-    case -1: return v4 ? kIsaV4 : (v3 ? kIsaV3 : kIsaBase);
+    case -1: return bf16 ? kIsaV4Bf16 : (v4 ? kIsaV4 : (v3 ? kIsaV3 : kIsaBase));
     case 0: return kIsaBase;
     case 1: TORCH_CHECK(v3, "this CPU lacks x86-64-v3"); return kIsaV3;
     case 2: TORCH_CHECK(v4, "this CPU lacks x86-64-v4"); return kIsaV4;
+    case 3: TORCH_CHECK(bf16, "this CPU lacks AVX512-BF16"); return kIsaV4Bf16;
     default: TORCH_CHECK(false, "unknown instruction-set level ", isa);
   }
 }
@@ -470,19 +480,27 @@ char* cairn_rms_norm(const Tensor* x, const Tensor* w, double eps, int out_bf16,
   });
 }
 
-// y = x · Wᵀ (+ bias) for f32 x [.., k] and W [n, k] packed by cairn_pack_linear; with
-// `into` set, the product (+ bias) is added into that [.., n] tensor in place instead (the
-// residual stream), and *out is left untouched. `isa` as in isa_kernels.
+// y = x · Wᵀ (+ bias) for x [.., k] and W [n, k] packed by fused.rs's pack_linear: f32 x
+// with f32 panels [⌈n/32⌉, k, 32], or bf16 x with bf16 panels [⌈n/32⌉, ⌈k/2⌉, 64]. The
+// product is f32, or bf16 when out_bf16 is set (bf16 x only); with `into` set it is added
+// (+ bias) into that f32 [.., n] tensor in place instead (the residual stream) and *out is
+// left untouched. `isa` as in isa_kernels.
 char* cairn_linear_packed(const Tensor* x, const Tensor* packed, int64_t n, const Tensor* bias,
-                          Tensor* into, int isa, Tensor** out) {
+                          Tensor* into, int out_bf16, int isa, Tensor** out) {
   return guarded([&] {
-    check_f32_cpu(*x, "linear input");
-    check_f32_cpu(*packed, "packed weight");
+    check_f32_or_bf16(*x, "linear input");
+    const bool half = x->scalar_type() == at::kBFloat16;
+    TORCH_CHECK(packed->device().is_cpu() && packed->is_contiguous() &&
+                    packed->scalar_type() == x->scalar_type(),
+                "packed weight must be a contiguous CPU tensor in the input's format");
     TORCH_CHECK(x->dim() >= 1, "linear input must have a last dimension");
+    TORCH_CHECK(!out_bf16 || (half && into == nullptr), "only a bf16 product is written as bf16");
     const int64_t k = x->size(-1);
     const int64_t panels = (n + kPanelCols - 1) / kPanelCols;
+    const int64_t depth = half ? (k + 1) / 2 : k;
+    const int64_t width = half ? 2 * kPanelCols : kPanelCols;
     TORCH_CHECK(n >= 0 && packed->dim() == 3 && packed->size(0) == panels &&
-                    packed->size(1) == k && packed->size(2) == kPanelCols,
+                    packed->size(1) == depth && packed->size(2) == width,
                 "packed weight ", packed->sizes(), " does not hold ", n, " rows of ", k,
                 " columns");
     const int64_t rows = k == 0 ? 0 : x->numel() / k;
@@ -501,18 +519,29 @@ char* cairn_linear_packed(const Tensor* x, const Tensor* packed, int64_t n, cons
     } else {
       std::vector<int64_t> shape(x->sizes().begin(), x->sizes().end());
       shape.back() = n;
-      o = at::empty(shape, x->options());
+      o = at::empty(shape, x->options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
     }
     if (rows > 0 && n > 0) {
-      const auto linear_panels = isa_kernels(isa).linear_panels;
-      const float* xp = x->data_ptr<float>();
-      const float* wp = packed->data_ptr<float>();
-      float* op = o.data_ptr<float>();
+      const IsaKernels& kernels = isa_kernels(isa);
       const bool accumulate = into != nullptr;
       // Threads split the output columns: each weight panel is read by one thread only.
-      at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-        linear_panels(xp, rows, k, wp, n, bp, op, accumulate, begin, end);
-      });
+      if (half) {
+        const auto* xp = reinterpret_cast<const uint16_t*>(x->data_ptr<c10::BFloat16>());
+        const auto* wp = reinterpret_cast<const uint16_t*>(packed->data_ptr<c10::BFloat16>());
+        float* y32 = out_bf16 ? nullptr : o.data_ptr<float>();
+        uint16_t* y16 =
+            out_bf16 ? reinterpret_cast<uint16_t*>(o.data_ptr<c10::BFloat16>()) : nullptr;
+        at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+          kernels.linear_bf16(xp, rows, k, wp, n, bp, y32, y16, accumulate, begin, end);
+        });
+      } else {
+        const float* xp = x->data_ptr<float>();
+        const float* wp = packed->data_ptr<float>();
+        float* op = o.data_ptr<float>();
+        at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+          kernels.linear_f32(xp, rows, k, wp, n, bp, op, accumulate, begin, end);
+        });
+      }
     }
     if (into == nullptr) {
       *out = new Tensor(std::move(o));
