@@ -128,9 +128,9 @@ pub enum ModelError {
 /// `F32` is exact and trainable. `Bf16` stores the projection and embedding matrices as
 /// bfloat16 and runs the matmuls in bfloat16 (inputs rounded, f32 accumulation), while norms,
 /// rotary embeddings, attention arithmetic, the residual stream and the log-probabilities stay
-/// f32: half the bytes to read per step, and on CPUs with AVX512-BF16 (or any CUDA GPU) 2–3×
-/// the matmul throughput. On the CPU the KV cache of a bf16 model is f16 (see
-/// `Llama::new_cache`). Outputs differ from f32 by bfloat16 rounding (about 3 significant digits in a
+/// f32: half the bytes to read per step, and on CPUs with AVX512-BF16 (or any CUDA GPU) about
+/// twice the matmul throughput. On the CPU the KV cache of a bf16 model is f16 (see
+/// `Llama::new_cache`), and the packed product kernels return f32 logits. Outputs differ from f32 by bfloat16 rounding (about 3 significant digits in a
 /// logit), so a bf16 model is for inference only: training one is refused.
 ///
 /// ```
