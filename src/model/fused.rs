@@ -1,13 +1,15 @@
 //! Fused CPU kernels for inference: rotary embedding with the KV-cache append, decode-step
-//! attention, SiLU-gated products and the per-row summary of next-token logits.
+//! attention, SiLU-gated products, the per-row summary of next-token logits, and dense
+//! products over weights packed once into column panels ([`pack_linear`], [`linear_packed`]).
 //!
-//! Written in C++ (`fused/kernels.cpp`, and `fused/attention.inc` compiled once per x86-64
-//! level and picked at load time; `build.rs` builds them against the libtorch headers) so
-//! they run inside libtorch's own OpenMP pool: a decode step at batch 64 otherwise spends
-//! as long in ~25 small tensor ops per layer as in its attention, and a thread pool of our own
-//! would fight libtorch's spinning workers for the two cores. The decoder uses them only on
-//! the CPU, without autograd, and with a KV cache (see `Llama::forward`); the plain tensor
-//! ops remain the reference they are tested against.
+//! Written in C++ (`fused/kernels.cpp`, and `fused/attention.inc` and `fused/gemm.inc`
+//! compiled once per x86-64 level and picked at load time; `build.rs` builds them against
+//! the libtorch headers) so they run inside libtorch's own OpenMP pool: a decode step at
+//! batch 64 otherwise spends as long in ~25 small tensor ops per layer as in its attention,
+//! and a thread pool of our own would fight libtorch's spinning workers for the two cores.
+//! The decoder uses the products for CPU inference without autograd, and the other kernels
+//! there too when it has a KV cache (see `Llama::forward`); the plain tensor ops remain the
+//! reference they are tested against.
 
 use std::ffi::{CStr, c_char};
 use std::ptr;
@@ -102,9 +104,9 @@ pub fn grad_enabled() -> bool {
     unsafe { cairn_grad_enabled() != 0 }
 }
 
-/// The instruction-set level the cache and attention kernels run at. They are compiled for
-/// each level; [`Isa::Best`] is what the CPU supports. Tests pin the others on their own
-/// thread (`at_level`) to check every compiled variant on one machine.
+/// The instruction-set level the cache, attention and product kernels run at. They are
+/// compiled for each level; [`Isa::Best`] is what the CPU supports. Tests pin the others on
+/// their own thread (`at_level`) to check every compiled variant on one machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
     Best = -1,

@@ -1,5 +1,5 @@
-// The kernels compiled once per instruction set (attention.inc, gemm.inc) for x86-64-v3 (build.rs
-// compiles this file with -march=x86-64-v3).
+// The kernels of attention.inc and gemm.inc for x86-64-v3 (build.rs compiles this file with
+// -march=x86-64-v3; kernels.cpp picks a set at load time).
 #define CAIRN_ISA isa_v3
 #include "attention.inc"
 #include "gemm.inc"
