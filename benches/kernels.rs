@@ -157,38 +157,6 @@ fn linear_libtorch(weights: &[Tensor], input: &Tensor) {
     }
 }
 
-fn linear_b1_fused(x: &Inputs) {
-    linear_packed(&x.packed_gate_up, &x.x1);
-}
-
-fn linear_b1_libtorch(x: &Inputs) {
-    linear_libtorch(&x.w_gate_up, &x.x1);
-}
-
-fn linear_b64_fused(x: &Inputs) {
-    linear_packed(&x.packed_gate_up, &x.x64);
-}
-
-fn linear_b64_libtorch(x: &Inputs) {
-    linear_libtorch(&x.w_gate_up, &x.x64);
-}
-
-fn linear16_b1_fused(x: &Inputs) {
-    linear_packed(&x.packed_gate_up16, &x.x1_16);
-}
-
-fn linear16_b1_libtorch(x: &Inputs) {
-    linear_libtorch(&x.w_gate_up16, &x.x1_16);
-}
-
-fn linear16_b64_fused(x: &Inputs) {
-    linear_packed(&x.packed_gate_up16, &x.x64_16);
-}
-
-fn linear16_b64_libtorch(x: &Inputs) {
-    linear_libtorch(&x.w_gate_up16, &x.x64_16);
-}
-
 type Pair = (&'static str, fn(&Inputs), fn(&Inputs));
 
 const PAIRS: [Pair; 8] = [
@@ -200,10 +168,26 @@ const PAIRS: [Pair; 8] = [
     ),
     ("logits_summary", logits_fused, logits_libtorch),
     ("silu_mul", silu_fused, silu_libtorch),
-    ("linear_f32_b1", linear_b1_fused, linear_b1_libtorch),
-    ("linear_f32_b64", linear_b64_fused, linear_b64_libtorch),
-    ("linear_bf16_b1", linear16_b1_fused, linear16_b1_libtorch),
-    ("linear_bf16_b64", linear16_b64_fused, linear16_b64_libtorch),
+    (
+        "linear_f32_b1",
+        |x| linear_packed(&x.packed_gate_up, &x.x1),
+        |x| linear_libtorch(&x.w_gate_up, &x.x1),
+    ),
+    (
+        "linear_f32_b64",
+        |x| linear_packed(&x.packed_gate_up, &x.x64),
+        |x| linear_libtorch(&x.w_gate_up, &x.x64),
+    ),
+    (
+        "linear_bf16_b1",
+        |x| linear_packed(&x.packed_gate_up16, &x.x1_16),
+        |x| linear_libtorch(&x.w_gate_up16, &x.x1_16),
+    ),
+    (
+        "linear_bf16_b64",
+        |x| linear_packed(&x.packed_gate_up16, &x.x64_16),
+        |x| linear_libtorch(&x.w_gate_up16, &x.x64_16),
+    ),
 ];
 
 fn criterion_groups(c: &mut Criterion, x: &Inputs) {
