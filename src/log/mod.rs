@@ -1,7 +1,7 @@
 //! The durable event log: an append-only, segmented file log of typed events — the source
 //! of truth of every cairn run. Stages append; replay, resume, fork and reports read.
 //!
-//! - [`format`]: segment and frame layout (magic, version, CRC32C).
+//! - [`format`](mod@format): segment and frame layout (magic, version, CRC32C).
 //! - [`scan`]: walking a segment and classifying how it ends (clean, torn tail, corrupt).
 //! - [`index`]: sparse offset → file position index per segment.
 //! - [`writer`]: [`LogWriter`], group commit under a [`SyncPolicy`], tail recovery on open,

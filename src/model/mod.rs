@@ -3,7 +3,7 @@
 //! thread that serves dataflow operators.
 //!
 //! - [`gguf`]: GGUF reader and dequantisation.
-//! - [`config`], [`tokenizer`], [`load`]: configurations, tokenizers and chat format, loading.
+//! - [`config`], [`tokenizer`], [`load`](mod@load): configurations, tokenizers and chat format, loading.
 //! - [`llama`]: the decoder and its KV cache; [`fused`]: its fused CPU inference kernels.
 //! - [`sampling`], [`generate`]: seeded sampling, batched generation and scoring.
 //! - [`worker`]: the thread that owns the models and batches requests.
