@@ -846,7 +846,7 @@ fn apply_rope(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Tensor {
 /// next-token distributions (near-ties would make batch-invariance tests flaky).
 const RANDOM_STD: f64 = 0.2;
 
-/// Deterministic random weights: normal(0, `RANDOM_STD`, 0.2) matrices, unit norms.
+/// Deterministic random weights: normal(0, 0.2) matrices (`RANDOM_STD`), unit norms.
 pub struct RandomSource {
     shapes: HashMap<String, Vec<i64>>,
     rng: rand_chacha::ChaCha8Rng,
