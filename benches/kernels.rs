@@ -88,8 +88,14 @@ fn inputs() -> Inputs {
         valid: Tensor::ones([B, CAP], (Kind::Bool, Device::Cpu)),
         logits: Tensor::randn([B, 49152], f) * 4.0,
         gate_up: Tensor::randn([B, 2 * 1536], f),
-        packed_gate_up: w_gate_up.iter().map(fused::pack_linear).collect(),
-        packed_gate_up16: w_gate_up16.iter().map(fused::pack_linear).collect(),
+        packed_gate_up: w_gate_up
+            .iter()
+            .map(|w| fused::pack_linear(w).expect("a matrix"))
+            .collect(),
+        packed_gate_up16: w_gate_up16
+            .iter()
+            .map(|w| fused::pack_linear(w).expect("a matrix"))
+            .collect(),
         w_gate_up,
         w_gate_up16,
         x1: Tensor::randn([1, 576], f),

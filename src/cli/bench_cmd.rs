@@ -211,7 +211,7 @@ impl Chain {
                 match layout {
                     Layout::Stored => {}
                     Layout::Transposed => *w = w.tr().contiguous(),
-                    Layout::Packed => *w = fused::pack_linear(w),
+                    Layout::Packed => *w = fused::pack_linear(w)?,
                 }
             }
         }

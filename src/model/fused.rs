@@ -248,10 +248,22 @@ pub const PANEL_COLS: i64 = 32;
 ///   side by side (the operand layout of AVX512-BF16's pairwise dot product).
 ///
 /// Padding (rows up to a multiple of 32, an odd `k`'s last column) is zero. A panel is one
-/// contiguous stream, read once per product whatever the batch size.
-pub fn pack_linear(w: &Tensor) -> Tensor {
+/// contiguous stream, read once per product whatever the batch size. A tensor of another
+/// rank or format is an error.
+pub fn pack_linear(w: &Tensor) -> Result<Tensor, ModelError> {
+    let &[n, k] = w.size().as_slice() else {
+        return Err(ModelError::InvalidRequest(format!(
+            "only a matrix can be packed, not a tensor of shape {:?}",
+            w.size()
+        )));
+    };
+    if !matches!(w.kind(), Kind::Float | Kind::BFloat16) {
+        return Err(ModelError::InvalidRequest(format!(
+            "only f32 and bf16 matrices can be packed, not {:?}",
+            w.kind()
+        )));
+    }
     let _guard = tch::no_grad_guard();
-    let (n, k) = (w.size()[0], w.size()[1]);
     let panels = (n + PANEL_COLS - 1) / PANEL_COLS;
     let pairs = w.kind() == Kind::BFloat16;
     let depth = if pairs { k + k % 2 } else { k };
@@ -262,7 +274,7 @@ pub fn pack_linear(w: &Tensor) -> Tensor {
         grown.narrow(0, 0, n).narrow(1, 0, k).copy_(w);
         grown
     };
-    if pairs {
+    Ok(if pairs {
         padded
             .reshape([panels, PANEL_COLS, depth / 2, 2])
             .permute([0, 2, 1, 3])
@@ -273,7 +285,7 @@ pub fn pack_linear(w: &Tensor) -> Tensor {
             .reshape([panels, PANEL_COLS, k])
             .transpose(1, 2)
             .contiguous()
-    }
+    })
 }
 
 /// `x · wᵀ (+ bias)` for `x` `[.., k]` (contiguous) and `w` `[n, k]` given as
@@ -282,6 +294,19 @@ pub fn pack_linear(w: &Tensor) -> Tensor {
 /// The product is written as `out` (`Float`, or `BFloat16` for a bf16 `x`). Each output is
 /// one chain of multiply-adds over `k` in order, so a row's result does not depend on the
 /// other rows of `x` (batch composition) or on the number of threads.
+///
+/// ```
+/// use cairn::model::fused::{linear_packed, pack_linear};
+/// use tch::{Device, Kind, Tensor};
+///
+/// let w = Tensor::randn([40, 16], (Kind::Float, Device::Cpu)); // [n, k]
+/// let packed = pack_linear(&w)?; // once per weight
+/// assert_eq!(packed.size(), [2, 16, 32]); // two panels of 32 columns, the second padded
+/// let x = Tensor::randn([3, 16], (Kind::Float, Device::Cpu));
+/// let y = linear_packed(&x, &packed, 40, None, Kind::Float)?;
+/// assert!(y.allclose(&x.matmul(&w.tr()), 1e-5, 1e-5, false));
+/// # Ok::<(), cairn::model::ModelError>(())
+/// ```
 pub fn linear_packed(
     x: &Tensor,
     packed: &Tensor,
@@ -721,7 +746,7 @@ mod tests {
             for (n, k) in [(1, 1), (31, 7), (32, 64), (33, 65), (100, 576), (960, 37)] {
                 let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu)).to_kind(kind);
                 let bias = Tensor::randn([n], (Kind::Float, Device::Cpu));
-                let packed = pack_linear(&w);
+                let packed = pack_linear(&w).expect("a matrix");
                 let depth = if kind == Kind::Float { k } else { (k + 1) / 2 };
                 let width = if kind == Kind::Float { 32 } else { 64 };
                 assert_eq!(packed.size(), vec![(n + 31) / 32, depth, width]);
@@ -760,7 +785,14 @@ mod tests {
         // Leading dimensions are kept: [b, t, k] → [b, t, n].
         let w = Tensor::randn([40, 16], (Kind::Float, Device::Cpu));
         let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
-        let got = linear_packed(&x, &pack_linear(&w), 40, None, Kind::Float).expect("kernel runs");
+        let got = linear_packed(
+            &x,
+            &pack_linear(&w).expect("a matrix"),
+            40,
+            None,
+            Kind::Float,
+        )
+        .expect("kernel runs");
         assert_eq!(got.size(), vec![2, 3, 40]);
         assert!(max_diff(&got, &x.matmul(&w.tr())) < 1e-4);
     }
@@ -771,7 +803,7 @@ mod tests {
         let (n, k) = (200, 301);
         for kind in [Kind::Float, Kind::BFloat16] {
             let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu)).to_kind(kind);
-            let packed = pack_linear(&w);
+            let packed = pack_linear(&w).expect("a matrix");
             let x = Tensor::randn([37, k], (Kind::Float, Device::Cpu)).to_kind(kind);
             for isa in levels() {
                 at_level(isa, || {
@@ -796,7 +828,7 @@ mod tests {
     #[test]
     fn packed_products_reject_mismatched_shapes() {
         let w = Tensor::randn([40, 16], (Kind::Float, Device::Cpu));
-        let packed = pack_linear(&w);
+        let packed = pack_linear(&w).expect("a matrix");
         let x = Tensor::randn([3, 17], (Kind::Float, Device::Cpu));
         let err = linear_packed(&x, &packed, 40, None, Kind::Float).expect_err("k mismatch");
         assert!(err.to_string().contains("packed weight"), "{err}");
@@ -814,6 +846,10 @@ mod tests {
         // Input and panels in different formats; a bf16 result of an f32 product.
         let bf = x.to_kind(Kind::BFloat16);
         assert!(linear_packed(&bf, &packed, 40, None, Kind::Float).is_err());
+        // Only f32 and bf16 matrices pack.
+        assert!(pack_linear(&Tensor::zeros([4], (Kind::Float, Device::Cpu))).is_err());
+        assert!(pack_linear(&Tensor::zeros([2, 3, 4], (Kind::Float, Device::Cpu))).is_err());
+        assert!(pack_linear(&Tensor::zeros([4, 4], (Kind::Half, Device::Cpu))).is_err());
         assert!(linear_packed(&x, &packed, 40, None, Kind::BFloat16).is_err());
     }
 }

@@ -50,9 +50,9 @@ pub struct Llama {
     dtype: Dtype,
     /// Whether inference on the CPU uses the fused kernels of [`super::fused`].
     fused: bool,
-    /// f32 inference on the CPU: each weight matrix repacked into the column panels of
-    /// [`super::fused::linear_packed`], by the address of the matrix's tensor handle (a
-    /// field of this struct), with the matrix's version counter and storage it was packed
+    /// Inference on the CPU: each weight matrix repacked, in its format, into the column
+    /// panels of [`super::fused::linear_packed`], by the address of the matrix's tensor
+    /// handle (a field of this struct), with the version counter and storage it was packed
     /// from, so an optimizer step or a reload repacks it (see `packed_weight`).
     packed: Mutex<HashMap<usize, PackedWeight>>,
 }
@@ -698,7 +698,13 @@ impl Llama {
                 panels: Tensor::new(),
             });
         if entry.source != source {
-            entry.panels = super::fused::pack_linear(w);
+            match super::fused::pack_linear(w) {
+                Ok(panels) => entry.panels = panels,
+                Err(e) => {
+                    tracing::warn!("cannot pack a weight, using the tensor op: {e}");
+                    return None;
+                }
+            }
             entry.source = source;
         }
         Some(entry.panels.shallow_clone())
