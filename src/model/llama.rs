@@ -323,29 +323,48 @@ impl Llama {
     /// `x · wᵀ` in the model's number format, returned as f32 (the packed kernels write
     /// their f32 sums directly; no bf16 rounding on the way).
     fn linear(&self, x: &Tensor, w: &Tensor) -> Tensor {
-        self.product(x, w, Kind::Float)
+        self.product(x, w, None, Kind::Float, Kind::Float)
+    }
+
+    /// `x · wᵀ (+ bias)` as f32, the bias added in f32 (the q/k/v projection).
+    fn linear_bias(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        self.product(x, w, bias, Kind::Float, Kind::Float)
     }
 
     /// `x · wᵀ` in the model's number format, returned in that format (the residual adds
     /// below take a bf16 product into the f32 stream without a separate conversion).
     fn linear_raw(&self, x: &Tensor, w: &Tensor) -> Tensor {
-        self.product(x, w, self.dtype.kind())
+        let kind = self.dtype.kind();
+        self.product(x, w, None, kind, kind)
     }
 
-    /// `x · wᵀ` in the model's number format, returned as `out` (`Float` or the model's
-    /// format): the packed kernels where [`Self::packed_weight`] allows, else libtorch.
-    fn product(&self, x: &Tensor, w: &Tensor, out: Kind) -> Tensor {
+    /// `x · wᵀ (+ bias)` in the model's number format: through the packed kernels where
+    /// [`Self::packed_weight`] allows, returned as `packed_out`, else libtorch's product
+    /// returned as `fallback_out`. A bias is added in f32.
+    fn product(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        packed_out: Kind,
+        fallback_out: Kind,
+    ) -> Tensor {
         let x = match self.dtype {
             Dtype::F32 => x.shallow_clone(),
             Dtype::Bf16 => x.to_kind(Kind::BFloat16),
         };
         if let Some(panels) = self.packed_weight(w) {
-            match super::fused::linear_packed(&x.contiguous(), &panels, w.size()[0], None, out) {
+            let n = w.size()[0];
+            match super::fused::linear_packed(&x.contiguous(), &panels, n, bias, packed_out) {
                 Ok(y) => return y,
                 Err(e) => tracing::warn!("packed product failed, using the tensor op: {e}"),
             }
         }
-        x.matmul(&w.tr()).to_kind(out)
+        let y = x.matmul(&w.tr());
+        match bias {
+            Some(b) => (y.to_kind(Kind::Float) + b).to_kind(fallback_out),
+            None => y.to_kind(fallback_out),
+        }
     }
 
     /// `x += y · wᵀ` for the residual stream `x` `[rows, hidden]` (f32, no autograd): the
@@ -493,10 +512,7 @@ impl Llama {
         let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false).to_kind(Kind::Float);
         for (layer, blk) in self.blocks.iter().enumerate() {
             let hidden = x.rms_norm([c.hidden_size as i64], Some(&blk.attn_norm), c.rms_norm_eps);
-            let mut qkv = self.linear(&hidden, &blk.wqkv);
-            if let Some(bias) = &blk.bqkv {
-                qkv += bias;
-            }
+            let qkv = self.linear_bias(&hidden, &blk.wqkv, blk.bqkv.as_ref());
             // Queries and keys are adjacent columns: one rotary pass covers both.
             let qk = apply_rope(
                 &qkv.narrow(-1, 0, (nh + nkv) * hd)
@@ -602,7 +618,8 @@ impl Llama {
             let hidden = fused::rms_norm(&x, &blk.attn_norm, c.rms_norm_eps, kind)?;
             let mut qkv = self.linear_raw(&hidden, &blk.wqkv);
             if let Some(bias) = &blk.bqkv {
-                // In f32, as the plain path adds it.
+                // In f32, to the product in the weights' format, as the plain path adds it
+                // (the fused and plain decodes are held to each other's bf16 roundings).
                 qkv = qkv.to_kind(Kind::Float) + bias;
             }
             let q = fused::rope_append(
@@ -658,12 +675,7 @@ impl Llama {
     /// libtorch product skips a conversion pass when only its summary is needed).
     pub fn logits_raw(&self, hidden: &Tensor) -> Tensor {
         let w = self.vocab_matrix();
-        let out = if self.packed_weight(w).is_some() {
-            Kind::Float
-        } else {
-            self.dtype.kind()
-        };
-        self.product(hidden, w, out)
+        self.product(hidden, w, None, Kind::Float, self.dtype.kind())
     }
 
     /// Next-token logits `[.., vocab]` of final hidden states `[.., hidden]`.
