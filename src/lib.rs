@@ -14,6 +14,7 @@
 //! - [`eval`]: model-against-model evaluation (win rates, confidence intervals, Elo, refusals).
 //! - [`report`]: a static HTML report of a run.
 //! - [`prompts`]: reading prompt sources (text, JSONL, JSON payload files).
+//! - [`quality`]: model-free checks of an answer (repetition, meta-commentary, bare refusals).
 //! - [`paths`]: the cache of fetched models and data (`$CAIRN_HOME`).
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -25,6 +26,7 @@ pub mod log;
 pub mod model;
 pub mod paths;
 pub mod prompts;
+pub mod quality;
 pub mod record;
 pub mod replay;
 pub mod report;

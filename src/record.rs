@@ -486,8 +486,119 @@ payloads! {
     PpoUpdate(PpoUpdateRecord) = "ppo_update",
     /// Where a run's spec came from (so a fork can resolve its relative paths).
     RunSource(RunSourceRecord) = "run_source",
-    /// The outcome of a pairwise evaluation of two models.
+    /// The outcome of a pairwise evaluation of two models (before per-purpose intervals).
     EvalResult(EvalResultRecord) = "eval_result",
+    /// A candidate training target checked for quality: kept, or dropped with a reason.
+    Target(TargetRecord) = "target",
+    /// The feedback model's yes/no assessment of each answer of a pair (e.g. evasiveness).
+    Assessment(AssessmentRecord) = "assessment",
+    /// The outcome of a pairwise evaluation: per purpose, with intervals, ties, evasion
+    /// and degeneracy.
+    EvalReport(EvalReportRecord) = "eval_report",
+}
+
+/// The `target` record: an answer (a revision of some round, or a helpful sample) checked
+/// before SFT may learn from it; the decision is an event so replay and fork see it too.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    /// The prompt.
+    pub conversation: Conversation,
+    /// The answer to learn.
+    pub response: String,
+    /// What it came from: `revision` or `sample`.
+    pub origin: String,
+    /// Revision round (0 for samples).
+    pub round: u32,
+    /// Whether SFT may learn from it.
+    pub kept: bool,
+    /// Why it was dropped (empty when kept).
+    pub reason: String,
+    /// Share of its 4-word phrases that repeat (see `quality::repetition`).
+    pub repetition: f64,
+}
+
+/// The `assessment` record: one yes/no question about each answer of a pair.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AssessmentRecord {
+    /// The prompt.
+    pub conversation: Conversation,
+    /// Id of the question asked (e.g. `evasive`).
+    pub question: String,
+    /// The pair's first and second answers.
+    pub responses: [String; 2],
+    /// Probability of "yes" for each answer (normalised over yes/no).
+    pub p_yes: [f64; 2],
+}
+
+/// Wins, ties and losses of model A on one set of comparisons, with the win rate (ties
+/// count half) and its 95% Wilson interval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WinTally {
+    /// Comparisons.
+    pub comparisons: u64,
+    /// A judged better.
+    pub wins: u64,
+    /// Neither judged better (P(A better) within the tie margin of 0.5).
+    pub ties: u64,
+    /// B judged better.
+    pub losses: u64,
+    /// (wins + ties / 2) / comparisons.
+    pub win_rate: f64,
+    /// 95% Wilson interval of the win rate.
+    pub ci95: [f64; 2],
+    /// Mean soft label P(A better).
+    pub mean_p_a: f64,
+}
+
+/// Answer-quality shares of one model on one set of prompts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnswerShares {
+    /// Answers counted.
+    pub answers: u64,
+    /// Repetitive or meta-commentary.
+    pub degenerate: f64,
+    /// Mostly repeated phrases.
+    pub repetitive: f64,
+    /// Talks about the previous response or the critique.
+    pub meta: f64,
+    /// Refuses (phrase list).
+    pub refusal: f64,
+    /// Refuses without engaging (phrase list and length).
+    pub bare_refusal: f64,
+    /// Judged evasive by the feedback model (P(yes) > 0.5); `None` when not asked.
+    pub evasive_judged: Option<f64>,
+}
+
+/// One prompt purpose of an evaluation.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PurposeReport {
+    /// `red_team` or `helpful`.
+    pub purpose: String,
+    /// A against B.
+    pub tally: WinTally,
+    /// Model A's answers.
+    pub a: AnswerShares,
+    /// Model B's answers.
+    pub b: AnswerShares,
+}
+
+/// The `eval_report` record: model A against model B on held-out prompts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalReportRecord {
+    /// Model A (path).
+    pub model_a: String,
+    /// Model B (path).
+    pub model_b: String,
+    /// The judge (path): never A or B.
+    pub judge: String,
+    /// Every comparison.
+    pub overall: WinTally,
+    /// Elo of A and B from the overall win rate (B anchored at 1000).
+    pub elo: [f64; 2],
+    /// Per purpose.
+    pub by_purpose: Vec<PurposeReport>,
+    /// Prompts left out because their text is in a training log.
+    pub excluded_prompts: u64,
 }
 
 /// The conversation a record belongs to: the prompt it answers, carried along so that every

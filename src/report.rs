@@ -38,6 +38,12 @@ pub struct Report {
     pub events: u64,
     /// Run ids seen.
     pub runs: Vec<String>,
+    /// Evaluations read from the extra logs, in order.
+    pub evals: Vec<crate::record::EvalReportRecord>,
+    /// Answer quality per stage that writes answers (samples, revisions, pairs, rollouts).
+    pub quality: BTreeMap<String, crate::quality::QualityCounts>,
+    /// Per filter stage: (kept, dropped) training targets.
+    pub targets: BTreeMap<String, (u64, u64)>,
 }
 
 fn escape(s: &str) -> String {
@@ -74,7 +80,7 @@ pub fn gather(log: &Path, extra: &[&Path]) -> Result<Report, LogError> {
     }
     for (main, env) in all {
         // Only the evaluation outcome of an extra log belongs in this run's page.
-        if !main && !matches!(env.payload, Payload::EvalResult(_)) {
+        if !main && !matches!(env.payload, Payload::EvalResult(_) | Payload::EvalReport(_)) {
             continue;
         }
         report.events += 1;
@@ -86,6 +92,19 @@ pub fn gather(log: &Path, extra: &[&Path]) -> Result<Report, LogError> {
             .or_insert((0, t, t));
         entry.0 += 1;
         entry.2 = t;
+        if main {
+            for answer in crate::quality::answers_of(&env.payload) {
+                report
+                    .quality
+                    .entry(env.stage.clone())
+                    .or_default()
+                    .add(answer);
+            }
+            if let Payload::Target(t) = &env.payload {
+                let e = report.targets.entry(env.stage.clone()).or_default();
+                if t.kept { e.0 += 1 } else { e.1 += 1 }
+            }
+        }
         match &env.payload {
             Payload::RunStarted(_) => report.runs.push(env.run_id.to_string()),
             Payload::SftStep(s) => push(
@@ -192,6 +211,17 @@ pub fn gather(log: &Path, extra: &[&Path]) -> Result<Report, LogError> {
                     v,
                     u.clip_fraction,
                 );
+            }
+            Payload::EvalReport(e) => {
+                evals += 1;
+                push(
+                    "n-win",
+                    "Evaluation win rate of model A",
+                    "evaluation",
+                    evals as f64,
+                    e.overall.win_rate,
+                );
+                report.evals.push(e.clone());
             }
             Payload::EvalResult(e) => {
                 evals += 1;
@@ -321,6 +351,63 @@ ol.lineage li{{margin:4px 0}}.kind{{color:#1f5fa8;font-weight:bold}}</style></he
             "<p id=\"no-rl\">No RL records in this run: no AI-feedback judgements, preference-model \
              steps or PPO updates (an SL-CAI-only run, or RL has not started yet).</p>\n",
         );
+    }
+    if !report.evals.is_empty() {
+        html.push_str("<h2>Evaluations</h2><table id=\"evals\"><tr><th>A</th><th>B</th><th>judge</th><th>purpose</th><th>n</th><th>A wins / ties / losses</th><th>A win rate (95% CI)</th><th>degenerate A / B</th><th>bare refusals A / B</th><th>judged evasive A / B</th></tr>\n");
+        for e in &report.evals {
+            for p in &e.by_purpose {
+                let pct = |x: f64| format!("{:.0}%", 100.0 * x);
+                let judged = |s: &crate::record::AnswerShares| {
+                    s.evasive_judged.map(pct).unwrap_or_else(|| "–".into())
+                };
+                let _ = writeln!(
+                    html,
+                    "<tr><td style=\"text-align:left\">{}</td><td style=\"text-align:left\">{}</td><td style=\"text-align:left\">{}</td><td>{}</td><td>{}</td><td>{} / {} / {}</td><td>{} ({}–{})</td><td>{} / {}</td><td>{} / {}</td><td>{} / {}</td></tr>",
+                    escape(&e.model_a),
+                    escape(&e.model_b),
+                    escape(&e.judge),
+                    escape(&p.purpose),
+                    p.tally.comparisons,
+                    p.tally.wins,
+                    p.tally.ties,
+                    p.tally.losses,
+                    pct(p.tally.win_rate),
+                    pct(p.tally.ci95[0]),
+                    pct(p.tally.ci95[1]),
+                    pct(p.a.degenerate),
+                    pct(p.b.degenerate),
+                    pct(p.a.bare_refusal),
+                    pct(p.b.bare_refusal),
+                    judged(&p.a),
+                    judged(&p.b),
+                );
+            }
+        }
+        html.push_str("</table>\n");
+    }
+    if !report.quality.is_empty() {
+        html.push_str("<h2>Answer quality by stage</h2><table id=\"quality\"><tr><th>stage</th><th>answers</th><th>degenerate</th><th>repetitive</th><th>meta-commentary</th><th>refusals</th><th>bare refusals</th><th>cut off</th><th>targets kept / dropped</th></tr>\n");
+        for (stage, q) in &report.quality {
+            let pct = |n: u64| format!("{:.0}%", 100.0 * q.share(n));
+            let targets = report
+                .targets
+                .get(stage)
+                .map(|(k, d)| format!("{k} / {d}"))
+                .unwrap_or_else(|| "–".into());
+            let _ = writeln!(
+                html,
+                "<tr><td style=\"text-align:left\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{targets}</td></tr>",
+                escape(stage),
+                q.answers,
+                pct(q.degenerate),
+                pct(q.repetitive),
+                pct(q.meta),
+                pct(q.refusals),
+                pct(q.bare_refusals),
+                pct(q.cut_off),
+            );
+        }
+        html.push_str("</table>\n");
     }
     html.push_str("<h2>Throughput by stage</h2><table id=\"throughput\"><tr><th>stage</th><th>records</th><th>first (s)</th><th>last (s)</th><th>records/s</th></tr>\n");
     for (stage, (n, first, last)) in &report.throughput {

@@ -154,6 +154,48 @@ fn answers_the_capital_of_france_and_round_trips_as_a_checkpoint() {
     // produces the same tokens.
     let dir = tempfile::tempdir().expect("tempdir");
     model::load::save_dir(&loaded.model, &loaded.tokenizer, dir.path()).expect("save");
+    // Its chat template is whole: rendered by a Jinja engine (as transformers'
+    // `apply_chat_template` does), it gives exactly what cairn trained on — the user's
+    // message and the assistant opening included.
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("tokenizer_config.json")).expect("config"),
+    )
+    .expect("config parses");
+    let template = config["chat_template"].as_str().expect("chat_template");
+    let mut env = minijinja::Environment::new();
+    env.add_template("chat", template).expect("template parses");
+    for system in [None, Some("Answer in French.")] {
+        let mut messages = Vec::new();
+        let mut json_messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(Message::new(Role::System, s));
+            json_messages.push(serde_json::json!({"role": "system", "content": s}));
+        }
+        messages.push(Message::new(Role::User, "What's 2 + 2?\nBe quick."));
+        json_messages
+            .push(serde_json::json!({"role": "user", "content": "What's 2 + 2?\nBe quick."}));
+        for generation_prompt in [true, false] {
+            let rendered = env
+                .get_template("chat")
+                .expect("template")
+                .render(minijinja::context! {
+                    messages => json_messages.clone(),
+                    add_generation_prompt => generation_prompt,
+                })
+                .expect("renders");
+            assert_eq!(
+                rendered,
+                loaded.tokenizer.chat().render(&messages, generation_prompt),
+                "system {system:?}, generation prompt {generation_prompt}"
+            );
+            assert!(rendered.contains("What's 2 + 2?\nBe quick."), "{rendered}");
+            assert_eq!(
+                rendered.ends_with("<|im_start|>assistant\n"),
+                generation_prompt,
+                "{rendered}"
+            );
+        }
+    }
     let back = model::load(dir.path(), Device::Cpu).expect("load checkpoint");
     assert_eq!(
         back.tokenizer

@@ -23,9 +23,19 @@ pub struct EvalArgs {
     /// Model B.
     #[arg(long)]
     b: String,
-    /// The feedback model that judges (default: the fetched default model).
-    #[arg(long, default_value = "default")]
+    /// The judge: never model A or B (default: the fetched feedback model, `scripts/setup
+    /// --feedback`).
+    #[arg(long, default_value = "feedback")]
     judge: String,
+    /// Run the judge in f32 instead of bfloat16.
+    #[arg(long)]
+    judge_f32: bool,
+    /// A training run's log: its prompts are left out by text (repeatable).
+    #[arg(long = "exclude-log")]
+    exclude_log: Vec<PathBuf>,
+    /// Do not ask the judge whether each answer is evasive.
+    #[arg(long)]
+    no_assess: bool,
     /// Red-team prompt files (`default`: the fetched sets).
     #[arg(long = "prompts", default_value = "default")]
     prompts: Vec<String>,
@@ -91,6 +101,9 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
         seed: 1,
         principles: strings(HARMLESS_PRINCIPLES),
         helpful_principles: strings(HELPFUL_PRINCIPLES),
+        exclude_logs: args.exclude_log.clone(),
+        assess: !args.no_assess,
+        judge_bf16: !args.judge_f32,
     };
     let (result, _) = cairn::eval::evaluate(
         &opts,
@@ -105,34 +118,62 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .context("evaluating")?;
-    println!(
-        "A = {}\nB = {}\n{} comparisons: A wins {:.1}% (95% CI {:.1}–{:.1}%), mean P(A better) {:.3}",
-        result.model_a,
-        result.model_b,
-        result.comparisons,
-        100.0 * result.win_rate_a,
-        100.0 * result.ci95[0],
-        100.0 * result.ci95[1],
-        result.mean_p_a
-    );
-    println!(
-        "Elo: A {:.0}, B {:.0}; refusals: A {:.0}%, B {:.0}%",
-        result.elo[0],
-        result.elo[1],
-        100.0 * result.refusal_share[0],
-        100.0 * result.refusal_share[1]
-    );
-    for (purpose, n, w) in &result.by_purpose {
-        println!(
-            "  {purpose:<9} {n:>4} comparisons, A wins {:.1}%",
-            100.0 * w
-        );
-    }
+    print!("{}", describe(&result));
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_string_pretty(&result)?)
             .with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The outcome as lines of text: overall, then per purpose with each model's answer quality.
+fn describe(r: &cairn::record::EvalReportRecord) -> String {
+    let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+    let mut out = format!(
+        "A = {}\nB = {}\njudge = {}\n{} comparisons ({} prompts left out as seen in training): \
+         A {} / {} / {} (wins / ties / losses), win rate {} (95% CI {}–{}), Elo A {:.0} vs B {:.0}\n",
+        r.model_a,
+        r.model_b,
+        r.judge,
+        r.overall.comparisons,
+        r.excluded_prompts,
+        r.overall.wins,
+        r.overall.ties,
+        r.overall.losses,
+        pct(r.overall.win_rate),
+        pct(r.overall.ci95[0]),
+        pct(r.overall.ci95[1]),
+        r.elo[0],
+        r.elo[1],
+    );
+    for p in &r.by_purpose {
+        let t = &p.tally;
+        out += &format!(
+            "  {:<9} {:>4} comparisons: A {} / {} / {}, win rate {} (95% CI {}–{})\n",
+            p.purpose,
+            t.comparisons,
+            t.wins,
+            t.ties,
+            t.losses,
+            pct(t.win_rate),
+            pct(t.ci95[0]),
+            pct(t.ci95[1])
+        );
+        for (name, s) in [("A", &p.a), ("B", &p.b)] {
+            out += &format!(
+                "    {name}: degenerate {} (repetitive {}, meta {}), refusals {} (bare {}), judged evasive {}\n",
+                pct(s.degenerate),
+                pct(s.repetitive),
+                pct(s.meta),
+                pct(s.refusal),
+                pct(s.bare_refusal),
+                s.evasive_judged
+                    .map(pct)
+                    .unwrap_or_else(|| "not asked".into())
+            );
+        }
+    }
+    out
 }
 
 /// Arguments of `cairn report`.
@@ -269,6 +310,12 @@ pub fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
                 }
                 Payload::EvalResult(e) => {
                     latest.insert("eval", format!("A wins {:.1}%", 100.0 * e.win_rate_a));
+                }
+                Payload::EvalReport(e) => {
+                    latest.insert(
+                        "eval",
+                        format!("A win rate {:.1}%", 100.0 * e.overall.win_rate),
+                    );
                 }
                 _ => {}
             }

@@ -176,6 +176,25 @@ pub fn run(cmd: LogCommand) -> anyhow::Result<ExitCode> {
             for (kind, n) in &s.kinds {
                 println!("{kind:<20} {n:>10}");
             }
+            if !s.answers.is_empty() {
+                println!("answer quality (model-free checks):");
+                for (stage, q) in &s.answers {
+                    println!("  {stage:<18} {}", q.summary());
+                }
+            }
+            for (stage, t) in &s.targets {
+                let reasons: Vec<String> = s_reasons(&t.reasons);
+                println!(
+                    "training targets ({stage}): {} kept, {} dropped{}",
+                    t.kept,
+                    t.dropped,
+                    if reasons.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", reasons.join(", "))
+                    }
+                );
+            }
             if let Some(t) = &s.torn_tail {
                 println!("torn tail: {t}");
             }
@@ -311,4 +330,14 @@ fn summary(payload: &cairn::record::Payload) -> String {
         Payload::Checkpoint(c) => format!("{} (sha256 {})", c.path, c.sha256),
         other => short(&other.to_json().to_string()),
     }
+}
+
+/// `reason: count` items, most frequent first.
+fn s_reasons(reasons: &std::collections::BTreeMap<String, u64>) -> Vec<String> {
+    let mut items: Vec<(&String, &u64)> = reasons.iter().collect();
+    items.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    items
+        .into_iter()
+        .map(|(r, n)| format!("{r}: {n}"))
+        .collect()
 }

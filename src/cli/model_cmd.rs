@@ -12,7 +12,7 @@ use cairn::paths;
 /// Model selection shared by the model commands.
 #[derive(Args, Debug)]
 pub struct ModelArgs {
-    /// A GGUF file or a Hugging Face model directory (default: the fetched SmolLM2-135M-Instruct).
+    /// A GGUF file or a Hugging Face model directory (default: the fetched SmolLM2-135M-Instruct; `feedback`: the fetched 1.5B feedback model).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Device: auto, cpu, cuda or cuda:N.
@@ -25,12 +25,25 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     fn load(&self) -> anyhow::Result<model::LoadedModel> {
-        let path = self.model.clone().unwrap_or_else(paths::default_model);
-        if self.model.is_none() && !path.exists() {
+        let path = match &self.model {
+            None => paths::default_model(),
+            Some(m) => m
+                .to_str()
+                .and_then(paths::named_model)
+                .unwrap_or_else(|| m.clone()),
+        };
+        if !path.exists() && path == paths::default_model() {
             anyhow::bail!(
                 "default model {} is missing: {}",
                 path.display(),
                 paths::SETUP_HINT
+            );
+        }
+        if !path.exists() && path == paths::feedback_model() {
+            anyhow::bail!(
+                "feedback model {} is missing: {}",
+                path.display(),
+                paths::FEEDBACK_HINT
             );
         }
         let device = model::parse_device(&self.device)?;

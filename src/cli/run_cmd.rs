@@ -68,7 +68,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 known.join(", ")
             );
         };
-        model.path = PathBuf::from(path);
+        model.path = cairn::paths::named_model(path).unwrap_or_else(|| PathBuf::from(path));
     }
     let log = args
         .log

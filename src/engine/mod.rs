@@ -184,6 +184,14 @@ fn load_prompts(spec: &Spec) -> Result<Vec<Rec>, EngineError> {
         read_prompts
     };
     let defaults = crate::paths::default_prompt_sources();
+    let base = spec.path.parent().unwrap_or(Path::new("."));
+    let mut excluded = std::collections::HashSet::new();
+    for f in &spec.prompts.exclude {
+        let source = PromptSource::new(base.join(f), PromptPurpose::RedTeam);
+        for p in read_prompts(&source).map_err(|e| EngineError::Input(e.to_string()))? {
+            excluded.insert(p.text.trim().to_string());
+        }
+    }
     let mut out = Vec::new();
     for (purpose, files, limit, skip) in [
         (
@@ -209,7 +217,6 @@ fn load_prompts(spec: &Spec) -> Result<Vec<Rec>, EngineError> {
                         .cloned()
                         .collect::<Vec<_>>()
                 } else {
-                    let base = spec.path.parent().unwrap_or(Path::new("."));
                     let p = f.replace(
                         "$CAIRN_HOME",
                         &crate::paths::cairn_home().display().to_string(),
@@ -223,6 +230,9 @@ fn load_prompts(spec: &Spec) -> Result<Vec<Rec>, EngineError> {
         for source in sources {
             let prompts = read(&source).map_err(|e| EngineError::Input(e.to_string()))?;
             for p in prompts {
+                if excluded.contains(p.text.trim()) {
+                    continue;
+                }
                 if skipped < skip {
                     skipped += 1;
                     continue;
@@ -268,7 +278,11 @@ fn stage_context(
                 "model `{}`: {} does not exist ({})",
                 m.name,
                 m.path.display(),
-                crate::paths::SETUP_HINT
+                if m.path == crate::paths::feedback_model() {
+                    crate::paths::FEEDBACK_HINT
+                } else {
+                    crate::paths::SETUP_HINT
+                }
             )));
         }
         tokenizers.insert(m.name.clone(), crate::model::load::load_tokenizer(&m.path)?);

@@ -316,6 +316,21 @@ pub struct LogStats {
     pub time_range_ns: Option<(u64, u64)>,
     /// A torn tail, described, if present.
     pub torn_tail: Option<String>,
+    /// Quality of the model answers each stage wrote (`quality::answers_of`).
+    pub answers: BTreeMap<String, crate::quality::QualityCounts>,
+    /// Training targets each filter stage kept and dropped.
+    pub targets: BTreeMap<String, TargetCounts>,
+}
+
+/// Training targets of one filter stage.
+#[derive(Debug, Default, Serialize)]
+pub struct TargetCounts {
+    /// Kept for training.
+    pub kept: u64,
+    /// Dropped.
+    pub dropped: u64,
+    /// Dropped, by reason (the reason's words before any parenthesis).
+    pub reasons: BTreeMap<String, u64>,
 }
 
 /// Summarises a log; corruption is an error.
@@ -331,6 +346,19 @@ pub fn stats(dir: &Path) -> Result<LogStats, LogError> {
         st.bytes += len as u64;
         *s.kinds.entry(env.payload.kind().to_string()).or_default() += 1;
         s.runs.insert(env.run_id.to_string());
+        for answer in crate::quality::answers_of(&env.payload) {
+            s.answers.entry(env.stage.clone()).or_default().add(answer);
+        }
+        if let crate::record::Payload::Target(t) = &env.payload {
+            let c = s.targets.entry(env.stage.clone()).or_default();
+            if t.kept {
+                c.kept += 1;
+            } else {
+                c.dropped += 1;
+                let reason = t.reason.split(" (").next().unwrap_or_default();
+                *c.reasons.entry(reason.to_string()).or_default() += 1;
+            }
+        }
         s.time_range_ns = Some(match s.time_range_ns {
             None => (env.wall_ns, env.wall_ns),
             Some((a, b)) => (a.min(env.wall_ns), b.max(env.wall_ns)),

@@ -27,7 +27,7 @@ pub use generate::{ChoiceRequest, Finish, GenerateRequest, Generation, ScoreRequ
 pub use llama::{KvCache, Llama};
 pub use load::{LoadedModel, load};
 pub use sampling::SamplingParams;
-pub use tokenizer::{Message, Role, Tokenizer};
+pub use tokenizer::{ChatFormat, Message, Role, Tokenizer};
 pub use worker::{Job, JobOutput, ModelWorker, WorkerHandle, WorkerOptions};
 
 /// Errors of the model runtime.

@@ -112,6 +112,29 @@ impl ChatFormat {
         out
     }
 
+    /// The whole chat format as a Jinja template, the form Hugging Face tokenizers store
+    /// in `tokenizer_config.json`: the default system message when the conversation has
+    /// none, every turn, and the assistant opening when `add_generation_prompt` is set —
+    /// so `apply_chat_template` renders exactly what [`ChatFormat::render`] does.
+    ///
+    /// ```
+    /// use cairn::model::ChatFormat;
+    /// let t = ChatFormat { default_system: Some("Be brief.".into()) }.jinja_template();
+    /// assert!(t.contains("Be brief.") && t.contains("add_generation_prompt"));
+    /// ```
+    pub fn jinja_template(&self) -> String {
+        let system = match &self.default_system {
+            Some(s) => format!(
+                "{{% if messages[0]['role'] != 'system' %}}{{{{ '{IM_START}system\\n{}{IM_END}\\n' }}}}{{% endif %}}",
+                jinja_literal(s)
+            ),
+            None => String::new(),
+        };
+        format!(
+            "{system}{{% for message in messages %}}{{{{ '{IM_START}' + message['role'] + '\\n' + message['content'] + '{IM_END}\\n' }}}}{{% endfor %}}{{% if add_generation_prompt %}}{{{{ '{IM_START}assistant\\n' }}}}{{% endif %}}"
+        )
+    }
+
     /// Reads the default system message out of a ChatML Jinja template: the text a template
     /// literal puts between `<|im_start|>system\n` and `<|im_end|>`.
     pub fn from_template(template: &str) -> ChatFormat {
@@ -121,14 +144,42 @@ impl ChatFormat {
             let start = template.find(m)? + m.len();
             let end = start + template[start..].find(IM_END)?;
             let text = &template[start..end];
-            // A Jinja expression (the user's own system message) is not a default.
-            (!text.contains("{{") && !text.contains('\'') && !text.is_empty())
-                .then(|| text.replace("\\n", "\n"))
+            // A Jinja expression (the user's own system message) is not a default: it
+            // closes the literal with an unescaped quote or opens `{{`.
+            (!text.contains("{{") && !text.is_empty())
+                .then(|| unescape_literal(text))
+                .flatten()
         });
         ChatFormat {
             default_system: found,
         }
     }
+}
+
+/// The text of a single-quoted Jinja literal's inside (`\\n`, `\\'`, `\\\\` unescaped), or
+/// `None` when it holds an unescaped quote (the literal ends inside it).
+fn unescape_literal(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some('n') => out.push('\n'),
+                Some(other) => out.push(other),
+                None => out.push('\\'),
+            },
+            '\'' => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// `text` as the inside of a single-quoted Jinja string literal.
+fn jinja_literal(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('\'', "\\'")
+        .replace('\n', "\\n")
 }
 
 fn push_turn(out: &mut String, role: &str, content: &str) {
@@ -279,13 +330,7 @@ impl Tokenizer {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
-        let template = match &self.chat.default_system {
-            Some(s) => format!(
-                "{{% if messages[0]['role'] != 'system' %}}{{{{ '{IM_START}system\\n{}{IM_END}\\n' }}}}{{% endif %}}",
-                s.replace('\n', "\\n").replace('\'', "")
-            ),
-            None => String::new(),
-        };
+        let template = self.chat.jinja_template();
         let eos = self.eos.first().and_then(|&id| self.inner.id_to_token(id));
         let config = serde_json::json!({ "chat_template": template, "eos_token": eos });
         let config_path = dir.join("tokenizer_config.json");

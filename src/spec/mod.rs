@@ -38,7 +38,8 @@ pub struct Spec {
 pub struct ModelSpec {
     /// Name stages refer to.
     pub name: String,
-    /// GGUF file or model directory; `default` for the fetched default model.
+    /// GGUF file or model directory; `default` for the fetched default model, `feedback`
+    /// for the fetched feedback model.
     pub path: PathBuf,
     /// Serve an instant stand-in (no computation; the file gives only the tokenizer): for
     /// measuring the engine's own overhead.
@@ -77,6 +78,11 @@ pub struct PromptsSpec {
     /// Keep reading the files for appended prompts until interrupted.
     #[serde(default)]
     pub follow: bool,
+    /// Prompt files (any format a prompt source may have) whose texts are left out — e.g.
+    /// every prompt a training run saw, so an evaluation is disjoint from it by text.
+    /// Skips and limits count only the prompts kept.
+    #[serde(default)]
+    pub exclude: Vec<String>,
 }
 
 fn default_epoch_size() -> usize {
@@ -184,11 +190,7 @@ impl Spec {
             let m: RawModel = value.clone().try_into().map_err(|e: toml::de::Error| {
                 err(models_line, format!("model `{name}`: {}", e.message()))
             })?;
-            let path = if m.path == "default" {
-                crate::paths::default_model()
-            } else {
-                resolve(base, &m.path)
-            };
+            let path = crate::paths::named_model(&m.path).unwrap_or_else(|| resolve(base, &m.path));
             models.push(ModelSpec {
                 name: name.clone(),
                 path,
@@ -307,7 +309,7 @@ pub fn rewrite(text: &str, base: &Path, sets: &[(String, String)]) -> Result<Str
     let mut doc: toml::Table = toml::from_str(text).map_err(|e| e.message().to_string())?;
     let absolute = |v: &mut toml::Value| {
         if let toml::Value::String(p) = v
-            && p != "default"
+            && !crate::paths::is_model_name(p)
         {
             *p = resolve(base, p).display().to_string();
         }
@@ -365,7 +367,7 @@ pub fn rewrite(text: &str, base: &Path, sets: &[(String, String)]) -> Result<Str
         // A path given on the command line is relative to where the command runs.
         if (leaf == "constitution" || leaf == "path")
             && let toml::Value::String(p) = &mut value
-            && p != "default"
+            && !crate::paths::is_model_name(p)
             && let Ok(cwd) = std::env::current_dir()
         {
             *p = resolve(&cwd, p).display().to_string();

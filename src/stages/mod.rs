@@ -8,7 +8,9 @@
 //! Adding a stage: write `src/stages/<name>.rs` implementing [`Stage`], add one line to
 //! [`registry`], and name it in a `dataflows/*.toml` spec (see `examples/custom_stage.rs`).
 
+pub mod assess;
 pub mod critique;
+pub mod filter;
 pub mod judge;
 pub mod pairs;
 pub mod pm;
@@ -16,6 +18,7 @@ pub mod ppo;
 pub mod revise;
 pub mod rollout;
 pub mod sample;
+pub mod schedule;
 pub mod sft;
 
 use std::collections::HashMap;
@@ -325,6 +328,11 @@ pub fn registry() -> Vec<StageKind> {
             revise::build,
         ),
         (
+            "filter",
+            "keep or drop each revision/helpful sample as an SFT target, with a logged reason",
+            filter::build,
+        ),
+        (
             "pairs",
             "answer each prompt twice, with distinct seeds, for AI feedback",
             pairs::build,
@@ -333,6 +341,11 @@ pub fn registry() -> Vec<StageKind> {
             "judge",
             "soft preference label for a pair from the feedback model (both orders, ensemble, CoT)",
             judge::build,
+        ),
+        (
+            "assess",
+            "ask the feedback model a yes/no question about each answer of a pair (default: evasive?)",
+            assess::build,
         ),
         (
             "rollout",

@@ -41,6 +41,20 @@ struct Settings {
     eval_every: u64,
     #[serde(default = "yes")]
     helpful: bool,
+    /// Passes over the comparisons (more than one: training waits for the input's end).
+    #[serde(default = "one")]
+    epochs: usize,
+    #[serde(default)]
+    warmup_steps: u64,
+    /// `constant`, `linear` or `cosine` decay after warmup.
+    #[serde(default = "constant")]
+    lr_schedule: String,
+}
+fn one() -> usize {
+    1
+}
+fn constant() -> String {
+    "constant".into()
 }
 fn pm_model() -> String {
     "pm".into()
@@ -74,11 +88,13 @@ pub struct PmStage {
     carry: Vec<(Key, PmExample)>,
     held_out: Vec<(Key, PmExample)>,
     step_keys: Vec<Key>,
+    schedule: super::schedule::Schedule,
+    total_steps: u64,
 }
 
 /// Builds the stage: `model` (default `pm`; give it `score_head = true`), `batch_size`,
 /// `micro_batch`, `lr`, `weight_decay`, `max_grad_norm`, `held_out`, `eval_every`,
-/// `helpful`.
+/// `helpful`, `epochs`, `warmup_steps`, `lr_schedule`.
 pub fn build(
     name: &str,
     settings: &StageSettings,
@@ -96,8 +112,18 @@ pub fn build(
     if !(0.0..1.0).contains(&parsed.held_out) || parsed.lr.is_nan() || parsed.lr <= 0.0 {
         return Err(bad("held_out must be in [0, 1) and lr > 0"));
     }
+    if parsed.epochs == 0 {
+        return Err(bad("epochs must be at least 1"));
+    }
+    let schedule = super::schedule::Schedule {
+        epochs: parsed.epochs,
+        warmup_steps: parsed.warmup_steps,
+        decay: super::schedule::parse_decay(name, &parsed.lr_schedule)?,
+    };
     Ok(Box::new(PmStage {
         name: name.to_string(),
+        schedule,
+        total_steps: 0,
         digest: settings_digest(settings),
         settings: parsed,
         ctx: ctx.clone(),
@@ -195,11 +221,11 @@ impl PmStage {
         self.step_keys.push(key);
         let s = &self.settings;
         let optim = OptimConfig {
-            lr: s.lr,
+            lr: self.schedule.lr(s.lr, self.step, self.total_steps),
             weight_decay: s.weight_decay,
             max_grad_norm: s.max_grad_norm,
         };
-        let (step, lr, n, name) = (self.step, s.lr, batch.len() as u64, self.name.clone());
+        let (step, lr, n, name) = (self.step, optim.lr, batch.len() as u64, self.name.clone());
         TrainWork {
             key,
             parents: batch.iter().map(|(k, _)| *k).collect(),
@@ -236,19 +262,40 @@ impl PmStage {
 
     fn drain_steps(&mut self, all: bool) -> Vec<TrainWork> {
         let mut work = Vec::new();
+        if self.schedule.needs_all_data() {
+            if !all || self.carry.is_empty() {
+                return work;
+            }
+            let pool = std::mem::take(&mut self.carry);
+            self.total_steps =
+                pool.len().div_ceil(self.settings.batch_size) as u64 * self.schedule.epochs as u64;
+            for epoch in 0..self.schedule.epochs {
+                let order = super::schedule::epoch_order(&pool, epoch, self.ctx.seed);
+                for batch in order.chunks(self.settings.batch_size) {
+                    work.push(self.step_work(batch.to_vec()));
+                    self.eval_if_due(&mut work);
+                }
+            }
+            return work;
+        }
         while self.carry.len() >= self.settings.batch_size || (all && !self.carry.is_empty()) {
             let n = self.settings.batch_size.min(self.carry.len());
             let batch: Vec<_> = self.carry.drain(..n).collect();
             work.push(self.step_work(batch));
-            let every = self.settings.eval_every;
-            if every > 0
-                && self.step.is_multiple_of(every)
-                && let Some(w) = self.eval_work("eval")
-            {
-                work.push(w);
-            }
+            self.eval_if_due(&mut work);
         }
         work
+    }
+
+    /// A held-out evaluation after every `eval_every` steps.
+    fn eval_if_due(&self, work: &mut Vec<TrainWork>) {
+        let every = self.settings.eval_every;
+        if every > 0
+            && self.step.is_multiple_of(every)
+            && let Some(w) = self.eval_work("eval")
+        {
+            work.push(w);
+        }
     }
 }
 

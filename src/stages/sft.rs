@@ -47,6 +47,19 @@ struct Settings {
     helpful_ratio: f64,
     #[serde(default = "held_out")]
     held_out: f64,
+    /// Passes over the training examples (more than one: training waits for the input's end).
+    #[serde(default = "one")]
+    epochs: usize,
+    /// `constant`, `linear` or `cosine` decay after warmup (decay: training waits for the
+    /// input's end, when the number of steps is known).
+    #[serde(default = "constant")]
+    lr_schedule: String,
+}
+fn one() -> usize {
+    1
+}
+fn constant() -> String {
+    "constant".into()
 }
 fn sft_model() -> String {
     "sft".into()
@@ -80,6 +93,9 @@ pub struct SftStage {
     carry: Vec<(Key, SftExample)>,
     held_out: Vec<(Key, SftExample)>,
     step_keys: Vec<Key>,
+    schedule: super::schedule::Schedule,
+    /// Steps the run will take, once known (schedules that need all data).
+    total_steps: u64,
 }
 
 impl SftStage {
@@ -107,9 +123,19 @@ impl SftStage {
                 "held_out must be in [0, 1), helpful_ratio >= 0 and lr > 0",
             ));
         }
+        if parsed.epochs == 0 {
+            return Err(bad("epochs must be at least 1"));
+        }
+        let schedule = super::schedule::Schedule {
+            epochs: parsed.epochs,
+            warmup_steps: parsed.warmup_steps,
+            decay: super::schedule::parse_decay(name, &parsed.lr_schedule)?,
+        };
         Ok(SftStage {
             name: name.to_string(),
             digest: settings_digest(settings),
+            schedule,
+            total_steps: 0,
             settings: parsed,
             ctx: ctx.clone(),
             step: 0,
@@ -128,6 +154,11 @@ impl SftStage {
         let (conversation, response, red) = match &rec.payload {
             Payload::Revision(r) => (&r.conversation, &r.response, true),
             Payload::Sample(s) => (&s.conversation, &s.response, false),
+            Payload::Target(t) if t.kept => (
+                &t.conversation,
+                &t.response,
+                t.conversation.purpose == PromptPurpose::RedTeam,
+            ),
             _ => return Ok(None),
         };
         let tok = self.ctx.tokenizer(&self.name, &self.settings.model)?;
@@ -177,6 +208,9 @@ impl SftStage {
             }
         }
         let mut work = Vec::new();
+        if self.schedule.needs_all_data() {
+            return Ok(work);
+        }
         while self.carry.len() >= self.settings.batch_size {
             let batch: Vec<_> = self.carry.drain(..self.settings.batch_size).collect();
             work.push(self.step_work(batch));
@@ -186,6 +220,17 @@ impl SftStage {
 
     fn finish_inner(&mut self) -> Vec<TrainWork> {
         let mut work = Vec::new();
+        if self.schedule.needs_all_data() && !self.carry.is_empty() {
+            let pool = std::mem::take(&mut self.carry);
+            let per_epoch = pool.len().div_ceil(self.settings.batch_size) as u64;
+            self.total_steps = per_epoch * self.schedule.epochs as u64;
+            for epoch in 0..self.schedule.epochs {
+                let order = super::schedule::epoch_order(&pool, epoch, self.ctx.seed);
+                for batch in order.chunks(self.settings.batch_size) {
+                    work.push(self.step_work(batch.to_vec()));
+                }
+            }
+        }
         if !self.carry.is_empty() {
             let batch = std::mem::take(&mut self.carry);
             work.push(self.step_work(batch));
@@ -252,13 +297,8 @@ impl SftStage {
         );
         self.step_keys.push(key);
         let s = &self.settings;
-        let warm = if s.warmup_steps == 0 {
-            1.0
-        } else {
-            (self.step as f64 / s.warmup_steps as f64).min(1.0)
-        };
         let optim = OptimConfig {
-            lr: s.lr * warm,
+            lr: self.schedule.lr(s.lr, self.step, self.total_steps),
             weight_decay: s.weight_decay,
             max_grad_norm: s.max_grad_norm,
         };
@@ -303,10 +343,12 @@ impl TrainingStage for SftStage {
         &self.name
     }
 
-    /// Final revisions (the spec's `from` picks the round) and helpful samples.
+    /// Final revisions (the spec's `from` picks the round), helpful samples, and the
+    /// targets a `filter` stage kept.
     fn accepts(&self, rec: &Rec) -> bool {
         match &rec.payload {
             Payload::Revision(_) => true,
+            Payload::Target(t) => t.kept,
             Payload::Sample(s) => s.conversation.purpose == PromptPurpose::Helpful,
             _ => false,
         }

@@ -83,8 +83,9 @@ pub struct PpoStats {
     pub mean_score: f64,
     /// Mean total reward per rollout (score minus KL penalty).
     pub mean_reward: f64,
-    /// Mean per-rollout KL to the reference (sum over tokens of log π − log π_ref on the
-    /// sampled tokens), before the update.
+    /// Mean per-rollout KL to the reference, before the update: the sum over the sampled
+    /// tokens of the k3 estimate `exp(r) − 1 − r`, `r = log π_ref − log π` ([`k3`]); never
+    /// negative.
     pub kl: f64,
     /// Mean per-token entropy, before the update.
     pub entropy: f64,
@@ -180,6 +181,18 @@ pub fn repetition(tokens: &[u32]) -> f64 {
     1.0 - distinct.len() as f64 / grams.len() as f64
 }
 
+/// The k3 estimate of KL(π ‖ π_ref) from one sampled token's log-ratio `r = log π_ref − log π`:
+/// `exp(r) − 1 − r`, unbiased and never negative.
+///
+/// ```
+/// use cairn::train::ppo::k3;
+/// assert_eq!(k3(0.0), 0.0);
+/// assert!(k3(-2.0) > 0.0 && k3(2.0) > 0.0);
+/// ```
+pub fn k3(r: f64) -> f64 {
+    r.exp_m1() - r
+}
+
 /// One PPO update of `model` (which must have a value head) with optimiser `opt`.
 pub fn ppo_update(
     model: &Llama,
@@ -234,9 +247,11 @@ pub fn ppo_update(
         rewards[n - 1] += f64::from(r.score);
         let values: Vec<f64> = old_v[at..at + n].iter().map(|&v| f64::from(v)).collect();
         let (adv, ret) = gae(&rewards, &values, config.gamma, config.lam);
-        // The plain log-ratio estimate, as TRL logs it. On samples drawn at a temperature
-        // other than 1 it is biased and can be negative.
-        stats.kl += kl.iter().sum::<f64>();
+        // The penalty uses the plain log-ratio per token (its expectation is the KL); the
+        // logged KL uses the k3 estimator, exp(r) - 1 - r with r = log π_ref - log π, which
+        // has the same expectation and is never negative, so a logged negative KL cannot
+        // hide a policy that drifted.
+        stats.kl += kl.iter().map(|&k| k3(-k)).sum::<f64>();
         stats.mean_reward += rewards.iter().sum::<f64>();
         stats.mean_score += f64::from(r.score);
         stats.response_length += n as f64;
