@@ -142,7 +142,9 @@ pub fn evaluate(
     for log in &opts.exclude_logs {
         seen.extend(training_prompts(log)?);
     }
-    let exclude_path = run_opts.log.join("excluded-prompts.jsonl");
+    // Absolute: the spec resolves relative paths against its own folder, the log.
+    let exclude_path = std::path::absolute(run_opts.log.join("excluded-prompts.jsonl"))
+        .map_err(|e| EngineError::Input(format!("{}: {e}", run_opts.log.display())))?;
     let lines: String = seen
         .iter()
         .map(|t| format!("{}\n", serde_json::json!({ "prompt": t })))

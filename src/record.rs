@@ -515,6 +515,8 @@ pub struct TargetRecord {
     pub reason: String,
     /// Share of its 4-word phrases that repeat (see `quality::repetition`).
     pub repetition: f64,
+    /// The feedback model's probability that it gives harmful help, when it was asked.
+    pub p_harmful: Option<f64>,
 }
 
 /// The `assessment` record: one yes/no question about each answer of a pair.

@@ -257,7 +257,7 @@ fn sl_cai_runs_on_the_default_model() {
         .expect("write");
     std::fs::write(
         dir.path().join("helpful.txt"),
-        "Give me one tip for sleeping better.\n",
+        "In one short sentence, give me one tip for sleeping better.\n",
     )
     .expect("write");
     let constitution =
@@ -279,7 +279,7 @@ epoch_size = 3
 name = "sample"
 kind = "sample"
 from = "prompts"
-max_new_tokens = 24
+max_new_tokens = 64
 [[stage]]
 name = "critique_1"
 kind = "critique"
@@ -295,12 +295,18 @@ round = 1
 few_shot = 1
 max_new_tokens = 24
 [[stage]]
+name = "targets"
+kind = "filter"
+from = ["revise_1", "sample"]
+[[stage]]
 name = "sft"
 kind = "sft"
-from = ["revise_1", "sample"]
-batch_size = 3
-micro_batch = 3
+from = "targets"
+batch_size = 1
+micro_batch = 1
 held_out = 0.0
+epochs = 2
+lr_schedule = "cosine"
 "#,
         constitution.display()
     );
@@ -326,11 +332,57 @@ held_out = 0.0
         };
         assert!(!r.response.is_empty());
     }
+    // Every revision and the helpful sample were checked; SFT learnt from exactly the kept
+    // targets, each once per epoch, at a rate that decays.
+    let mut kept = std::collections::BTreeSet::new();
+    let mut targets = 0;
+    let mut steps: Vec<(Vec<cairn::record::Key>, f64)> = Vec::new();
+    for env in cairn::log::LogReader::open(&opts.log)
+        .expect("log")
+        .iter_from(0)
+    {
+        let env = env.expect("event");
+        match env.payload {
+            cairn::record::Payload::Target(t) => {
+                targets += 1;
+                assert_eq!(t.kept, t.reason.is_empty(), "{t:?}");
+                if t.kept {
+                    kept.insert(env.key);
+                }
+            }
+            cairn::record::Payload::SftStep(s) => steps.push((env.parents, s.lr)),
+            _ => {}
+        }
+    }
+    assert_eq!(targets, 3, "two revisions and one helpful sample");
+    assert!(
+        !kept.is_empty(),
+        "the default model keeps at least one target here"
+    );
+    assert_eq!(steps.len(), 2 * kept.len(), "batch 1, two epochs");
+    let mut seen = std::collections::BTreeMap::new();
+    for (parents, _) in &steps {
+        for p in parents {
+            assert!(
+                kept.contains(p),
+                "trained on a record the filter did not keep"
+            );
+            *seen.entry(*p).or_insert(0) += 1;
+        }
+    }
+    assert!(seen.values().all(|&n| n == 2), "{seen:?}");
+    let rates: Vec<f64> = steps.iter().map(|s| s.1).collect();
+    assert!(
+        rates.windows(2).all(|w| w[1] <= w[0]),
+        "cosine decay: {rates:?}"
+    );
+    assert!(rates[rates.len() - 1] < rates[0], "{rates:?}");
     let again = cairn::engine::run(&spec, &opts).expect("rerun");
     assert_eq!(
         again.stages["sample"].computed
             + again.stages["critique_1"].computed
-            + again.stages["revise_1"].computed,
+            + again.stages["revise_1"].computed
+            + again.stages["targets"].computed,
         0
     );
 }
@@ -395,7 +447,15 @@ fn cai_pipeline_runs_on_the_default_model() {
         .replace("max_new_tokens = 40", "max_new_tokens = 12")
         .replace("few_shot = 2", "few_shot = 1")
         .replace("ensemble = 2", "ensemble = 1")
-        .replace("# dtype = \"bf16\"", "dtype = \"bf16\"");
+        .replace("# dtype = \"bf16\"", "dtype = \"bf16\"")
+        // Twelve-token answers all stop mid-sentence and the filter drops them; here SFT
+        // learns from the raw revisions so the RL half has a trained model (the filter's
+        // path into SFT is tested in `sl_cai_runs_on_the_default_model`).
+        .replace("from = \"targets\"", "from = [\"revise_2\", \"sample\"]");
+    assert!(
+        small.contains("from = [\"revise_2\", \"sample\"]"),
+        "cai.toml changed"
+    );
     assert!(small.contains("\ndtype = \"bf16\""), "cai.toml changed");
     let spec_path = dir.path().join("cai.toml");
     std::fs::write(&spec_path, small).expect("write");
@@ -403,6 +463,11 @@ fn cai_pipeline_runs_on_the_default_model() {
     let opts = common::cpu_run(dir.path().join("log"));
     let first = cairn::engine::run(&spec, &opts).expect("run");
     assert_eq!(first.stages["pairs"].computed, 3);
+    // Every revision of both rounds and the helpful sample became a checked target.
+    assert_eq!(
+        first.stages["targets"].computed,
+        first.stages["revise_1"].computed + first.stages["revise_2"].computed + 1
+    );
     assert_eq!(first.stages["judge"].computed, 3);
     assert_eq!(first.stages["rollout"].computed, 2);
     assert_eq!(

@@ -791,3 +791,78 @@ fn bf16_weights_track_f32_and_keep_the_runtime_invariants() {
         .to_string();
     assert!(err.contains("bf16"), "{err}");
 }
+
+/// A batch whose prompts share a long prefix (few-shot examples): with prefix sharing on,
+/// the prefix runs once and its keys and values are copied into every row. Greedy tokens,
+/// log-probabilities and choice scores agree with the unshared path, for f32 and bf16
+/// weights, on the fused and the plain path; fewer prompt tokens go through the model.
+#[test]
+fn shared_prefix_prefill_matches_the_unshared_path() {
+    let prefix: Vec<u32> = (0..40).map(|i| 10 + (i * 7) % 200).collect();
+    let prompts: Vec<Vec<u32>> = [vec![5u32, 6, 7], vec![9], vec![11, 12, 13, 14, 15, 16]]
+        .into_iter()
+        .map(|own| prefix.iter().copied().chain(own).collect())
+        .collect();
+    let eos = [1u32];
+    for (dtype, fused) in [(Dtype::F32, true), (Dtype::F32, false), (Dtype::Bf16, true)] {
+        let mut model = tiny(21);
+        model.set_dtype(dtype);
+        model.set_fused_kernels(fused);
+        let requests: Vec<GenerateRequest> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| GenerateRequest {
+                prompt: p.clone(),
+                params: if i == 1 {
+                    sampled(7, 10)
+                } else {
+                    SamplingParams::greedy(10)
+                },
+            })
+            .collect();
+        let choices: Vec<cairn::model::ChoiceRequest> = prompts
+            .iter()
+            .map(|p| cairn::model::ChoiceRequest {
+                context: p.clone(),
+                choices: vec![vec![40, 41], vec![42]],
+            })
+            .collect();
+        let plain = cairn::model::generate::generate(&model, &eos, &requests).expect("plain");
+        let plain_choices =
+            cairn::model::generate::score_choices(&model, &choices).expect("plain choices");
+        let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        let unshared_tokens = cairn::model::generate::prefill_tokens(&model, &refs);
+        model.set_share_prefix(true);
+        assert!(model.shares_prefix());
+        let shared = cairn::model::generate::generate(&model, &eos, &requests).expect("shared");
+        let shared_choices =
+            cairn::model::generate::score_choices(&model, &choices).expect("shared choices");
+        let shared_tokens = cairn::model::generate::prefill_tokens(&model, &refs);
+        assert_eq!(unshared_tokens, 3 * 40 + 3 + 1 + 6);
+        assert_eq!(shared_tokens, 40 + 3 + 1 + 6, "the prefix runs once");
+        let tol = if dtype == Dtype::F32 { 1e-4 } else { 5e-2 };
+        for (a, b) in plain.iter().zip(&shared) {
+            assert_eq!(a.tokens, b.tokens, "{dtype:?} fused={fused}");
+            for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                assert!((x - y).abs() < tol, "{dtype:?} fused={fused}: {x} vs {y}");
+            }
+        }
+        for (a, b) in plain_choices
+            .iter()
+            .flatten()
+            .zip(shared_choices.iter().flatten())
+        {
+            assert!(
+                (a - b).abs() < tol * 10.0,
+                "{dtype:?} fused={fused}: {a} vs {b}"
+            );
+        }
+        // One prompt alone, or prompts that share too little, take the unshared path.
+        let single = cairn::model::generate::generate(&model, &eos, &requests[..1]).expect("one");
+        assert_eq!(single[0].tokens, plain[0].tokens);
+        assert_eq!(
+            cairn::model::generate::prefill_tokens(&model, &[&[1, 2, 3], &[1, 2, 4]]),
+            6
+        );
+    }
+}

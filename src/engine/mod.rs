@@ -370,6 +370,7 @@ fn model_factories(spec: &Spec, only: Option<&HashSet<String>>) -> Vec<(String, 
             let instant = m.instant;
             let score_head = m.score_head;
             let dtype = m.dtype;
+            let share_prefix = m.share_prefix;
             let factory: ModelFactory = Box::new(move |device| {
                 if instant {
                     return Ok(ServedModel::instant());
@@ -379,6 +380,7 @@ fn model_factories(spec: &Spec, only: Option<&HashSet<String>>) -> Vec<(String, 
                     loaded.model.ensure_score_head();
                 }
                 loaded.model.set_dtype(dtype);
+                loaded.model.set_share_prefix(share_prefix);
                 let eos = loaded.tokenizer.eos_ids().to_vec();
                 Ok(ServedModel::llama(loaded.model, eos))
             });

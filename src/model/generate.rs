@@ -111,6 +111,85 @@ pub fn left_pad(seqs: &[&[u32]], device: Device) -> (Tensor, Tensor, Tensor, i64
     )
 }
 
+/// Shared prefixes shorter than this are not worth a separate pass.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// The number of leading tokens every prompt shares, capped so each prompt keeps at least
+/// one token of its own (its last position gives the next-token logits).
+///
+/// ```
+/// use cairn::model::generate::common_prefix;
+/// assert_eq!(common_prefix(&[&[1, 2, 3, 4], &[1, 2, 5]]), 2);
+/// assert_eq!(common_prefix(&[&[1, 2], &[1, 2, 3]]), 1);
+/// assert_eq!(common_prefix(&[&[7, 8]]), 1);
+/// ```
+pub fn common_prefix(prompts: &[&[u32]]) -> usize {
+    let Some(first) = prompts.first() else {
+        return 0;
+    };
+    let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+    let mut n = 0;
+    while n < shortest && prompts.iter().all(|p| p[n] == first[n]) {
+        n += 1;
+    }
+    n.min(shortest.saturating_sub(1))
+}
+
+/// Runs `prompts` through the model into a new cache with room for `extra` more positions
+/// per row; returns the hidden state of each prompt's last token `[b, hidden]`, the cache,
+/// and the number of columns used. With prefix sharing on ([`Llama::shares_prefix`]) and a
+/// common prefix of at least 16 tokens, the prefix runs once (batch 1), its keys and values
+/// are copied into every row, and only each row's own tokens follow — laid out as
+/// `[prefix | padding | own tokens]`, the padding masked and positions kept, so attention
+/// sees what it would see without sharing.
+fn prefill(
+    model: &Llama,
+    prompts: &[&[u32]],
+    extra: i64,
+) -> Result<(Tensor, super::KvCache, i64), ModelError> {
+    let device = model.device();
+    let shared = if model.shares_prefix() && prompts.len() > 1 {
+        common_prefix(prompts)
+    } else {
+        0
+    };
+    if shared < MIN_SHARED_PREFIX {
+        let (tokens, positions, valid, len) = left_pad(prompts, device);
+        let mut cache = model.new_cache(prompts.len() as i64, len + extra);
+        let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+        return Ok((hidden.select(1, len - 1), cache, len));
+    }
+    let own: Vec<&[u32]> = prompts.iter().map(|p| &p[shared..]).collect();
+    let own_len = own.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
+    let len = shared as i64 + own_len;
+    let mut cache = model.new_cache(1, len + extra);
+    let (tokens, positions, valid, _) = left_pad(&[&prompts[0][..shared]], device);
+    // Only the cache matters here: the prefix's own outputs predict nothing.
+    let _ = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+    cache.retain_rows(&Tensor::zeros(
+        [prompts.len() as i64],
+        (Kind::Int64, device),
+    ));
+    let (tokens, positions, valid, _) = left_pad(&own, device);
+    let positions = positions + shared as i64;
+    let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+    Ok((hidden.select(1, own_len - 1), cache, len))
+}
+
+/// How many prompt tokens [`prefill`] runs through the model for `prompts` (for reports).
+pub fn prefill_tokens(model: &Llama, prompts: &[&[u32]]) -> usize {
+    let shared = if model.shares_prefix() && prompts.len() > 1 {
+        common_prefix(prompts)
+    } else {
+        0
+    };
+    if shared < MIN_SHARED_PREFIX {
+        prompts.iter().map(|p| p.len()).sum()
+    } else {
+        shared + prompts.iter().map(|p| p.len() - shared).sum::<usize>()
+    }
+}
+
 pub(crate) fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>, ModelError> {
     let flat = t
         .to_device(Device::Cpu)
@@ -219,7 +298,6 @@ pub fn generate(
     let device = model.device();
     let vocab = model.config().vocab_size;
     let prompts: Vec<&[u32]> = requests.iter().map(|r| r.prompt.as_slice()).collect();
-    let (tokens, positions, valid, len) = left_pad(&prompts, device);
     let max_new = requests
         .iter()
         .map(|r| r.params.max_new_tokens)
@@ -240,10 +318,9 @@ pub fn generate(
     // Requests with nothing to generate are done before they start.
     let mut active: Vec<usize> = (0..requests.len()).collect();
     let mut next_pos: Vec<i64> = requests.iter().map(|r| r.prompt.len() as i64).collect();
-    let mut cache = model.new_cache(requests.len() as i64, len + max_new.max(1));
-    let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+    let (last, mut cache, _) = prefill(model, &prompts, max_new.max(1))?;
     let mut step = StepLogits::new(
-        &model.logits_raw(&hidden.select(1, len - 1)),
+        &model.logits_raw(&last),
         &active,
         &samplers,
         model.fused_kernels(),
@@ -327,13 +404,9 @@ pub fn score_choices(
     let _guard = tch::no_grad_guard();
     let device = model.device();
     let contexts: Vec<&[u32]> = requests.iter().map(|r| r.context.as_slice()).collect();
-    let (tokens, positions, valid, len) = left_pad(&contexts, device);
-    let mut cache = model.new_cache(requests.len() as i64, len + longest as i64);
-    let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+    let (last, mut cache, _) = prefill(model, &contexts, longest as i64)?;
     // The first token of every choice is predicted by its context's last position.
-    let first = model
-        .logits(&hidden.select(1, len - 1))
-        .log_softmax(-1, Kind::Float);
+    let first = model.logits(&last).log_softmax(-1, Kind::Float);
     // One cache row per (request, choice).
     let mut rows = Vec::new();
     let mut flat: Vec<(usize, &[u32])> = Vec::new();

@@ -50,6 +50,8 @@ pub struct Llama {
     dtype: Dtype,
     /// Whether inference on the CPU uses the fused kernels of [`super::fused`].
     fused: bool,
+    /// Compute a prompt batch's common prefix once and share its keys and values.
+    share_prefix: bool,
     /// Inference on the CPU: each weight matrix repacked, in its format, into the column
     /// panels of [`super::fused::linear_packed`], by the address of the matrix's tensor
     /// handle (a field of this struct), with the version counter and storage it was packed
@@ -274,6 +276,7 @@ impl Llama {
             rope_sin,
             dtype: Dtype::F32,
             fused: true,
+            share_prefix: false,
             packed: Mutex::new(HashMap::new()),
         })
     }
@@ -386,6 +389,18 @@ impl Llama {
                 let _ = x.g_add_(&y.to_kind(Kind::BFloat16).matmul(&w.tr()));
             }
         }
+    }
+
+    /// Whether batched generation and choice scoring compute the prompts' common prefix
+    /// once and copy its keys and values into every row (off by default: results then
+    /// agree with the unshared path within floating-point rounding, not bit for bit).
+    pub fn shares_prefix(&self) -> bool {
+        self.share_prefix
+    }
+
+    /// Turns prefix sharing on or off (see [`Llama::shares_prefix`]).
+    pub fn set_share_prefix(&mut self, on: bool) {
+        self.share_prefix = on;
     }
 
     /// Whether CPU inference uses the fused kernels (on by default).

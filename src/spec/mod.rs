@@ -50,6 +50,11 @@ pub struct ModelSpec {
     /// Number format of the weight matrices (`dtype = "bf16"` for faster inference; a model
     /// a stage trains must stay `f32`).
     pub dtype: crate::model::Dtype,
+    /// Compute the common prefix of a batch's prompts (the few-shot examples) once and share
+    /// its keys and values across the rows (`share_prefix = true`): much less prefill for
+    /// critique, revision and judge calls; results within floating-point rounding of the
+    /// unshared path (still deterministic run to run).
+    pub share_prefix: bool,
 }
 
 /// Where prompts come from.
@@ -140,6 +145,8 @@ struct RawModel {
     score_head: bool,
     #[serde(default)]
     dtype: Option<String>,
+    #[serde(default)]
+    share_prefix: bool,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -196,6 +203,7 @@ impl Spec {
                 path,
                 instant: m.instant,
                 score_head: m.score_head,
+                share_prefix: m.share_prefix,
                 dtype: match &m.dtype {
                     None => crate::model::Dtype::F32,
                     Some(d) => d

@@ -22,6 +22,17 @@ struct Settings {
     round: u32,
     /// How many of the constitution's few-shot examples to show (default: all).
     few_shot: Option<usize>,
+    /// Ids of the critique principles to draw from (default: all of the constitution's).
+    principles: Option<Vec<String>>,
+    /// `chat` (default): the few-shot examples as earlier turns of the conversation, then the
+    /// answer, then the request, as in the paper. `framed`: one self-contained instruction
+    /// holding the prompt, the answer (critique) or the critique (revision) and the
+    /// principle, zero-shot — smaller instruction-tuned critics copy few-shot turns and the
+    /// answer under revision back instead of rewriting them.
+    format: Option<String>,
+    /// Revise only: text the revision starts with, given to the model as the opening of its
+    /// answer (e.g. a plain statement of what it declines), which it then continues.
+    lead: Option<String>,
     #[serde(flatten)]
     generation: GenerationSettingsFlat,
 }
@@ -54,7 +65,7 @@ fn top_p() -> f32 {
 }
 
 /// Parses the settings shared by `critique` and `revise`: `round`, `few_shot` and the
-/// generation keys.
+/// generation keys (`principles`, which only `critique` takes, is checked by its builder).
 pub(crate) fn round_settings(
     name: &str,
     settings: &StageSettings,
@@ -80,6 +91,45 @@ pub(crate) fn round_settings(
     ))
 }
 
+/// The critique instruction of the `framed` format (our wording).
+pub const FRAMED_CRITIQUE: &str = "Below is a message a user sent to an AI assistant, and the \
+assistant's answer.\n\nMESSAGE:\n{prompt}\n\nANSWER:\n{response}\n\nCritique the answer \
+against this principle: {principle_critique}\nWrite the critique only, in two or three \
+sentences.";
+
+/// The revision instruction of the `framed` format (our wording). The answer under revision
+/// is described by the critique, not shown: shown, a small reviser tends to copy it.
+pub const FRAMED_REVISION: &str = "A user sent this message to an AI assistant:\n\"{prompt}\"\n\n\
+A reviewer said of the assistant's first answer: {critique}\nThe reviewer's advice: \
+{principle_revision}\n\nWrite the answer the assistant should give instead, speaking to the \
+user. Never include harmful details. Do not just refuse: if you decline part of the request, \
+say in one sentence what and why, then add two or three sentences, starting with \"Instead,\", \
+that help with the person's likely underlying need or with the safe part of the request. \
+Write only the answer.";
+
+/// The `lead` of a revise stage's settings (empty when none).
+pub(crate) fn lead(name: &str, settings: &StageSettings) -> Result<String, StageError> {
+    let s: Settings = super::parse_settings(name, settings)?;
+    Ok(s.lead.unwrap_or_default())
+}
+
+/// Whether a critique or revise stage's settings ask for the `framed` format.
+pub(crate) fn framed(name: &str, settings: &StageSettings) -> Result<bool, StageError> {
+    let s: Settings = super::parse_settings(name, settings)?;
+    match s.format.as_deref() {
+        None | Some("chat") => Ok(false),
+        Some("framed") if s.few_shot.is_some_and(|n| n > 0) => Err(StageError::Config {
+            stage: name.to_string(),
+            message: "the `framed` format is zero-shot: drop `few_shot`".into(),
+        }),
+        Some("framed") => Ok(true),
+        Some(other) => Err(StageError::Config {
+            stage: name.to_string(),
+            message: format!("`format = \"{other}\"`: expected chat or framed"),
+        }),
+    }
+}
+
 /// The `critique` stage of one round.
 pub struct CritiqueStage {
     name: String,
@@ -88,19 +138,58 @@ pub struct CritiqueStage {
     ctx: StageContext,
     digest: u128,
     prefix: ChatPrefix,
+    /// The principles drawn from (indices into the constitution's list).
+    pool: Vec<usize>,
+    /// One self-contained instruction instead of few-shot chat turns.
+    framed: bool,
 }
 
-/// Builds the stage: `round`, optional `few_shot`, and the generation keys.
+/// Builds the stage: `round`, optional `few_shot` and `principles`, and the generation keys.
 pub fn build(
     name: &str,
     settings: &StageSettings,
     ctx: &StageContext,
 ) -> Result<Box<dyn Stage>, StageError> {
     let (round, few_shot, generation) = round_settings(name, settings)?;
-    let prefix = few_shot_prefix(name, ctx, &generation, few_shot.unwrap_or(usize::MAX))?;
+    let framed = framed(name, settings)?;
+    if settings.contains_key("lead") {
+        return Err(StageError::Config {
+            stage: name.to_string(),
+            message: "`lead` belongs on the revise stage".into(),
+        });
+    }
+    let shots = if framed {
+        0
+    } else {
+        few_shot.unwrap_or(usize::MAX)
+    };
+    let prefix = few_shot_prefix(name, ctx, &generation, shots)?;
+    let all = &ctx.constitution.critique_principles;
+    let pool = match super::parse_settings::<Settings>(name, settings)?.principles {
+        None => (0..all.len()).collect(),
+        Some(ids) if ids.is_empty() => {
+            return Err(StageError::Config {
+                stage: name.to_string(),
+                message: "`principles` may not be empty".into(),
+            });
+        }
+        Some(ids) => ids
+            .iter()
+            .map(|id| {
+                all.iter()
+                    .position(|p| &p.id == id)
+                    .ok_or_else(|| StageError::Config {
+                        stage: name.to_string(),
+                        message: format!("critique principle `{id}` is not in the constitution"),
+                    })
+            })
+            .collect::<Result<Vec<usize>, StageError>>()?,
+    };
     Ok(Box::new(CritiqueStage {
         name: name.to_string(),
         round,
+        pool,
+        framed,
         generation,
         ctx: ctx.clone(),
         digest: settings_digest(settings) ^ ctx.constitution.digest(),
@@ -180,6 +269,15 @@ pub(crate) fn round_key(name: &str, input: Key, round: u32, seed: u64, digest: u
 }
 
 impl CritiqueStage {
+    /// The principle drawn for `input` in this round (seeded; with replacement across rounds).
+    fn draw(&self, input: Key) -> &CritiquePrinciple {
+        let drawn = self
+            .ctx
+            .rng("critique-principle", input, self.round as u64)
+            .gen_range(0..self.pool.len());
+        &self.ctx.constitution.critique_principles[self.pool[drawn]]
+    }
+
     /// The latest answer and conversation of a record this round consumes.
     fn latest<'a>(&self, rec: &'a Rec) -> Option<(&'a Conversation, &'a str)> {
         match &rec.payload {
@@ -214,20 +312,30 @@ impl Stage for CritiqueStage {
             key: rec.key,
             message,
         };
-        let principles = &self.ctx.constitution.critique_principles;
-        let drawn = self
-            .ctx
-            .rng("critique-principle", rec.key, self.round as u64)
-            .gen_range(0..principles.len());
-        let principle = &principles[drawn];
-        let turns = [
-            Message::new(Role::User, conversation.prompt.clone()),
-            Message::new(Role::Assistant, response.to_string()),
-            Message::new(
+        let principle = self.draw(rec.key);
+        let turns = if self.framed {
+            vec![Message::new(
                 Role::User,
-                critique_request(&self.ctx, principle).map_err(err)?,
-            ),
-        ];
+                render(
+                    FRAMED_CRITIQUE,
+                    &[
+                        ("prompt", &conversation.prompt),
+                        ("response", response),
+                        ("principle_critique", &principle.critique),
+                    ],
+                )
+                .map_err(|e| err(e.to_string()))?,
+            )]
+        } else {
+            vec![
+                Message::new(Role::User, conversation.prompt.clone()),
+                Message::new(Role::Assistant, response.to_string()),
+                Message::new(
+                    Role::User,
+                    critique_request(&self.ctx, principle).map_err(err)?,
+                ),
+            ]
+        };
         let tok = self.ctx.tokenizer(&self.name, &self.generation.model)?;
         let prompt = self
             .prefix
@@ -255,16 +363,12 @@ impl Stage for CritiqueStage {
         else {
             return Err(err("unexpected reply"));
         };
-        let principles = &self.ctx.constitution.critique_principles;
-        let drawn = self
-            .ctx
-            .rng("critique-principle", task.input.key, self.round as u64)
-            .gen_range(0..principles.len());
+        let principle = self.draw(task.input.key);
         let tok = self.ctx.tokenizer(&self.name, &self.generation.model)?;
         Ok(Payload::Critique(CritiqueRecord {
             conversation: conversation.clone(),
             round: self.round,
-            principle: principles[drawn].id.clone(),
+            principle: principle.id.clone(),
             response: response.to_string(),
             critique: super::decode(tok, &g),
             seed: request.params.seed,

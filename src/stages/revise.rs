@@ -2,7 +2,8 @@
 //! of the principle the critique was drawn for, after the constitution's few-shot examples.
 
 use super::critique::{
-    critique_request, few_shot_prefix, revision_request, round_key, round_settings,
+    FRAMED_REVISION, critique_request, few_shot_prefix, framed, lead, revision_request, round_key,
+    round_settings,
 };
 use super::sample::settings_digest;
 use super::{
@@ -20,6 +21,9 @@ pub struct ReviseStage {
     ctx: StageContext,
     digest: u128,
     prefix: ChatPrefix,
+    framed: bool,
+    /// What every revision starts with (the model continues it), and its token ids.
+    lead: (String, Vec<u32>),
 }
 
 /// Builds the stage: `round`, optional `few_shot`, and the generation keys.
@@ -29,7 +33,27 @@ pub fn build(
     ctx: &StageContext,
 ) -> Result<Box<dyn Stage>, StageError> {
     let (round, few_shot, generation) = round_settings(name, settings)?;
-    let prefix = few_shot_prefix(name, ctx, &generation, few_shot.unwrap_or(usize::MAX))?;
+    if settings.contains_key("principles") {
+        return Err(StageError::Config {
+            stage: name.to_string(),
+            message: "`principles` belongs on the critique stage: a revision follows the principle its critique drew".into(),
+        });
+    }
+    let framed = framed(name, settings)?;
+    let lead_text = lead(name, settings)?;
+    let lead_ids = ctx
+        .tokenizer(name, &generation.model)?
+        .encode(&lead_text)
+        .map_err(|e| StageError::Config {
+            stage: name.to_string(),
+            message: e.to_string(),
+        })?;
+    let shots = if framed {
+        0
+    } else {
+        few_shot.unwrap_or(usize::MAX)
+    };
+    let prefix = few_shot_prefix(name, ctx, &generation, shots)?;
     Ok(Box::new(ReviseStage {
         name: name.to_string(),
         round,
@@ -37,6 +61,8 @@ pub fn build(
         ctx: ctx.clone(),
         digest: settings_digest(settings) ^ ctx.constitution.digest(),
         prefix,
+        framed,
+        lead: (lead_text, lead_ids),
     }))
 }
 
@@ -68,24 +94,40 @@ impl Stage for ReviseStage {
                     c.principle
                 ))
             })?;
-        let turns = [
-            Message::new(Role::User, c.conversation.prompt.clone()),
-            Message::new(Role::Assistant, c.response.clone()),
-            Message::new(
+        let turns = if self.framed {
+            vec![Message::new(
                 Role::User,
-                critique_request(&self.ctx, principle).map_err(err)?,
-            ),
-            Message::new(Role::Assistant, c.critique.clone()),
-            Message::new(
-                Role::User,
-                revision_request(&self.ctx, principle).map_err(err)?,
-            ),
-        ];
+                crate::constitution::render(
+                    FRAMED_REVISION,
+                    &[
+                        ("prompt", &c.conversation.prompt),
+                        ("critique", &c.critique),
+                        ("principle_revision", &principle.revision),
+                    ],
+                )
+                .map_err(|e| err(e.to_string()))?,
+            )]
+        } else {
+            vec![
+                Message::new(Role::User, c.conversation.prompt.clone()),
+                Message::new(Role::Assistant, c.response.clone()),
+                Message::new(
+                    Role::User,
+                    critique_request(&self.ctx, principle).map_err(err)?,
+                ),
+                Message::new(Role::Assistant, c.critique.clone()),
+                Message::new(
+                    Role::User,
+                    revision_request(&self.ctx, principle).map_err(err)?,
+                ),
+            ]
+        };
         let tok = self.ctx.tokenizer(&self.name, &self.generation.model)?;
-        let prompt = self
+        let mut prompt = self
             .prefix
             .encode(tok, &turns)
             .map_err(|e| err(e.to_string()))?;
+        prompt.extend_from_slice(&self.lead.1);
         let seed = self.ctx.derive_seed(&self.name, rec.key, self.round as u64);
         let key = round_key(&self.name, rec.key, self.round, self.ctx.seed, self.digest);
         Ok(vec![generate_task(
@@ -108,7 +150,18 @@ impl Stage for ReviseStage {
             });
         };
         let tok = self.ctx.tokenizer(&self.name, &self.generation.model)?;
-        let mut response = super::decode(tok, &g);
+        let mut response = if self.lead.0.is_empty() {
+            super::decode(tok, &g)
+        } else {
+            // The lead is part of the answer; the model's words continue it as written.
+            format!(
+                "{}{}",
+                self.lead.0,
+                tok.decode(&g.tokens).unwrap_or_default()
+            )
+            .trim()
+            .to_string()
+        };
         // An empty rewrite would teach nothing; keep the critiqued answer then.
         if response.is_empty() {
             response = c.response.clone();

@@ -40,27 +40,28 @@ impl Schedule {
         self.epochs > 1 || self.decay != Decay::Constant
     }
 
-    /// The rate of step `step` (from 1) of `total` for base rate `lr`.
+    /// The rate of step `step` (from 1) of `total` for base rate `lr`: `lr · step / warmup`
+    /// during warmup, then the decay over the remaining steps, which reaches zero just after
+    /// the last step (so no step is wasted at rate zero).
     ///
     /// ```
     /// use cairn::stages::schedule::{Decay, Schedule};
     /// let s = Schedule { epochs: 1, warmup_steps: 2, decay: Decay::Linear };
     /// assert_eq!(s.lr(1.0, 1, 10), 0.5);
     /// assert_eq!(s.lr(1.0, 2, 10), 1.0);
-    /// assert!((s.lr(1.0, 6, 10) - 0.5).abs() < 1e-12);
-    /// assert_eq!(s.lr(1.0, 10, 10), 0.0);
+    /// assert_eq!(s.lr(1.0, 3, 10), 1.0);
+    /// assert_eq!(s.lr(1.0, 10, 10), 0.125);
     /// ```
     pub fn lr(&self, lr: f64, step: u64, total: u64) -> f64 {
-        if self.warmup_steps > 0 && step < self.warmup_steps {
+        if self.warmup_steps > 0 && step <= self.warmup_steps {
             return lr * step as f64 / self.warmup_steps as f64;
         }
-        let start = self.warmup_steps.max(1);
-        let span = total.saturating_sub(start);
+        let span = total.saturating_sub(self.warmup_steps);
         if span == 0 {
             return lr;
         }
-        // 0 at the first step after warmup, 1 at the last.
-        let t = (step.saturating_sub(start)) as f64 / span as f64;
+        // 0 at the first step after warmup, (span - 1) / span at the last.
+        let t = (step.saturating_sub(self.warmup_steps + 1)) as f64 / span as f64;
         match self.decay {
             Decay::Constant => lr,
             Decay::Linear => lr * (1.0 - t),
@@ -113,8 +114,9 @@ mod tests {
         };
         assert!(s.needs_all_data());
         assert_eq!(s.lr(2.0, 1, 11), 2.0);
-        assert!((s.lr(2.0, 6, 11) - 1.0).abs() < 1e-12);
-        assert!(s.lr(2.0, 11, 11).abs() < 1e-12);
+        let rates: Vec<f64> = (1..=11).map(|step| s.lr(2.0, step, 11)).collect();
+        assert!(rates.windows(2).all(|w| w[1] < w[0]), "{rates:?}");
+        assert!(rates[10] > 0.0 && rates[10] < 0.1, "{rates:?}");
         let flat = Schedule {
             epochs: 1,
             warmup_steps: 0,
