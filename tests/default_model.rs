@@ -257,7 +257,7 @@ fn sl_cai_runs_on_the_default_model() {
         .expect("write");
     std::fs::write(
         dir.path().join("helpful.txt"),
-        "In one short sentence, give me one tip for sleeping better.\n",
+        "What is the capital of France?\n",
     )
     .expect("write");
     let constitution =
@@ -280,6 +280,7 @@ name = "sample"
 kind = "sample"
 from = "prompts"
 max_new_tokens = 64
+temperature = 0.0
 [[stage]]
 name = "critique_1"
 kind = "critique"
@@ -318,7 +319,12 @@ lr_schedule = "cosine"
     assert_eq!(first.stages["sample"].computed, 3);
     assert_eq!(first.stages["critique_1"].computed, 2);
     assert_eq!(first.stages["revise_1"].computed, 2);
-    assert_eq!(first.checkpoints.len(), 1);
+    let dump: Vec<String> = cairn::log::LogReader::open(&opts.log)
+        .expect("log")
+        .iter_stage(0, "targets")
+        .map(|e| e.expect("event").payload.to_json().to_string())
+        .collect();
+    assert_eq!(first.checkpoints.len(), 1, "targets: {dump:#?}");
     let checkpoint = model::load(std::path::Path::new(&first.checkpoints[0]), Device::Cpu)
         .expect("checkpoint loads");
     assert_eq!(checkpoint.model.config().num_hidden_layers, 30);
@@ -493,7 +499,11 @@ fn cai_pipeline_runs_on_the_default_model() {
             cairn::record::Payload::PpoUpdate(u) => {
                 updates += 1;
                 assert_eq!(u.version, updates);
-                assert!(u.kl.is_finite() && u.entropy > 0.0);
+                assert!(
+                    u.kl.is_finite() && u.kl >= 0.0 && u.entropy > 0.0,
+                    "KL is never negative: {}",
+                    u.kl
+                );
             }
             cairn::record::Payload::Rollout(r) => {
                 assert!(r.score.is_finite());

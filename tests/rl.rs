@@ -192,7 +192,11 @@ fn cai_pipeline_runs_sl_then_rl_with_a_feedback_loop_and_resumes() {
     }
     for (_, p) in &updates {
         let Payload::PpoUpdate(u) = p else { panic!() };
-        assert!(u.kl.is_finite() && u.entropy > 0.0 && u.response_length > 0.0);
+        assert!(
+            u.kl.is_finite() && u.kl >= 0.0 && u.entropy > 0.0 && u.response_length > 0.0,
+            "KL is never negative: {}",
+            u.kl
+        );
         assert!((0.0..=1.0).contains(&u.clip_fraction));
     }
     // Checkpoints of the SL-CAI model, the PM and the RL policy; each loads.
