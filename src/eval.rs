@@ -241,29 +241,7 @@ helpful_principles = [{helpful_principles}]
         .map_err(|e| EngineError::Input(format!("{}: {e}", spec_path.display())))?;
     let spec = Spec::parse(&text, &spec_path).map_err(|e| EngineError::Input(e.to_string()))?;
     let summary = run(&spec, run_opts)?;
-    let reader = LogReader::open(&run_opts.log)?;
-    let mut judged: Vec<Judged> = Vec::new();
-    for env in reader.iter_stage(0, "judge") {
-        if let Payload::Judgement(j) = env?.payload {
-            judged.push(Judged {
-                purpose: j.conversation.purpose,
-                p_a: j.p_a,
-                answers: [j.response_a, j.response_b],
-                evasive: None,
-            });
-        }
-    }
-    if opts.assess {
-        let mut by_answers = std::collections::HashMap::new();
-        for env in reader.iter_stage(0, "evasion") {
-            if let Payload::Assessment(a) = env?.payload {
-                by_answers.insert(a.responses.clone(), a.p_yes);
-            }
-        }
-        for j in &mut judged {
-            j.evasive = by_answers.get(&j.answers).copied();
-        }
-    }
+    let judged = judged_in(&run_opts.log, opts.assess)?;
     let result = summarise(&opts.a, &opts.b, &opts.judge, &judged, excluded, TIE_MARGIN);
     let writer = LogWriter::open(&run_opts.log, LogOptions::default())?;
     writer.append(NewEvent::new(
@@ -279,6 +257,59 @@ helpful_principles = [{helpful_principles}]
     ))?;
     writer.close()?;
     Ok((result, summary))
+}
+
+/// The judged comparisons an evaluation log holds, with the evasion assessments of their
+/// answers when `assess` (an unfinished evaluation gives the ones judged so far).
+pub fn judged_in(log: &Path, assess: bool) -> Result<Vec<Judged>, EngineError> {
+    let reader = LogReader::open(log)?;
+    let mut judged: Vec<Judged> = Vec::new();
+    for env in reader.iter_stage(0, "judge") {
+        if let Payload::Judgement(j) = env?.payload {
+            judged.push(Judged {
+                purpose: j.conversation.purpose,
+                p_a: j.p_a,
+                answers: [j.response_a, j.response_b],
+                evasive: None,
+            });
+        }
+    }
+    if assess {
+        let mut by_answers = std::collections::HashMap::new();
+        for env in reader.iter_stage(0, "evasion") {
+            if let Payload::Assessment(a) = env?.payload {
+                by_answers.insert(a.responses.clone(), a.p_yes);
+            }
+        }
+        for j in &mut judged {
+            j.evasive = by_answers.get(&j.answers).copied();
+        }
+    }
+    Ok(judged)
+}
+
+/// The outcome of what an evaluation log holds so far, without running anything or writing
+/// to the log (`cairn eval --summarise-only`): for an evaluation stopped before its end.
+pub fn summarise_log(opts: &EvalOptions, log: &Path) -> Result<EvalReportRecord, EngineError> {
+    let judged = judged_in(log, opts.assess)?;
+    let excluded_path = log.join("excluded-prompts.jsonl");
+    let excluded = std::fs::read_to_string(&excluded_path)
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| v["prompt"].as_str().map(|p| p.trim().to_string()))
+                .collect::<std::collections::HashSet<_>>()
+                .len() as u64
+        })
+        .unwrap_or(0);
+    Ok(summarise(
+        &opts.a,
+        &opts.b,
+        &opts.judge,
+        &judged,
+        excluded,
+        TIE_MARGIN,
+    ))
 }
 
 /// |P(A better) − 0.5| at or below which a comparison is a tie.

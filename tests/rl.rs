@@ -698,6 +698,11 @@ fn eval_compares_two_models_with_confidence_intervals_and_elo() {
         assert_eq!(p.a.answers, p.tally.comparisons);
         assert!(p.a.evasive_judged.is_some() && p.b.evasive_judged.is_some());
     }
+    // Summarising the log afresh gives the same outcome (what `--summarise-only` prints).
+    assert_eq!(
+        cairn::eval::summarise_log(&opts, &dir.join("eval")).expect("summarise"),
+        result
+    );
     let logged = of_kind(&dir.join("eval"), "eval_report");
     assert_eq!(logged.len(), 1);
     assert!(matches!(&logged[0].1, Payload::EvalReport(r) if *r == result));

@@ -36,6 +36,10 @@ pub struct EvalArgs {
     /// Do not ask the judge whether each answer is evasive.
     #[arg(long)]
     no_assess: bool,
+    /// Summarise what the log holds so far (an evaluation stopped before its end) without
+    /// running anything or writing to the log.
+    #[arg(long)]
+    summarise_only: bool,
     /// Red-team prompt files (`default`: the fetched sets).
     #[arg(long = "prompts", default_value = "default")]
     prompts: Vec<String>,
@@ -105,6 +109,16 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
         assess: !args.no_assess,
         judge_bf16: !args.judge_f32,
     };
+    if args.summarise_only {
+        let result = cairn::eval::summarise_log(&opts, &args.log)
+            .with_context(|| format!("reading {}", args.log.display()))?;
+        print!("{}", describe(&result));
+        if let Some(out) = &args.out {
+            std::fs::write(out, serde_json::to_string_pretty(&result)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let (result, _) = cairn::eval::evaluate(
         &opts,
         &RunOptions {
