@@ -109,29 +109,25 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
         assess: !args.no_assess,
         judge_bf16: !args.judge_f32,
     };
-    if args.summarise_only {
-        let result = cairn::eval::summarise_log(&opts, &args.log)
-            .with_context(|| format!("reading {}", args.log.display()))?;
-        print!("{}", describe(&result));
-        if let Some(out) = &args.out {
-            std::fs::write(out, serde_json::to_string_pretty(&result)?)
-                .with_context(|| format!("writing {}", out.display()))?;
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let (result, _) = cairn::eval::evaluate(
-        &opts,
-        &RunOptions {
-            log: args.log.clone(),
-            device: cairn::model::parse_device(&args.device)?,
-            new_run: false,
-            stop: None,
-            progress: None,
-            parent: None,
-            cluster: None,
-        },
-    )
-    .context("evaluating")?;
+    let result = if args.summarise_only {
+        cairn::eval::summarise_log(&opts, &args.log)
+            .with_context(|| format!("reading {}", args.log.display()))?
+    } else {
+        cairn::eval::evaluate(
+            &opts,
+            &RunOptions {
+                log: args.log.clone(),
+                device: cairn::model::parse_device(&args.device)?,
+                new_run: false,
+                stop: None,
+                progress: None,
+                parent: None,
+                cluster: None,
+            },
+        )
+        .context("evaluating")?
+        .0
+    };
     print!("{}", describe(&result));
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_string_pretty(&result)?)
