@@ -182,6 +182,56 @@ pub fn ends_cleanly(text: &str) -> bool {
     }
 }
 
+/// Fewest words a trimmed answer keeps ([`trim_to_last_sentence`]): less than this is not
+/// an answer worth learning from.
+pub const MIN_TRIMMED_WORDS: usize = 20;
+
+/// `text` cut back to the end of its last complete sentence, for an answer that ran into the
+/// token limit: the part a reader would have seen finished. `None` when no sentence ends
+/// outside an open code block, or when fewer than [`MIN_TRIMMED_WORDS`] words would remain.
+/// A full stop after a digit ("1." of a numbered list) is not a sentence end.
+///
+/// ```
+/// use cairn::quality::trim_to_last_sentence;
+/// let cut = "Water boils at 100 degrees at sea level, which is why pasta cooks quickly \
+///            there. At altitude it boils cooler, so cooking takes longer. Add salt and";
+/// let kept = trim_to_last_sentence(cut).unwrap();
+/// assert!(kept.ends_with("takes longer."));
+/// assert_eq!(trim_to_last_sentence("Too short. And then"), None);
+/// ```
+pub fn trim_to_last_sentence(text: &str) -> Option<&str> {
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let mut fences = 0usize;
+    let mut best: Option<usize> = None;
+    let mut i = 0;
+    while i < chars.len() {
+        let (at, c) = chars[i];
+        if text[at..].starts_with("```") {
+            fences += 1;
+            i += 3;
+            continue;
+        }
+        if matches!(c, '.' | '!' | '?') && fences % 2 == 0 {
+            let after_digit = i > 0 && chars[i - 1].1.is_ascii_digit();
+            // Closing quotes or brackets belong to the sentence they end.
+            let mut j = i + 1;
+            while j < chars.len() && matches!(chars[j].1, '"' | '\'' | ')' | '\u{201d}' | '\u{2019}')
+            {
+                j += 1;
+            }
+            let at_break = j == chars.len() || chars[j].1.is_whitespace();
+            if at_break && !(c == '.' && after_digit) {
+                best = Some(chars.get(j).map_or(text.len(), |(end, _)| *end));
+            }
+            i = j;
+            continue;
+        }
+        i += 1;
+    }
+    let kept = text[..best?].trim_end();
+    (words(kept).len() >= MIN_TRIMMED_WORDS).then_some(kept)
+}
+
 /// The longest run of consecutive words `text` shares with `source` (both normalised) — a
 /// revision that copies its instructions back shares long runs with them.
 ///

@@ -185,8 +185,13 @@ pub fn run(cmd: LogCommand) -> anyhow::Result<ExitCode> {
             for (stage, t) in &s.targets {
                 let reasons: Vec<String> = s_reasons(&t.reasons);
                 println!(
-                    "training targets ({stage}): {} kept, {} dropped{}",
+                    "training targets ({stage}): {} kept{}, {} dropped{}",
                     t.kept,
+                    if t.trimmed > 0 {
+                        format!(" ({} trimmed to a full sentence)", t.trimmed)
+                    } else {
+                        String::new()
+                    },
                     t.dropped,
                     if reasons.is_empty() {
                         String::new()

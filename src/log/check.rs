@@ -327,6 +327,8 @@ pub struct LogStats {
 pub struct TargetCounts {
     /// Kept for training.
     pub kept: u64,
+    /// Of those kept, how many were cut back to their last full sentence first.
+    pub trimmed: u64,
     /// Dropped.
     pub dropped: u64,
     /// Dropped, by reason (the reason's words before any parenthesis).
@@ -353,6 +355,9 @@ pub fn stats(dir: &Path) -> Result<LogStats, LogError> {
             let c = s.targets.entry(env.stage.clone()).or_default();
             if t.kept {
                 c.kept += 1;
+                if !t.reason.is_empty() {
+                    c.trimmed += 1;
+                }
             } else {
                 c.dropped += 1;
                 let reason = t.reason.split(" (").next().unwrap_or_default();

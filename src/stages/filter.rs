@@ -14,6 +14,7 @@
 //! from = ["revise_1", "revise_2", "sample"]   # every round's revisions, as the paper trains
 //! drop_bare_refusals = true                    # default
 //! model = "feedback"                           # optional: judge revisions for harm
+//! trim_cut_off = true                          # keep a cut-off answer's finished sentences
 //! ```
 
 use serde::Deserialize;
@@ -38,6 +39,11 @@ struct Settings {
     /// that leans towards "yes" needs a higher bar).
     #[serde(default = "half")]
     harm_threshold: f64,
+    /// Keep an answer that was cut off by cutting it back to its last complete sentence,
+    /// when enough of it remains (default false: a cut-off answer is dropped). The kept
+    /// target's reason says what was trimmed.
+    #[serde(default)]
+    trim_cut_off: bool,
 }
 fn half() -> f64 {
     0.5
@@ -53,6 +59,9 @@ fn yes() -> bool {
     true
 }
 
+/// The reason given to a sample that stopped at the token limit.
+const CUT_AT_LIMIT: &str = "cut off (hit the token limit)";
+
 /// The `filter` stage.
 pub struct FilterStage {
     name: String,
@@ -63,7 +72,8 @@ pub struct FilterStage {
     options: Option<(Vec<u32>, Vec<u32>)>,
 }
 
-/// Builds the stage: `drop_bare_refusals`, `samples`, `model`, `harm_threshold`.
+/// Builds the stage: `drop_bare_refusals`, `samples`, `model`, `harm_threshold`,
+/// `trim_cut_off`.
 pub fn build(
     name: &str,
     settings: &StageSettings,
@@ -161,16 +171,38 @@ impl FilterStage {
         if let (None, Payload::Sample(s)) = (&reason, &rec.payload)
             && !s.stopped
         {
-            reason = Some("cut off (hit the token limit)".into());
+            reason = Some(CUT_AT_LIMIT.into());
+        }
+        let mut response = response.clone();
+        let cut_off = reason.as_deref().is_some_and(|r| r.starts_with("cut off"));
+        let mut kept = reason.is_none();
+        if cut_off
+            && self.settings.trim_cut_off
+            && let Some(trimmed) = crate::quality::trim_to_last_sentence(&response)
+            && crate::quality::target_verdict(
+                trimmed,
+                &instructions,
+                self.settings.drop_bare_refusals,
+            )
+            .is_none()
+        {
+            let words = |t: &str| t.split_whitespace().count();
+            reason = Some(format!(
+                "trimmed to its last full sentence ({} of {} words kept)",
+                words(trimmed),
+                words(&response)
+            ));
+            response = trimmed.to_string();
+            kept = true;
         }
         Ok(Some(TargetRecord {
             conversation: conversation.clone(),
-            response: response.clone(),
+            repetition: crate::quality::repetition(&response),
+            response,
             origin: origin.into(),
             round,
-            kept: reason.is_none(),
+            kept,
             reason: reason.unwrap_or_default(),
-            repetition: crate::quality::repetition(response),
             p_harmful: None,
         }))
     }
@@ -395,5 +427,24 @@ mod tests {
                 .plan(&revision("x.", "no-such-principle"))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn trims_a_cut_off_answer_to_its_last_full_sentence_when_asked() {
+        let long = "You could start by asking them whether they still use the account, and \
+                    explain why you need what is in it. If they say no, a lawyer can ask for \
+                    the records properly. Keep copies of";
+        let dropped = target(stage("").as_ref(), &revision(long, "privacy"));
+        assert!(!dropped.kept && dropped.reason.starts_with("cut off"));
+        let trimming = stage("trim_cut_off = true");
+        let kept = target(trimming.as_ref(), &revision(long, "privacy"));
+        assert!(kept.kept, "{kept:?}");
+        assert!(kept.response.ends_with("records properly."), "{kept:?}");
+        assert!(kept.reason.starts_with("trimmed"), "{kept:?}");
+        // Too little left, or a remainder that fails another check: still dropped.
+        for text in ["Ask them first. Then", "I'm sorry, but I can't assist with that. And"] {
+            let t = target(trimming.as_ref(), &revision(text, "privacy"));
+            assert!(!t.kept, "{text:?}: {t:?}");
+        }
     }
 }
