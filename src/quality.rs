@@ -215,7 +215,8 @@ pub fn trim_to_last_sentence(text: &str) -> Option<&str> {
             let after_digit = i > 0 && chars[i - 1].1.is_ascii_digit();
             // Closing quotes or brackets belong to the sentence they end.
             let mut j = i + 1;
-            while j < chars.len() && matches!(chars[j].1, '"' | '\'' | ')' | '\u{201d}' | '\u{2019}')
+            while j < chars.len()
+                && matches!(chars[j].1, '"' | '\'' | ')' | '\u{201d}' | '\u{2019}')
             {
                 j += 1;
             }

@@ -442,7 +442,10 @@ mod tests {
         assert!(kept.response.ends_with("records properly."), "{kept:?}");
         assert!(kept.reason.starts_with("trimmed"), "{kept:?}");
         // Too little left, or a remainder that fails another check: still dropped.
-        for text in ["Ask them first. Then", "I'm sorry, but I can't assist with that. And"] {
+        for text in [
+            "Ask them first. Then",
+            "I'm sorry, but I can't assist with that. And",
+        ] {
             let t = target(trimming.as_ref(), &revision(text, "privacy"));
             assert!(!t.kept, "{text:?}: {t:?}");
         }
