@@ -211,7 +211,7 @@ pub fn trim_to_last_sentence(text: &str) -> Option<&str> {
             i += 3;
             continue;
         }
-        if matches!(c, '.' | '!' | '?') && fences % 2 == 0 {
+        if matches!(c, '.' | '!' | '?') && fences.is_multiple_of(2) {
             let after_digit = i > 0 && chars[i - 1].1.is_ascii_digit();
             // Closing quotes or brackets belong to the sentence they end.
             let mut j = i + 1;

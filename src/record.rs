@@ -470,6 +470,9 @@ payloads! {
     SftEval(SftEvalRecord) = "sft_eval",
     /// A model checkpoint written to disk.
     Checkpoint(CheckpointRecord) = "checkpoint",
+    /// A training stage's full state (weights, optimiser moments, step counts) on disk, from
+    /// which a resumed run continues instead of training again.
+    TrainState(TrainStateRecord) = "train_state",
     /// A record flagged by a screening stage (see `examples/custom_stage.rs`).
     Flag(FlagRecord) = "flag",
     /// Two answers to one prompt, for AI feedback.
@@ -701,6 +704,20 @@ pub struct CheckpointRecord {
     pub path: String,
     /// sha256 of `model.safetensors`.
     pub sha256: String,
+}
+
+/// The `train_state` record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainStateRecord {
+    /// Model name in the run.
+    pub model: String,
+    /// Training jobs of the stage that the state includes (its optimiser steps and weight
+    /// copies, in the order the stage ran them).
+    pub step: u64,
+    /// Directory holding the state.
+    pub path: String,
+    /// Each file of the directory and its sha256, in a fixed order.
+    pub files: Vec<(String, String)>,
 }
 
 /// The `flag` record.

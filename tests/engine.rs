@@ -189,6 +189,64 @@ fn sl_cai_runs_end_to_end_then_resumes_without_recomputing() {
         before,
         "a resumed finished run adds or changes nothing"
     );
+    // ... and trains nothing: its saved state covers every step.
+    assert_eq!(
+        second.stages["sft"].skipped as usize,
+        count_kind(&log, "sft_step")
+    );
+    assert_eq!(second.stages["sft"].recomputed, 0);
+    assert!(count_kind(&log, "train_state") >= 1);
+}
+
+/// A training state whose file no longer matches its logged sha256 stops the resume with an
+/// error naming the file and both digests; the log is left as it was.
+#[test]
+fn a_changed_training_state_file_is_an_error_naming_it() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("flow.toml", 7, "");
+    fx.run(&spec, "log").expect("run");
+    let log = fx.dir.path().join("log");
+    let states: Vec<cairn::record::TrainStateRecord> = LogReader::open(&log)
+        .expect("log")
+        .iter_from(0)
+        .filter_map(|e| match e.expect("event").payload {
+            Payload::TrainState(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let latest = states.iter().max_by_key(|s| s.step).expect("a state");
+    // Only the latest state is kept on disk.
+    for s in &states {
+        assert_eq!(
+            Path::new(&s.path).exists(),
+            s.step == latest.step,
+            "{}",
+            s.path
+        );
+    }
+    let weights = Path::new(&latest.path).join("weights.safetensors");
+    let mut bytes = std::fs::read(&weights).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&weights, bytes).expect("write");
+    let before = events(&log);
+    let err = fx
+        .run(&spec, "log")
+        .expect_err("a changed state must stop the run");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("weights.safetensors") && msg.contains("sha256") && msg.contains("differs"),
+        "{msg}"
+    );
+    let after: BTreeMap<_, _> = events(&log)
+        .into_iter()
+        .filter(|(_, (stage, _, _))| stage != "run")
+        .collect();
+    let before: BTreeMap<_, _> = before
+        .into_iter()
+        .filter(|(_, (stage, _, _))| stage != "run")
+        .collect();
+    assert_eq!(after, before);
 }
 
 #[test]

@@ -444,6 +444,172 @@ fn sigkill_during_rl_then_resume_matches_an_uninterrupted_run() {
     assert!(total_kills > 0, "no run was interrupted");
 }
 
+/// Step events of `kind` in a log that a live run may be writing (a torn tail ends the count).
+fn live_count(log: &Path, kind: &str) -> usize {
+    match LogReader::open(log) {
+        Ok(r) => r
+            .iter_from(0)
+            .map_while(Result::ok)
+            .filter(|e| e.payload.kind() == kind)
+            .count(),
+        Err(_) => 0,
+    }
+}
+
+/// The training jobs covered by `stage`'s latest saved state that is still on disk (the one
+/// a restart restores), or 0.
+fn restorable_state(log: &Path, stage: &str) -> u64 {
+    LogReader::open(log)
+        .expect("log")
+        .iter_from(0)
+        .map_while(Result::ok)
+        .filter(|e| e.stage == stage)
+        .filter_map(|e| match e.payload {
+            Payload::TrainState(s) => Some(s),
+            _ => None,
+        })
+        .filter(|s| {
+            s.files
+                .iter()
+                .all(|(f, _)| Path::new(&s.path).join(f).is_file())
+        })
+        .map(|s| s.step)
+        .max()
+        .unwrap_or(0)
+}
+
+/// SIGKILL inside each training stage — after its first step event, before its last — five
+/// times per stage at points drawn by seed. Each restart redoes at most one step (counted
+/// from the log: steps logged at the kill minus the state a restart restores), and the final
+/// log, checkpoints and training states included (their sha256 are in the events), equals
+/// an uninterrupted run's.
+#[test]
+fn sigkill_inside_each_training_stage_redoes_at_most_one_step() {
+    let fx = Fixture::new();
+    // Several epochs, so that each stage trains long enough to be killed inside.
+    let text = fx
+        .spec_text(13, "")
+        .replace(
+            "lr = 1e-3\nheld_out = 0.3",
+            "lr = 1e-3\nheld_out = 0.3\nepochs = 6",
+        )
+        .replace("minibatch = 1", "minibatch = 1\nppo_epochs = 3");
+    let spec = fx.dir.path().join("train.toml");
+    std::fs::write(&spec, text).expect("spec");
+    let bin = env!("CARGO_BIN_EXE_cairn");
+    let spawn = |log: &Path| {
+        std::process::Command::new(bin)
+            .args(["-q", "run"])
+            .arg(&spec)
+            .arg("--log")
+            .arg(log)
+            .args(["--device", "cpu"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn cairn run")
+    };
+    let reference_log = fx.dir.path().join("reference");
+    let out = spawn(&reference_log).wait_with_output().expect("reference");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let strip = |m: BTreeMap<String, (String, Vec<String>, String)>| {
+        m.into_iter()
+            .filter(|(_, (s, _, _))| s != "run")
+            .collect::<BTreeMap<_, _>>()
+    };
+    let reference = strip(events(&reference_log));
+    for (stage, kind, seed) in [
+        ("sft", "sft_step", 3u64),
+        ("pm", "pm_step", 7),
+        ("ppo", "ppo_update", 19),
+    ] {
+        let total = live_count(&reference_log, kind);
+        assert!(
+            total >= 3,
+            "{stage}: only {total} steps; nothing to kill inside"
+        );
+        let log = fx.dir.path().join(format!("killed-{stage}"));
+        let mut state = seed;
+        let mut kills = 0;
+        let mut attempts = 0;
+        while kills < 5 {
+            attempts += 1;
+            assert!(
+                attempts < 60,
+                "{stage}: could not land 5 kills inside the stage"
+            );
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let before = live_count(&log, kind);
+            if before + 1 >= total {
+                // This log is past the point where a kill can land inside: start over.
+                let _ = std::fs::remove_dir_all(&log);
+                continue;
+            }
+            // Kill once the stage has logged a step beyond where it starts, at a point
+            // drawn between its first step and its last.
+            let target = (before + 1 + (state as usize) % (total - before - 1)).max(1);
+            let mut child = spawn(&log);
+            let finished = loop {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    break Some(status);
+                }
+                if live_count(&log, kind) >= target {
+                    break None;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            };
+            if let Some(status) = finished {
+                assert!(status.success(), "{stage}: a resumed run failed");
+                let _ = std::fs::remove_dir_all(&log);
+                continue;
+            }
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+            let logged = live_count(&log, kind);
+            if logged >= total {
+                continue; // the stage finished before the signal landed: not a kill inside
+            }
+            assert!(logged >= 1, "{stage}: killed before its first step");
+            let restored = restorable_state(&log, stage);
+            assert!(
+                logged as u64 <= restored + 1,
+                "{stage}: {logged} steps logged at the kill but the restart restores the \
+                 state after {restored}: more than one step would be redone"
+            );
+            kills += 1;
+        }
+        let out = spawn(&log).wait_with_output().expect("finish");
+        assert!(
+            out.status.success(),
+            "{stage}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = strip(events(&log));
+        let differing: Vec<String> = got
+            .iter()
+            .filter(|(k, v)| reference.get(*k) != Some(v))
+            .map(|(k, v)| format!("{k} {v:?} (uninterrupted: {:?})", reference.get(k)))
+            .chain(
+                reference
+                    .keys()
+                    .filter(|k| !got.contains_key(*k))
+                    .map(|k| format!("{k} missing")),
+            )
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "{stage}: after {kills} kills the log differs from an uninterrupted run's:\n{}",
+            differing.join("\n")
+        );
+    }
+}
+
 #[test]
 fn preference_loss_gradient_matches_finite_differences() {
     use cairn::train::PmExample;
@@ -516,16 +682,13 @@ fn ppo_raises_a_known_reward_with_bounded_kl() {
     use cairn::model::{GenerateRequest, SamplingParams, ScoreRequest};
     use cairn::train::ppo::ppo_update;
     use cairn::train::{PpoConfig, PpoRollout};
-    use tch::nn::OptimizerConfig;
     // A 16-token world; the reward is how many times token 3 appears in 8 new tokens.
     let mut config = LlamaConfig::tiny(16);
     config.max_position_embeddings = 64;
     let mut policy = Llama::random(config.clone(), 5, Device::Cpu).expect("policy");
     let reference = Llama::random(config, 5, Device::Cpu).expect("reference");
     policy.ensure_score_head();
-    let mut opt = tch::nn::Adam::default()
-        .build(policy.var_store(), 3e-3)
-        .expect("optimiser");
+    let mut opt = cairn::train::adamw::AdamW::new(policy.var_store(), 3e-3, 0.0);
     let target = 3u32;
     let prompts: Vec<Vec<u32>> = (0..16u32).map(|i| vec![1 + i % 7, 2 + i % 5]).collect();
     let mut history = Vec::new();

@@ -700,7 +700,6 @@ fn rl_bench(args: RlBench) -> anyhow::Result<ExitCode> {
     use cairn::stages::{Rec, StageContext, Work};
     use cairn::train::ppo::ppo_update;
     use cairn::train::{PpoConfig, PpoRollout};
-    use tch::nn::OptimizerConfig;
 
     let path = args.model.clone().unwrap_or_else(paths::default_model);
     anyhow::ensure!(
@@ -889,7 +888,7 @@ fn rl_bench(args: RlBench) -> anyhow::Result<ExitCode> {
         lr: 1e-7,
         ..PpoConfig::default()
     };
-    let mut opt = tch::nn::AdamW::default().build(policy.model.var_store(), config.lr)?;
+    let mut opt = cairn::train::adamw::AdamW::new(policy.model.var_store(), config.lr, 0.0);
     let update = time_it(args.repeats, || {
         ppo_update(&policy.model, &mut opt, &rollouts, &config)?;
         Ok(())

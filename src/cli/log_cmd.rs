@@ -333,6 +333,13 @@ fn summary(payload: &cairn::record::Payload) -> String {
         ),
         Payload::SftEval(e) => format!("held-out loss {:.4} at step {}", e.loss, e.step),
         Payload::Checkpoint(c) => format!("{} (sha256 {})", c.path, c.sha256),
+        Payload::TrainState(t) => format!(
+            "state after {} training jobs of `{}` in {} ({} files)",
+            t.step,
+            t.model,
+            t.path,
+            t.files.len()
+        ),
         other => short(&other.to_json().to_string()),
     }
 }

@@ -157,6 +157,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             s.computed, s.replayed, s.jobs
         );
     }
+    for (stage, s) in &summary.stages {
+        if s.skipped + s.recomputed > 0 {
+            println!(
+                "{stage}: {} training jobs restored from its saved state, {} run again \
+                 ({} differ from their logged events)",
+                s.skipped, s.recomputed, s.diverged
+            );
+        }
+    }
     println!(
         "model calls {:.1} s of {:.1} s dataflow wall time ({:.1}% outside model calls)",
         summary.model_seconds,

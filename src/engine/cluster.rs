@@ -199,6 +199,9 @@ pub fn run_cluster(
             into.computed += s.computed;
             into.replayed += s.replayed;
             into.jobs += s.jobs;
+            into.skipped += s.skipped;
+            into.recomputed += s.recomputed;
+            into.diverged += s.diverged;
         }
         for (k, n) in part.aggregates {
             let into = summary.aggregates.entry(k).or_insert(0);

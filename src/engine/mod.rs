@@ -13,6 +13,7 @@
 mod cluster;
 mod fork;
 mod operator;
+mod train_state;
 mod verify;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -23,10 +23,11 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::operator::Operator;
 
 use super::EngineError;
+use super::train_state::{self, DEFAULT_STATE_EVERY, TrainCursor};
 use crate::log::LogWriter;
 use crate::model::worker::{Job, JobOutput, Reply as WorkerReply, Waker};
 use crate::model::{Tokenizer, WorkerHandle};
-use crate::record::{CheckpointRecord, Key, NewEvent, Payload, RunId};
+use crate::record::{CheckpointRecord, Key, NewEvent, Payload, RunId, TrainStateRecord};
 use crate::spec::Spec;
 use crate::stages::{
     Rec, Reply, Stage, StageContext, StageError, StageKind, Task, TrainJob, TrainWork,
@@ -42,6 +43,12 @@ pub struct OperatorStats {
     pub replayed: u64,
     /// Model jobs submitted.
     pub jobs: u64,
+    /// Training jobs not run because a saved training state covers them.
+    pub skipped: u64,
+    /// Training jobs run again although their event was logged (after the last state).
+    pub recomputed: u64,
+    /// Of those, how many came out different from their logged event.
+    pub diverged: u64,
 }
 
 /// What every operator shares with the engine loop (one timely worker thread).
@@ -132,6 +139,7 @@ pub(super) enum Built {
         from: Vec<String>,
         stage: Box<dyn TrainingStage>,
         after: Option<String>,
+        state_every: u64,
     },
 }
 
@@ -217,6 +225,16 @@ impl Plan {
                     )));
                 }
             };
+            // `state_every` is the engine's too: how often a training stage saves its state.
+            let state_every = match settings.remove("state_every") {
+                None => None,
+                Some(toml::Value::Integer(n)) if n >= 0 => Some(n as u64),
+                Some(other) => {
+                    return Err(at(format!(
+                        "`state_every` must be a non-negative integer, found {other}"
+                    )));
+                }
+            };
             earlier.push(&s.name);
             let located = |e: StageError| {
                 EngineError::Input(format!("{}:{}: {e}", spec.path.display(), s.line))
@@ -238,8 +256,15 @@ impl Plan {
                     from: s.from.clone(),
                     stage: builder(&s.name, &settings, ctx).map_err(located)?,
                     after,
+                    state_every: state_every.unwrap_or(DEFAULT_STATE_EVERY),
                 });
                 continue;
+            }
+            if state_every.is_some() {
+                return Err(at(
+                    "`state_every` applies to training stages only (sft, pm, ppo and the like)"
+                        .into(),
+                ));
             }
             let Some((_, _, builder)) = kinds.iter().find(|(k, _, _)| *k == s.kind) else {
                 let known: Vec<&str> = kinds
@@ -371,6 +396,7 @@ impl Plan {
                     from,
                     stage,
                     after,
+                    state_every,
                 } => {
                     let is_ppo = kind == "ppo";
                     let out = training_operator(
@@ -378,6 +404,7 @@ impl Plan {
                         from.clone(),
                         stage,
                         after,
+                        state_every,
                         env.clone(),
                         shared.clone(),
                     );
@@ -899,10 +926,15 @@ fn training_operator<'s>(
     from: Vec<String>,
     mut stage: Box<dyn TrainingStage>,
     after: Option<String>,
+    state_every: u64,
     env: Env,
     shared: Shared,
 ) -> Stream<'s, u64, Vec<Rec>> {
     let name = stage.name().to_string();
+    let mut cursor = TrainCursor::resume(&name, state_every, &env.done).unwrap_or_else(|e| {
+        shared.fail(e);
+        TrainCursor::default()
+    });
     stream.unary_frontier(Pipeline, &name.clone(), move |initial, _info| {
         // Held until the input ends (for the final step and checkpoint), trailing the input
         // frontier so that downstream progress is not held back meanwhile.
@@ -954,7 +986,9 @@ fn training_operator<'s>(
                 let result = stage
                     .add_epoch(recs)
                     .map_err(EngineError::from)
-                    .and_then(|work| run_training_work(&name, &env, &shared, work, *cap.time()));
+                    .and_then(|work| {
+                        run_training_work(&name, &env, &shared, work, *cap.time(), &mut cursor)
+                    });
                 match result {
                     Ok(out) => {
                         let mut session = output.session(&cap);
@@ -968,7 +1002,7 @@ fn training_operator<'s>(
             if frontier.is_empty() && epochs.is_empty() {
                 if let Some(cap) = end_cap.take() {
                     let result = stage.finish().map_err(EngineError::from).and_then(|work| {
-                        run_training_work(&name, &env, &shared, work, *cap.time())
+                        run_training_work(&name, &env, &shared, work, *cap.time(), &mut cursor)
                     });
                     match result {
                         Ok(out) => {
@@ -989,15 +1023,18 @@ fn training_operator<'s>(
     })
 }
 
-/// Runs training work on the worker and logs its events. Updates always run — the trained
-/// weights are state that only training rebuilds — but an event already logged is not
-/// logged again; measurements already logged are not repeated.
+/// Runs training work on the worker and logs its events. A training job covered by the
+/// restore point (`train_state`) is not run: its logged event is re-emitted and the state is
+/// loaded when the stage reaches it. Any other training job runs — the weights are state
+/// that only training rebuilds — and when its event is logged already, the outcome is
+/// compared with it. Measurements already logged are not repeated.
 fn run_training_work(
     name: &str,
     env: &Env,
     shared: &Shared,
     work: Vec<TrainWork>,
     epoch: u64,
+    cursor: &mut TrainCursor,
 ) -> Result<Vec<Rec>, EngineError> {
     let mut out = Vec::new();
     for w in work {
@@ -1008,15 +1045,39 @@ fn run_training_work(
             job,
         } = w;
         let payload = match job {
-            TrainJob::Update { job, record } => {
-                let reply = env.worker.call(&model, job)?;
-                let payload = record(reply)?;
-                if let Some(rec) = env.done.get(&key) {
-                    out.push(rec.clone());
-                    shared.count(name, |s| s.replayed += 1);
+            TrainJob::Update {
+                job,
+                record,
+                restored,
+            } => {
+                cursor.updates += 1;
+                if cursor.skips() {
+                    if let Some(rec) = env.done.get(&key) {
+                        if let Some(restored) = restored {
+                            restored(&rec.payload);
+                        }
+                        out.push(rec.clone());
+                    }
+                    shared.count(name, |s| s.skipped += 1);
+                    if let Some(state) = cursor.take_restore() {
+                        restore(name, env, &state)?;
+                    }
                     continue;
                 }
-                payload
+                let reply = env.worker.call(&model, job)?;
+                let payload = record(reply)?;
+                let logged = env.done.get(&key);
+                if let Some(rec) = logged {
+                    compare(name, shared, rec, payload.as_ref());
+                    out.push(rec.clone());
+                } else if let Some(p) = payload {
+                    out.push(append(name, env, shared, key, parents, epoch, p)?);
+                }
+                if cursor.due() {
+                    let state_key = Key::builder(name).str("state").key(key).finish();
+                    save_state(name, env, shared, cursor, &model, state_key, epoch)?;
+                }
+                continue;
             }
             TrainJob::Measure { job, record } => {
                 if let Some(rec) = env.done.get(&key) {
@@ -1024,36 +1085,151 @@ fn run_training_work(
                     shared.count(name, |s| s.replayed += 1);
                     continue;
                 }
+                if cursor.before_restore() {
+                    return Err(inconsistent(name, key));
+                }
                 record(env.worker.call(&model, job)?)?
             }
             TrainJob::Checkpoint { step } => {
-                Some(checkpoint(name, env, shared, &model, key, step)?)
+                if cursor.before_restore() {
+                    return Err(inconsistent(name, key));
+                }
+                let payload = checkpoint(name, env, shared, &model, key, step)?;
+                out.push(append(name, env, shared, key, parents, epoch, payload)?);
+                if cursor.final_due() {
+                    let state_key = Key::builder(name).str("state").key(key).finish();
+                    save_state(name, env, shared, cursor, &model, state_key, epoch)?;
+                }
+                continue;
             }
         };
-        let Some(payload) = payload else {
-            continue;
-        };
-        let rec = Rec {
-            key,
-            parents,
-            stage: name.to_string(),
-            payload,
-        };
-        let appended = env.writer.append(NewEvent::new(
-            rec.key,
-            env.run_id,
-            name,
-            rec.parents.clone(),
-            epoch,
-            rec.payload.clone(),
-        ))?;
-        shared.count(name, |s| match appended {
-            crate::log::Appended::New(_) => s.computed += 1,
-            crate::log::Appended::Existing(_) => s.replayed += 1,
-        });
-        out.push(rec);
+        if let Some(payload) = payload {
+            out.push(append(name, env, shared, key, parents, epoch, payload)?);
+        }
     }
     Ok(out)
+}
+
+/// Logs one training event (once: an existing event is counted as replayed).
+fn append(
+    name: &str,
+    env: &Env,
+    shared: &Shared,
+    key: Key,
+    parents: Vec<Key>,
+    epoch: u64,
+    payload: Payload,
+) -> Result<Rec, EngineError> {
+    let rec = Rec {
+        key,
+        parents,
+        stage: name.to_string(),
+        payload,
+    };
+    let appended = env.writer.append(NewEvent::new(
+        rec.key,
+        env.run_id,
+        name,
+        rec.parents.clone(),
+        epoch,
+        rec.payload.clone(),
+    ))?;
+    shared.count(name, |s| match appended {
+        crate::log::Appended::New(_) => s.computed += 1,
+        crate::log::Appended::Existing(_) => s.replayed += 1,
+    });
+    Ok(rec)
+}
+
+/// A training job ran again although its event is logged: report when its outcome differs.
+fn compare(name: &str, shared: &Shared, logged: &Rec, now: Option<&Payload>) {
+    let same = now == Some(&logged.payload);
+    shared.count(name, |s| {
+        s.recomputed += 1;
+        s.replayed += 1;
+        if !same {
+            s.diverged += 1;
+        }
+    });
+    if !same {
+        tracing::warn!(
+            stage = name,
+            key = %logged.key,
+            logged = ?logged.payload,
+            now = ?now,
+            "a recomputed training step differs from its logged event (a device that is not \
+             bit-deterministic?); the logged event stands"
+        );
+    }
+}
+
+fn inconsistent(name: &str, key: Key) -> EngineError {
+    EngineError::Input(format!(
+        "stage `{name}`: its saved training state is later than work {key} that the log \
+         lacks; the log and the state directory do not belong together"
+    ))
+}
+
+/// Loads a saved training state into the worker's model.
+fn restore(name: &str, env: &Env, state: &TrainStateRecord) -> Result<(), EngineError> {
+    match env
+        .worker
+        .call(&state.model, Job::LoadState(state.path.clone().into()))?
+    {
+        JobOutput::Restored => {
+            tracing::info!(stage = name, step = state.step, "training state restored");
+            Ok(())
+        }
+        other => Err(EngineError::Input(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Saves the model's training state (unless the logged one is on disk), logs its event,
+/// and removes the state it supersedes once the event is durable.
+fn save_state(
+    name: &str,
+    env: &Env,
+    shared: &Shared,
+    cursor: &mut TrainCursor,
+    model: &str,
+    key: Key,
+    epoch: u64,
+) -> Result<(), EngineError> {
+    let step = cursor.updates;
+    let dir = env
+        .checkpoint_dir
+        .join("state")
+        .join(format!("{name}-step{step}"));
+    let files = match env.worker.call(model, Job::SaveState(dir.clone()))? {
+        JobOutput::Saved(files) => files,
+        other => return Err(EngineError::Input(format!("unexpected reply {other:?}"))),
+    };
+    let record = train_state::state_record(model, step, &dir, &files)?;
+    if let Some(logged) = env.done.get(&key) {
+        compare(
+            name,
+            shared,
+            logged,
+            Some(&Payload::TrainState(record.clone())),
+        );
+    } else {
+        append(
+            name,
+            env,
+            shared,
+            key,
+            Vec::new(),
+            epoch,
+            Payload::TrainState(record.clone()),
+        )?;
+    }
+    env.writer.sync()?;
+    if let Some(old) = cursor.saved(&record)
+        && let Err(e) = std::fs::remove_dir_all(&old)
+    {
+        tracing::warn!(path = %old.display(), error = %e, "could not remove an old training state");
+    }
+    Ok(())
 }
 
 /// Saves `model` under `checkpoints/<stage>-step<step>` (unless a logged checkpoint's files

@@ -87,6 +87,11 @@ pub enum Job {
     /// Replace this model's weights with a copy of another model's (e.g. freeze the SL-CAI
     /// policy as the RL reference before PPO changes it).
     CopyFrom(String),
+    /// Write the model's training state — variables, every optimiser's moments and step
+    /// counts — into a directory, atomically (`crate::train::state`).
+    SaveState(PathBuf),
+    /// Restore a training state that `SaveState` wrote (optimisers included).
+    LoadState(PathBuf),
 }
 
 impl Job {
@@ -145,6 +150,8 @@ pub enum JobOutput {
     PpoTrained(PpoStats),
     /// Weights copied.
     Copied,
+    /// A training state restored.
+    Restored,
 }
 
 /// The reply of one job.
@@ -229,9 +236,9 @@ fn instant_reply(job: &Job) -> Reply {
             loss: 0.0,
             tokens: examples.iter().map(|e| e.target.len()).sum(),
         },
-        Job::Save(_) => {
+        Job::Save(_) | Job::SaveState(_) | Job::LoadState(_) => {
             return Err(ModelError::InvalidRequest(
-                "the instant model has no weights to save".into(),
+                "the instant model has no weights to save or restore".into(),
             ));
         }
         Job::TrainPm { .. } => JobOutput::PmTrained(PmStats {
@@ -515,7 +522,7 @@ fn job_len(job: &Job) -> usize {
         Job::TrainSft { examples, .. } | Job::EvalSft { examples, .. } => examples.len(),
         Job::TrainPm { examples, .. } | Job::EvalPm { examples, .. } => examples.len(),
         Job::TrainPpo { rollouts, .. } => rollouts.len(),
-        Job::Save(_) | Job::CopyFrom(_) => 0,
+        Job::Save(_) | Job::CopyFrom(_) | Job::SaveState(_) | Job::LoadState(_) => 0,
     }
 }
 
@@ -529,6 +536,14 @@ fn run_alone(
     if let Job::CopyFrom(source) = &s.job {
         let started = std::time::Instant::now();
         let reply = copy_weights(models, &s.model, source);
+        stats.jobs += 1;
+        stats.busy_ns += started.elapsed().as_nanos() as u64;
+        respond(s, reply);
+        return;
+    }
+    if let Job::LoadState(dir) = &s.job {
+        let started = std::time::Instant::now();
+        let reply = load_state(models, trainers, &s.model, dir);
         stats.jobs += 1;
         stats.busy_ns += started.elapsed().as_nanos() as u64;
         respond(s, reply);
@@ -606,6 +621,15 @@ fn run_alone(
             Job::Save(dir) => model.save_dir(dir).map(|()| {
                 JobOutput::Saved(vec![dir.join("config.json"), dir.join("model.safetensors")])
             }),
+            Job::SaveState(dir) => {
+                let prefix = format!("{}/", s.model);
+                let mine: Vec<(&str, &Trainer)> = trainers
+                    .iter()
+                    .filter_map(|(k, t)| k.strip_prefix(&prefix).map(|p| (p, t)))
+                    .collect();
+                crate::train::state::save(model, &mine, dir).map(JobOutput::Saved)
+            }
+            Job::LoadState(_) => Err(ModelError::InvalidRequest("handled above".into())),
             Job::Generate(_) | Job::Score(_) | Job::ScoreChoices(_) => {
                 Err(ModelError::InvalidRequest("not a single-job kind".into()))
             }
@@ -628,6 +652,33 @@ fn trainer<'a>(
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(v) => v.insert(Trainer::new(model, optim)?),
     })
+}
+
+/// Restores `name`'s training state from `dir`: its variables, and each optimiser the state
+/// holds (created when missing, replaced when present).
+fn load_state(
+    models: &mut HashMap<String, ServedModel>,
+    trainers: &mut HashMap<String, Trainer>,
+    name: &str,
+    dir: &std::path::Path,
+) -> Reply {
+    let Some(ServedModel {
+        backend: Backend::Llama(model),
+        ..
+    }) = models.get_mut(name)
+    else {
+        return Err(ModelError::InvalidRequest(format!(
+            "no trainable model named `{name}` on this worker"
+        )));
+    };
+    let restored = crate::train::state::load(model, dir)?;
+    for (purpose, steps, file) in restored {
+        let mut trainer = Trainer::new(model, &OptimConfig::default())?;
+        trainer.opt.load(&file)?;
+        trainer.steps = steps;
+        trainers.insert(format!("{name}/{purpose}"), trainer);
+    }
+    Ok(JobOutput::Restored)
 }
 
 /// Copies `source`'s weights into `target` (same architecture; by variable name).

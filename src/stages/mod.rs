@@ -494,6 +494,11 @@ pub fn step_key<'a>(
 pub type RecordFn =
     Box<dyn FnOnce(crate::model::JobOutput) -> Result<Option<Payload>, StageError> + Send>;
 
+/// Called instead of a [`RecordFn`] when an update is covered by a saved training state and
+/// so does not run: it receives the logged event, so that the stage can rebuild what it
+/// derives from its updates' outcomes (a history of scores, say).
+pub type RestoredFn = Box<dyn FnOnce(&Payload) + Send>;
+
 /// One job of a training stage, run on the model worker in order.
 pub struct TrainWork {
     /// Key of the event it logs.
@@ -508,14 +513,17 @@ pub struct TrainWork {
 
 /// What a training job is, which decides what resume does with it.
 pub enum TrainJob {
-    /// Changes the model (an optimiser step, a weight copy). Always run, even when its event
-    /// is logged already: the weights are state that only running the job rebuilds. The
-    /// event is logged once.
+    /// Changes the model (an optimiser step, a weight copy). Run unless a saved training
+    /// state covers it (the engine then restores that state instead); run again, and
+    /// compared with its logged event, when it came after the last saved state. The event
+    /// is logged once.
     Update {
         /// The job.
         job: crate::model::Job,
         /// Its event.
         record: RecordFn,
+        /// What the stage learns from the logged event when the job does not run.
+        restored: Option<RestoredFn>,
     },
     /// Only reads the model (an evaluation): skipped when its event is logged.
     Measure {

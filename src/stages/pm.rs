@@ -256,6 +256,7 @@ impl PmStage {
                         grad_norm: st.grad_norm,
                     })))
                 }),
+                restored: None,
             },
         }
     }

@@ -234,6 +234,7 @@ impl TrainingStage for PpoStage {
             seed: self.ctx.derive_seed(&self.name, key, version),
         };
         let repetition = reps.iter().sum::<f64>() / reps.len().max(1) as f64;
+        let replayed = Arc::clone(&self.history);
         let (name, history, settings, n) = (
             self.name.clone(),
             Arc::clone(&self.history),
@@ -284,6 +285,17 @@ impl TrainingStage for PpoStage {
                         over_optimisation: warning,
                     })))
                 }),
+                restored: Some(Box::new(move |logged| {
+                    if let Payload::PpoUpdate(u) = logged {
+                        let mut h = replayed.lock().unwrap_or_else(|p| p.into_inner());
+                        h.push(Seen {
+                            score: u.mean_score,
+                            kl: u.kl,
+                            length: u.response_length,
+                            repetition: u.repetition,
+                        });
+                    }
+                })),
             },
         }])
     }

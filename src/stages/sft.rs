@@ -333,6 +333,7 @@ impl SftStage {
                         grad_norm: stats.grad_norm,
                     })))
                 }),
+                restored: None,
             },
         }
     }

@@ -12,7 +12,7 @@
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor, nn};
+use tch::{Kind, Tensor};
 
 use crate::model::ModelError;
 use crate::model::generate::{left_pad, to_vec_f32};
@@ -196,7 +196,7 @@ pub fn k3(r: f64) -> f64 {
 /// One PPO update of `model` (which must have a value head) with optimiser `opt`.
 pub fn ppo_update(
     model: &Llama,
-    opt: &mut nn::Optimizer,
+    opt: &mut super::adamw::AdamW,
     rollouts: &[PpoRollout],
     config: &PpoConfig,
 ) -> Result<PpoStats, ModelError> {

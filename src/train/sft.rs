@@ -4,7 +4,9 @@
 //! have to fit in memory at once.
 
 use serde::{Deserialize, Serialize};
-use tch::{Tensor, nn, nn::OptimizerConfig};
+use tch::Tensor;
+
+use super::adamw::AdamW;
 
 use crate::model::ModelError;
 use crate::model::generate::{ScoreRequest, score_tensors};
@@ -55,7 +57,7 @@ pub struct StepStats {
 
 /// An AdamW optimiser over a model's variables.
 pub struct Trainer {
-    pub(crate) opt: nn::Optimizer,
+    pub(crate) opt: AdamW,
     pub(crate) steps: u64,
 }
 
@@ -69,11 +71,7 @@ impl Trainer {
                 model.dtype()
             )));
         }
-        let opt = nn::AdamW {
-            wd: config.weight_decay,
-            ..nn::AdamW::default()
-        }
-        .build(model.var_store(), config.lr)?;
+        let opt = AdamW::new(model.var_store(), config.lr, config.weight_decay);
         Ok(Trainer { opt, steps: 0 })
     }
 
