@@ -1095,6 +1095,50 @@ fn four_workers_give_the_events_of_one() {
         dataflow_events(&four),
         dataflow_events(&fx.dir.path().join("one"))
     );
+    // A single writer is refused on the partitioned log before it writes anything (its
+    // root segments would hide the partitions from every reader).
+    let listing = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = listing(&four);
+    let err = engine::run(
+        &parsed,
+        &RunOptions {
+            cluster: None,
+            ..opts.clone()
+        },
+    )
+    .expect_err("one worker on a partitioned log");
+    assert!(err.to_string().contains("--workers 4"), "{err}");
+    assert_eq!(listing(&four), before);
+    assert_eq!(
+        dataflow_events(&four),
+        dataflow_events(&fx.dir.path().join("one"))
+    );
+    // `--reuse` with several workers is refused before it copies.
+    let fresh = fx.dir.path().join("fresh");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["-q", "run"])
+        .arg(&spec)
+        .arg("--log")
+        .arg(&fresh)
+        .arg("--reuse")
+        .arg(fx.dir.path().join("one"))
+        .args(["--workers", "2", "--device", "cpu"])
+        .output()
+        .expect("cairn run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--reuse"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!fresh.exists() || listing(&fresh).is_empty());
 }
 
 /// Two processes of two workers each, over TCP on localhost: the same events as one worker;

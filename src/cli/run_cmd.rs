@@ -106,6 +106,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     if !args.reuse.is_empty() {
+        // Refused before anything is copied: the copy would be root segments, which a
+        // multi-worker run does not continue.
+        anyhow::ensure!(
+            cluster.as_ref().is_none_or(|c| c.total() <= 1),
+            "--reuse copies into a single-worker log; run it without --workers/--processes \
+             (then continue that log with one worker), or reuse into a new log first"
+        );
         let names: std::collections::HashSet<String> = std::iter::once("prompts".to_string())
             .chain(spec.stages.iter().map(|s| s.name.clone()))
             .collect();

@@ -902,14 +902,7 @@ fn complete_tasks(
             stage: name.to_string(),
             payload,
         };
-        events.push(NewEvent::new(
-            rec.key,
-            env.run_id,
-            name,
-            rec.parents.clone(),
-            epoch,
-            rec.payload.clone(),
-        ));
+        events.push(event_of(env, &rec, epoch));
         out.push(rec);
     }
     shared.count(name, |s| s.computed += events.len() as u64);
@@ -1110,6 +1103,18 @@ fn run_training_work(
     Ok(out)
 }
 
+/// The event that logs `rec` in this run.
+fn event_of(env: &Env, rec: &Rec, epoch: u64) -> NewEvent {
+    NewEvent::new(
+        rec.key,
+        env.run_id,
+        &rec.stage,
+        rec.parents.clone(),
+        epoch,
+        rec.payload.clone(),
+    )
+}
+
 /// Logs one training event (once: an existing event is counted as replayed).
 fn append(
     name: &str,
@@ -1126,14 +1131,7 @@ fn append(
         stage: name.to_string(),
         payload,
     };
-    let appended = env.writer.append(NewEvent::new(
-        rec.key,
-        env.run_id,
-        name,
-        rec.parents.clone(),
-        epoch,
-        rec.payload.clone(),
-    ))?;
+    let appended = env.writer.append(event_of(env, &rec, epoch))?;
     shared.count(name, |s| match appended {
         crate::log::Appended::New(_) => s.computed += 1,
         crate::log::Appended::Existing(_) => s.replayed += 1,

@@ -251,11 +251,35 @@ impl FlushQueue {
     }
 }
 
+/// A directory whose events live in `part-*` partitions (a multi-worker run) is not a log
+/// one writer may append to: its readers would ignore the partitions once root segments
+/// appear. Checked before anything is written, the lock file included.
+fn refuse_partitioned(dir: &Path) -> Result<(), LogError> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let parts = super::reader::partitions(dir)?;
+    if parts.is_empty() || parts.first().is_some_and(|p| p == dir) {
+        return Ok(());
+    }
+    Err(LogError::NotALog {
+        path: dir.to_path_buf(),
+        reason: format!(
+            "a partitioned log written by {} workers (part-*); a single writer would hide \
+             its partitions — continue it with `cairn run SPEC --workers {}` (or the same \
+             --processes), write to a new log, or read it with `cairn log`, `replay` or `export`",
+            parts.len(),
+            parts.len()
+        ),
+    })
+}
+
 impl LogWriter {
     /// Opens (or creates) the log in `dir`: validates every segment, truncates a torn tail
     /// (keeping a copy under `dir/recovered/`), rebuilds stale indexes and loads the keys.
     /// Corruption before the tail is an error naming the segment and byte position.
     pub fn open(dir: &Path, opts: LogOptions) -> Result<LogWriter, LogError> {
+        refuse_partitioned(dir)?;
         if !dir.exists() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| LogError::io(dir, "create log directory", e))?;
