@@ -1222,7 +1222,9 @@ fn save_state(
         )?;
     }
     env.writer.sync()?;
+    // A state restored from another run's log (a fork, `--reuse`) is that run's to keep.
     if let Some(old) = cursor.saved(&record)
+        && old.starts_with(&env.checkpoint_dir)
         && let Err(e) = std::fs::remove_dir_all(&old)
     {
         tracing::warn!(path = %old.display(), error = %e, "could not remove an old training state");
