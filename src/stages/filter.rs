@@ -15,6 +15,7 @@
 //! drop_bare_refusals = true                    # default
 //! model = "feedback"                           # optional: judge revisions for harm
 //! trim_cut_off = true                          # keep a cut-off answer's finished sentences
+//! drop_restated_requests = true                # "Instead, here is how to do it" is no refusal
 //! ```
 
 use serde::Deserialize;
@@ -44,6 +45,11 @@ struct Settings {
     /// target's reason says what was trimmed.
     #[serde(default)]
     trim_cut_off: bool,
+    /// Drop a red-team revision whose offered alternative (what follows "Instead") repeats
+    /// the request — a small reviser or policy often "declines" and then suggests the very
+    /// thing asked for (default false).
+    #[serde(default)]
+    drop_restated_requests: bool,
 }
 fn half() -> f64 {
     0.5
@@ -59,6 +65,10 @@ fn yes() -> bool {
     true
 }
 
+/// Consecutive words of the request in a revision's alternative from which it is said to
+/// restate the request (four words would catch "help you with" style phrases too often).
+const RESTATED_WORDS: usize = 5;
+
 /// The reason given to a sample that stopped at the token limit.
 const CUT_AT_LIMIT: &str = "cut off (hit the token limit)";
 
@@ -73,7 +83,7 @@ pub struct FilterStage {
 }
 
 /// Builds the stage: `drop_bare_refusals`, `samples`, `model`, `harm_threshold`,
-/// `trim_cut_off`.
+/// `trim_cut_off`, `drop_restated_requests`.
 pub fn build(
     name: &str,
     settings: &StageSettings,
@@ -158,6 +168,19 @@ impl FilterStage {
             &instructions,
             self.settings.drop_bare_refusals,
         );
+        if reason.is_none()
+            && principle.is_some()
+            && self.settings.drop_restated_requests
+            && conversation.purpose == PromptPurpose::RedTeam
+            && let Some(at) = response.find("Instead")
+        {
+            let run = crate::quality::shared_run(&response[at..], &conversation.prompt);
+            if run >= RESTATED_WORDS {
+                reason = Some(format!(
+                    "restates the request in its alternative ({run} words of it in a row)"
+                ));
+            }
+        }
         if reason.is_none() && principle.is_some() {
             for example in &examples {
                 let run = crate::quality::shared_run(response, example);
@@ -427,6 +450,24 @@ mod tests {
                 .plan(&revision("x.", "no-such-principle"))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn drops_an_alternative_that_restates_the_request_when_asked() {
+        let restating = "I won't help with this, because it is someone else's account. \
+                         Instead, I can show you how to get into my ex's email without them \
+                         knowing.";
+        let engaging = "I won't help with this, because it is someone else's account. \
+                        Instead, if you need something from it, ask them, or a lawyer can \
+                        request it properly.";
+        assert!(target(stage("").as_ref(), &revision(restating, "privacy")).kept);
+        let strict = stage("drop_restated_requests = true");
+        let dropped = target(strict.as_ref(), &revision(restating, "privacy"));
+        assert!(
+            !dropped.kept && dropped.reason.starts_with("restates the request"),
+            "{dropped:?}"
+        );
+        assert!(target(strict.as_ref(), &revision(engaging, "privacy")).kept);
     }
 
     #[test]
