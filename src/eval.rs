@@ -562,15 +562,7 @@ mod tests {
             judge_bf16: false,
         };
         let dir = tempfile::tempdir().expect("tempdir");
-        let run = RunOptions {
-            log: dir.path().join("e"),
-            device: tch::Device::Cpu,
-            new_run: false,
-            stop: None,
-            progress: None,
-            parent: None,
-            cluster: None,
-        };
+        let run = RunOptions::new(dir.path().join("e"), tch::Device::Cpu);
         let err = evaluate(&opts, &run).expect_err("self-judging is refused");
         assert!(err.to_string().contains("must not judge itself"), "{err}");
         assert!(!run.log.exists(), "nothing is written before the check");

@@ -115,15 +115,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     } else {
         cairn::eval::evaluate(
             &opts,
-            &RunOptions {
-                log: args.log.clone(),
-                device: cairn::model::parse_device(&args.device)?,
-                new_run: false,
-                stop: None,
-                progress: None,
-                parent: None,
-                cluster: None,
-            },
+            &RunOptions::new(args.log.clone(), cairn::model::parse_device(&args.device)?),
         )
         .context("evaluating")?
         .0

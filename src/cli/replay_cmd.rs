@@ -170,15 +170,7 @@ pub fn fork(args: ForkArgs) -> anyhow::Result<ExitCode> {
         &args.stage,
         &sets,
         args.base.as_deref(),
-        &RunOptions {
-            log: args.out.clone(),
-            device: cairn::model::parse_device(&args.device)?,
-            new_run: false,
-            stop: None,
-            progress: None,
-            parent: None,
-            cluster: None,
-        },
+        &RunOptions::new(args.out.clone(), cairn::model::parse_device(&args.device)?),
     )
     .with_context(|| format!("forking {}", args.log.display()))?;
     println!(

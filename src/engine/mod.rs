@@ -59,6 +59,22 @@ pub struct RunOptions {
     pub cluster: Option<Cluster>,
 }
 
+impl RunOptions {
+    /// One worker on `device`, writing to `log`: no signal, no progress callback, no parent,
+    /// continuing the log's run (set the other fields with struct update syntax).
+    pub fn new(log: PathBuf, device: tch::Device) -> RunOptions {
+        RunOptions {
+            log,
+            device,
+            new_run: false,
+            stop: None,
+            progress: None,
+            parent: None,
+            cluster: None,
+        }
+    }
+}
+
 /// Receives [`Progress`] snapshots.
 pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 

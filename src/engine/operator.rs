@@ -262,8 +262,7 @@ impl Plan {
             }
             if state_every.is_some() {
                 return Err(at(
-                    "`state_every` applies to training stages only (sft, pm, ppo and the like)"
-                        .into(),
+                    "`state_every` applies to training stages only (see `cairn stages`)".into(),
                 ));
             }
             let Some((_, _, builder)) = kinds.iter().find(|(k, _, _)| *k == s.kind) else {

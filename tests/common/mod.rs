@@ -242,13 +242,5 @@ pub fn write_tiny_inputs(dir: &Path) {
 
 /// Options for a plain run on the CPU (one worker, no signals, no progress) into `log`.
 pub fn cpu_run(log: std::path::PathBuf) -> cairn::engine::RunOptions {
-    cairn::engine::RunOptions {
-        log,
-        device: tch::Device::Cpu,
-        new_run: false,
-        stop: None,
-        progress: None,
-        parent: None,
-        cluster: None,
-    }
+    cairn::engine::RunOptions::new(log, tch::Device::Cpu)
 }
