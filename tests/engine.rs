@@ -1032,6 +1032,55 @@ fn recorded_streams_feed_a_new_stage() {
 const WORDS: [&str; 12] = ["a", "e", "i", "o", "u", "s", "t", "n", "r", " ", ".", "l"];
 
 /// Dataflow events of a log (partitioned or not), without the per-run bookkeeping.
+/// `--reuse LOG --recompute-from STAGE` copies only the stages before STAGE: the copy holds
+/// exactly their events, and the run computes STAGE and what follows to the same events.
+#[test]
+fn reuse_with_recompute_from_copies_only_the_stages_before_it() {
+    let fx = Fixture::new();
+    let spec = fx.write_spec("flow.toml", 11, "");
+    fx.run(&spec, "finished").expect("run");
+    let finished = fx.dir.path().join("finished");
+    let upstream = ["prompts", "sample", "critique_1", "revise_1"];
+    let expected = events(&finished)
+        .values()
+        .filter(|(stage, _, _)| upstream.contains(&stage.as_str()))
+        .count();
+    assert!(expected > 0);
+    let dev = fx.dir.path().join("dev");
+    let cli = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["-q", "run"])
+            .arg(&spec)
+            .arg("--log")
+            .arg(&dev)
+            .arg("--reuse")
+            .arg(&finished)
+            .args(extra)
+            .args(["--device", "cpu"])
+            .output()
+            .expect("cairn run")
+    };
+    let out = cli(&["--recompute-from", "critique_2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{expected} events copied")),
+        "{expected} upstream events expected in: {stdout}"
+    );
+    assert_eq!(dataflow_events(&dev), dataflow_events(&finished));
+    let bad = cli(&["--recompute-from", "no_such_stage"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("no_such_stage"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
 fn dataflow_events(log: &Path) -> BTreeMap<String, (String, Vec<String>, String)> {
     events(log)
         .into_iter()

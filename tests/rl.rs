@@ -599,6 +599,16 @@ fn sigkill_inside_each_training_stage_redoes_at_most_one_step() {
             "{stage}: after {kills} kills the log differs from an uninterrupted run's:\n{}",
             differing.join("\n")
         );
+        // Only the latest state stays on disk: superseded and orphaned ones are removed.
+        let states: Vec<String> = std::fs::read_dir(log.join("checkpoints").join("state"))
+            .expect("state folder")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                n.trim_start_matches('.')
+                    .starts_with(&format!("{stage}-step"))
+            })
+            .collect();
+        assert_eq!(states.len(), 1, "{stage}: states left on disk: {states:?}");
         // The figures BENCHMARKS.md reports (`cargo test --test rl sigkill_inside -- --nocapture`).
         eprintln!(
             "{stage}: {kills} kills inside the stage ({attempts} attempts), {total} steps, \

@@ -37,6 +37,12 @@ pub struct RunArgs {
     /// (develop a new stage against a finished run). Repeatable.
     #[arg(long = "reuse", value_name = "LOG")]
     reuse: Vec<PathBuf>,
+    /// With `--reuse`: copy only `prompts` and the stages listed before STAGE in this spec,
+    /// so STAGE and every stage after it run anew, as after `cairn fork --from STAGE`.
+    /// Use it to retrain a stage whose reused events a state cannot restore (a log written
+    /// before training states existed).
+    #[arg(long = "recompute-from", value_name = "STAGE", requires = "reuse")]
+    recompute_from: Option<String>,
     /// Timely worker threads in this process (each with its own model worker; the log is
     /// then partitioned, one `part-NNNN/` per worker).
     #[arg(long, default_value_t = 1)]
@@ -113,8 +119,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "--reuse copies into a single-worker log; run it without --workers/--processes \
              (then continue that log with one worker), or reuse into a new log first"
         );
+        let upto = match &args.recompute_from {
+            None => spec.stages.len(),
+            Some(stage) => spec
+                .stages
+                .iter()
+                .position(|s| &s.name == stage)
+                .with_context(|| {
+                    format!(
+                        "--recompute-from {stage}: no such stage in {}",
+                        args.spec.display()
+                    )
+                })?,
+        };
         let names: std::collections::HashSet<String> = std::iter::once("prompts".to_string())
-            .chain(spec.stages.iter().map(|s| s.name.clone()))
+            .chain(spec.stages[..upto].iter().map(|s| s.name.clone()))
             .collect();
         for from in &args.reuse {
             let (copied, present) =

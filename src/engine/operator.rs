@@ -1228,6 +1228,7 @@ fn save_state(
     {
         tracing::warn!(path = %old.display(), error = %e, "could not remove an old training state");
     }
+    train_state::remove_orphaned_states(name, &dir, step);
     Ok(())
 }
 

@@ -156,3 +156,58 @@ pub fn state_record(
         files: hashed,
     })
 }
+
+/// A kill between a state's rename into place and its event leaves a directory no event
+/// names, which a resume never reads; once a later state of the same stage is durable, such
+/// earlier ones (and half-written temporaries) in this run's own folder are removed.
+pub(crate) fn remove_orphaned_states(name: &str, saved: &std::path::Path, step: u64) {
+    let Some(folder) = saved.parent() else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return;
+    };
+    let prefix = format!("{name}-step");
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let file_name = file_name.to_string_lossy();
+        let earlier = file_name
+            .strip_prefix(&prefix)
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n < step);
+        let half_written = file_name.starts_with(&format!(".{prefix}"));
+        if (earlier || half_written)
+            && let Err(e) = std::fs::remove_dir_all(entry.path())
+        {
+            tracing::warn!(path = %entry.path().display(), error = %e, "could not remove an orphaned training state");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remove_orphaned_states;
+
+    #[test]
+    fn only_earlier_and_half_written_states_of_the_stage_are_removed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let names = [
+            "sft-step2",
+            "sft-step5",
+            "sft-step9",
+            ".sft-step6.partial",
+            "sft2-step1",
+            "pm-step1",
+        ];
+        for name in names {
+            std::fs::create_dir_all(dir.path().join(name)).expect("dir");
+        }
+        remove_orphaned_states("sft", &dir.path().join("sft-step5"), 5);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["pm-step1", "sft-step5", "sft-step9", "sft2-step1"]);
+    }
+}
