@@ -1108,6 +1108,7 @@ fn four_workers_give_the_events_of_one() {
             workers: 4,
             process: 0,
             hosts: Vec::new(),
+            secret: None,
         }),
     };
     let summary = engine::run(&parsed, &opts).expect("four workers");
@@ -1279,6 +1280,161 @@ fn two_processes_match_one_worker_and_survive_a_kill() {
     };
     let hosts = hosts_file("hosts-restart.txt");
     let children: Vec<_> = (0..2).map(|i| start(&log, &hosts, i)).collect();
+    for c in children {
+        let out = c.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(dataflow_events(&log), reference);
+}
+
+/// Cluster links: a stray connection is refused while the run waits for its peer; bytes
+/// corrupted in flight end both processes with an error naming the link, the log stays
+/// intact, and the same commands then finish the run with the events of one worker.
+#[test]
+fn a_corrupt_link_ends_the_run_with_a_clear_error_and_the_log_intact() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let fx = Fixture::new();
+    let spec = fx.write_spec("flow.toml", 19, "");
+    fx.run(&spec, "one").expect("one worker");
+    let reference = dataflow_events(&fx.dir.path().join("one"));
+    let bin = env!("CARGO_BIN_EXE_cairn");
+    let secret = fx.dir.path().join("secret");
+    std::fs::write(&secret, "correct horse\n").expect("secret");
+    let start = |log: &Path, hosts: &Path, id: usize| {
+        std::process::Command::new(bin)
+            .args(["-q", "run"])
+            .arg(&spec)
+            .arg("--log")
+            .arg(log)
+            .args(["--device", "cpu", "--workers", "2", "--processes", "2"])
+            .args(["--process-id", &id.to_string()])
+            .arg("--hosts")
+            .arg(hosts)
+            .arg("--secret-file")
+            .arg(&secret)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let port = || {
+        TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port()
+    };
+    let (p0, p1, proxy_port) = (port(), port(), port());
+    let write_hosts = |name: &str, first: u16| {
+        let path = fx.dir.path().join(name);
+        std::fs::write(&path, format!("127.0.0.1:{first}\n127.0.0.1:{p1}\n")).expect("hosts");
+        path
+    };
+    let direct = write_hosts("direct.txt", p0);
+    // Process 1 reaches process 0 through a proxy that inverts every byte after the first
+    // 200 it forwards towards process 0 (the handshake is 84 bytes).
+    let via_proxy = write_hosts("proxy.txt", proxy_port);
+    let listener = TcpListener::bind(("127.0.0.1", proxy_port)).expect("proxy");
+    let proxy = std::thread::spawn(move || {
+        let (mut from_one, _) = listener.accept().expect("accept");
+        let mut to_zero = loop {
+            match TcpStream::connect(("127.0.0.1", p0)) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        };
+        let (mut back_from, mut back_to) = (
+            to_zero.try_clone().expect("clone"),
+            from_one.try_clone().expect("clone"),
+        );
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_from, &mut back_to);
+            // Process 0 is gone: close process 1's side as its own socket would close.
+            let _ = back_to.shutdown(std::net::Shutdown::Both);
+        });
+        let mut forwarded = 0usize;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from_one.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            for b in &mut buf[..n] {
+                if forwarded >= 200 {
+                    *b = !*b;
+                }
+                forwarded += 1;
+            }
+            if to_zero.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let log = fx.dir.path().join("cluster");
+    let zero = start(&log, &direct, 0);
+    // A stray client is refused; process 0 goes on waiting for process 1.
+    let mut stray = loop {
+        match TcpStream::connect(("127.0.0.1", p0)) {
+            Ok(s) => break s,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    };
+    stray
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n..........................")
+        .expect("stray bytes");
+    let one = start(&log, &via_proxy, 1);
+    let wait = |child: std::process::Child, who: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut child = child;
+        loop {
+            if let Some(_status) = child.try_wait().expect("try_wait") {
+                return child.wait_with_output().expect("output");
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("output");
+                panic!(
+                    "{who} hung on a corrupt link: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let out0 = wait(zero, "process 0");
+    let out1 = wait(one, "process 1");
+    let _ = proxy.join();
+    let err0 = String::from_utf8_lossy(&out0.stderr).into_owned();
+    let err1 = String::from_utf8_lossy(&out1.stderr).into_owned();
+    assert!(
+        !out0.status.success() && !out1.status.success(),
+        "{err0}\n{err1}"
+    );
+    assert!(
+        err0.contains("cluster link") && err0.contains("process 1"),
+        "process 0 must name the link to process 1: {err0}"
+    );
+    assert!(
+        err0.contains("refused a connection"),
+        "stray not reported: {err0}"
+    );
+    assert!(err1.contains("cluster link"), "{err1}");
+    // The log is intact, and the same commands (without the proxy) finish the run.
+    let verify = std::process::Command::new(bin)
+        .args(["-q", "log", "verify"])
+        .arg(&log)
+        .output()
+        .expect("verify");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let children: Vec<_> = (0..2).map(|i| start(&log, &direct, i)).collect();
     for c in children {
         let out = c.wait_with_output().expect("wait");
         assert!(

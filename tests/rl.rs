@@ -932,6 +932,7 @@ fn cai_pipeline_on_three_workers_gives_the_events_of_one() {
                 workers: 3,
                 process: 0,
                 hosts: Vec::new(),
+                secret: None,
             }),
         },
     )

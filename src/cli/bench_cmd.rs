@@ -623,6 +623,7 @@ fn engine_bench(args: EngineBench) -> anyhow::Result<ExitCode> {
                     workers: w,
                     process: 0,
                     hosts: Vec::new(),
+                    secret: None,
                 }),
             },
         )?;

@@ -57,6 +57,35 @@ pub struct RunArgs {
     /// File with one `host:port` per process, in process order.
     #[arg(long)]
     hosts: Option<PathBuf>,
+    /// File holding the cluster's shared secret (every process must give the same one; the
+    /// CAIRN_CLUSTER_SECRET environment variable is used when this is absent). Without a
+    /// secret, processes of other runs are kept out but an attacker is not.
+    #[arg(long, value_name = "FILE", requires = "hosts")]
+    secret_file: Option<PathBuf>,
+}
+
+/// The shared secret of a cluster run: the file's bytes (surrounding whitespace trimmed), else
+/// `CAIRN_CLUSTER_SECRET`, else none.
+fn cluster_secret(file: Option<&std::path::Path>) -> anyhow::Result<Option<Vec<u8>>> {
+    let secret = match file {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("reading the cluster secret {}", path.display()))?;
+            bytes.trim_ascii().to_vec()
+        }
+        None => match std::env::var_os("CAIRN_CLUSTER_SECRET") {
+            Some(v) => v.into_encoded_bytes().trim_ascii().to_vec(),
+            None => return Ok(None),
+        },
+    };
+    anyhow::ensure!(
+        !secret.is_empty(),
+        "the cluster secret is empty ({})",
+        file.map_or("CAIRN_CLUSTER_SECRET".to_string(), |p| p
+            .display()
+            .to_string())
+    );
+    Ok(Some(secret))
 }
 
 /// Runs `cairn run`.
@@ -87,6 +116,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             workers: args.workers,
             process: 0,
             hosts: Vec::new(),
+            secret: None,
         }),
         (None, _) => {
             anyhow::bail!("--processes above 1 needs --hosts FILE (one host:port per process)")
@@ -108,6 +138,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 workers: args.workers.max(1),
                 process: args.process_id,
                 hosts,
+                secret: cluster_secret(args.secret_file.as_deref())?,
             })
         }
     };

@@ -43,6 +43,9 @@ pub struct Cluster {
     pub process: usize,
     /// `host:port` of every process (one entry: a single process).
     pub hosts: Vec<String>,
+    /// Shared secret every process must prove it holds when the links open (`links`);
+    /// without one, the settings digest keeps other runs out but protects nothing.
+    pub secret: Option<Vec<u8>>,
 }
 
 impl Cluster {
@@ -147,19 +150,34 @@ pub fn run_cluster(
         central = central.join(", "),
         "multi-worker run: central stages run on worker 0"
     );
-    let config = timely::Config {
-        communication: if cluster.hosts.len() > 1 {
-            timely::CommunicationConfig::Cluster {
-                threads: cluster.workers,
-                process: cluster.process,
-                addresses: cluster.hosts.clone(),
-                report: false,
-                zerocopy: false,
-            }
-        } else {
-            timely::CommunicationConfig::Process(cluster.workers)
-        },
-        worker: timely::WorkerConfig::default(),
+    // The links are opened and authenticated here, before timely reads a byte from them.
+    let (builders, comms) = if cluster.hosts.len() > 1 {
+        use timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets;
+        use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
+        let key = super::links::LinkKey::new(cluster.secret.as_deref(), digest);
+        super::links::install_failure_report(cluster.hosts.clone(), cluster.process);
+        let sockets = super::links::connect(&cluster.hosts, cluster.process, &key)?;
+        let hooks = timely::communication::Hooks::default();
+        let local = ProcessBuilder::new_typed_vector(
+            cluster.workers,
+            hooks.refill.clone(),
+            hooks.spill.clone(),
+        );
+        let (tcp, guard) = initialize_networking_from_sockets(
+            local,
+            sockets,
+            cluster.process,
+            cluster.workers,
+            hooks,
+        )
+        .map_err(|e| EngineError::Input(format!("cluster links: {e}")))?;
+        let builders: Vec<AllocatorBuilder> = tcp.into_iter().map(AllocatorBuilder::Tcp).collect();
+        let guard: Box<dyn std::any::Any + Send> = Box::new(guard);
+        (builders, guard)
+    } else {
+        timely::CommunicationConfig::Process(cluster.workers)
+            .try_build()
+            .map_err(|e| EngineError::Input(format!("starting timely workers: {e}")))?
     };
     let done = Arc::new(done);
     let spec = Arc::new(spec.clone());
@@ -170,20 +188,25 @@ pub fn run_cluster(
     let busy = Arc::new(Mutex::new(0u64));
     let busy_in = Arc::clone(&busy);
     let wall = std::time::Instant::now();
-    let guards = timely::execute(config, move |timely_worker| {
-        run_worker(
-            timely_worker,
-            &spec,
-            &opts_shared,
-            &kinds,
-            &ctx_shared,
-            &done,
-            &prompts,
-            run_id,
-            digest,
-            &busy_in,
-        )
-    })
+    let guards = timely::execute::execute_from(
+        builders,
+        comms,
+        timely::WorkerConfig::default(),
+        move |timely_worker| {
+            run_worker(
+                timely_worker,
+                &spec,
+                &opts_shared,
+                &kinds,
+                &ctx_shared,
+                &done,
+                &prompts,
+                run_id,
+                digest,
+                &busy_in,
+            )
+        },
+    )
     .map_err(|e| EngineError::Input(format!("starting timely workers: {e}")))?;
     let mut summary = RunSummary {
         run_id,

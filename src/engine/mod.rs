@@ -12,6 +12,7 @@
 
 mod cluster;
 mod fork;
+pub mod links;
 mod operator;
 mod train_state;
 mod verify;
