@@ -1445,3 +1445,34 @@ fn a_corrupt_link_ends_the_run_with_a_clear_error_and_the_log_intact() {
     }
     assert_eq!(dataflow_events(&log), reference);
 }
+
+/// Every dataflow shipped in `dataflows/` parses and validates (`Spec::load`) and names only
+/// stage kinds that exist: a broken example is caught here, not by a user.
+#[test]
+fn every_shipped_dataflow_parses_and_names_known_stages() {
+    let kinds: Vec<&str> = cairn::stages::registry()
+        .iter()
+        .map(|k| k.0)
+        .chain(cairn::stages::training_registry().iter().map(|k| k.0))
+        .collect();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("dataflows");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("dataflows/") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let spec = Spec::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for stage in &spec.stages {
+            assert!(
+                kinds.contains(&stage.kind.as_str()),
+                "{}: stage `{}` has unknown kind `{}`",
+                path.display(),
+                stage.name,
+                stage.kind
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} dataflows found");
+}
