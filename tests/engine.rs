@@ -1199,22 +1199,7 @@ fn two_processes_match_one_worker_and_survive_a_kill() {
     let spec = fx.write_spec("flow.toml", 17, "");
     fx.run(&spec, "one").expect("one worker");
     let reference = dataflow_events(&fx.dir.path().join("one"));
-    let bin = env!("CARGO_BIN_EXE_cairn");
-    let start = |log: &Path, hosts: &Path, id: usize| {
-        std::process::Command::new(bin)
-            .args(["-q", "run"])
-            .arg(&spec)
-            .arg("--log")
-            .arg(log)
-            .args(["--device", "cpu", "--workers", "2", "--processes", "2"])
-            .args(["--process-id", &id.to_string()])
-            .arg("--hosts")
-            .arg(hosts)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn")
-    };
+    let start = |log: &Path, hosts: &Path, id: usize| cluster_process(&spec, log, hosts, id, &[]);
     let hosts_file = |name: &str| {
         let ports: Vec<u16> = (0..2)
             .map(|_| {
@@ -1240,15 +1225,7 @@ fn two_processes_match_one_worker_and_survive_a_kill() {
     let log = fx.dir.path().join("cluster");
     let hosts = hosts_file("hosts1.txt");
     let began = std::time::Instant::now();
-    let children: Vec<_> = (0..2).map(|i| start(&log, &hosts, i)).collect();
-    for c in children {
-        let out = c.wait_with_output().expect("wait");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    all_succeed((0..2).map(|i| start(&log, &hosts, i)).collect());
     let span = began.elapsed();
     assert_eq!(cairn::log::partitions(&log).expect("parts").len(), 4);
     assert_eq!(dataflow_events(&log), reference);
@@ -1279,15 +1256,7 @@ fn two_processes_match_one_worker_and_survive_a_kill() {
         delay = delay.mul_f64(if started { 0.5 } else { 1.5 });
     };
     let hosts = hosts_file("hosts-restart.txt");
-    let children: Vec<_> = (0..2).map(|i| start(&log, &hosts, i)).collect();
-    for c in children {
-        let out = c.wait_with_output().expect("wait");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    all_succeed((0..2).map(|i| start(&log, &hosts, i)).collect());
     assert_eq!(dataflow_events(&log), reference);
 }
 
@@ -1306,21 +1275,13 @@ fn a_corrupt_link_ends_the_run_with_a_clear_error_and_the_log_intact() {
     let secret = fx.dir.path().join("secret");
     std::fs::write(&secret, "correct horse\n").expect("secret");
     let start = |log: &Path, hosts: &Path, id: usize| {
-        std::process::Command::new(bin)
-            .args(["-q", "run"])
-            .arg(&spec)
-            .arg("--log")
-            .arg(log)
-            .args(["--device", "cpu", "--workers", "2", "--processes", "2"])
-            .args(["--process-id", &id.to_string()])
-            .arg("--hosts")
-            .arg(hosts)
-            .arg("--secret-file")
-            .arg(&secret)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn")
+        cluster_process(
+            &spec,
+            log,
+            hosts,
+            id,
+            &["--secret-file".as_ref(), secret.as_os_str()],
+        )
     };
     let port = || {
         TcpListener::bind("127.0.0.1:0")
@@ -1434,7 +1395,36 @@ fn a_corrupt_link_ends_the_run_with_a_clear_error_and_the_log_intact() {
         "{}",
         String::from_utf8_lossy(&verify.stdout)
     );
-    let children: Vec<_> = (0..2).map(|i| start(&log, &direct, i)).collect();
+    all_succeed((0..2).map(|i| start(&log, &direct, i)).collect());
+    assert_eq!(dataflow_events(&log), reference);
+}
+
+/// Starts process `id` of a run of `spec` on two processes of two workers each.
+fn cluster_process(
+    spec: &Path,
+    log: &Path,
+    hosts: &Path,
+    id: usize,
+    extra: &[&std::ffi::OsStr],
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["-q", "run"])
+        .arg(spec)
+        .arg("--log")
+        .arg(log)
+        .args(["--device", "cpu", "--workers", "2", "--processes", "2"])
+        .args(["--process-id", &id.to_string()])
+        .arg("--hosts")
+        .arg(hosts)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
+/// Waits for every process and asserts that each one succeeded.
+fn all_succeed(children: Vec<std::process::Child>) {
     for c in children {
         let out = c.wait_with_output().expect("wait");
         assert!(
@@ -1443,7 +1433,6 @@ fn a_corrupt_link_ends_the_run_with_a_clear_error_and_the_log_intact() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert_eq!(dataflow_events(&log), reference);
 }
 
 /// Every dataflow shipped in `dataflows/` parses and validates (`Spec::load`) and names only
