@@ -785,6 +785,39 @@ pub struct JudgementRecord {
     pub seed: u64,
 }
 
+impl JudgementRecord {
+    /// Whether every question named the same winner, whichever answer was shown first. A
+    /// comparison where the two orders disagree was decided by the option's position, not by
+    /// the answers (a small judge's common failure), so its label says little. Exactly ½
+    /// counts as no winner.
+    ///
+    /// ```
+    /// use cairn::record::{Conversation, JudgementRecord, PromptPurpose, Vote};
+    /// let vote = |swapped, p_first| Vote {
+    ///     principle: "less-harmful".into(), swapped, logprob_a: 0.0, logprob_b: 0.0,
+    ///     p_first, reasoning: None,
+    /// };
+    /// let mut j = JudgementRecord {
+    ///     conversation: Conversation { prompt: "hi".into(), purpose: PromptPurpose::Helpful },
+    ///     response_a: "a".into(), response_b: "b".into(), principles: vec![], cot: false,
+    ///     votes: vec![vote(false, 0.7), vote(true, 0.6)], p_a: 0.65, seed: 0,
+    /// };
+    /// assert!(j.orders_agree());
+    /// j.votes[1].p_first = 0.4; // shown swapped, (A) won again: position, not content
+    /// assert!(!j.orders_agree());
+    /// ```
+    pub fn orders_agree(&self) -> bool {
+        let side = |p: f64| (p > 0.5) as i8 - (p < 0.5) as i8;
+        match self.votes.first() {
+            None => false,
+            Some(v) => {
+                let first = side(v.p_first);
+                first != 0 && self.votes.iter().all(|v| side(v.p_first) == first)
+            }
+        }
+    }
+}
+
 /// The `pm_step` record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PmStepRecord {

@@ -136,6 +136,27 @@ minibatch = 1
     }
 }
 
+/// The comparisons a PM trained and measured on: the examples of its steps and of its
+/// held-out evaluation.
+fn pm_comparisons(log: &Path) -> (u64, u64) {
+    let steps = of_kind(log, "pm_step")
+        .iter()
+        .map(|(_, p)| match p {
+            Payload::PmStep(s) => s.examples,
+            _ => 0,
+        })
+        .sum();
+    let held_out = of_kind(log, "pm_eval")
+        .iter()
+        .map(|(_, p)| match p {
+            Payload::PmEval(e) => e.examples,
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0);
+    (steps, held_out)
+}
+
 /// Events of one kind with their epochs, in log order.
 fn of_kind(log: &Path, kind: &str) -> Vec<(u64, Payload)> {
     LogReader::open(log)
@@ -333,6 +354,61 @@ fn cai_pipeline_runs_sl_then_rl_with_a_feedback_loop_and_resumes() {
         assert_eq!(second.stages[stage].computed, 0, "{stage} recomputed");
     }
     assert_eq!(events(&log), before);
+}
+
+#[test]
+fn pm_leaves_out_ties_and_disagreeing_orders_as_configured() {
+    let fx = Fixture::new();
+    let all = fx.write_spec("all.toml", 7, "");
+    fx.run(&all, "all").expect("run");
+    let judgements: Vec<cairn::record::JudgementRecord> =
+        of_kind(&fx.dir.path().join("all"), "judgement")
+            .into_iter()
+            .filter_map(|(_, p)| match p {
+                Payload::Judgement(j) => Some(j),
+                _ => None,
+            })
+            .collect();
+    let (steps, held_out) = pm_comparisons(&fx.dir.path().join("all"));
+    assert_eq!(
+        steps + held_out,
+        judgements.len() as u64,
+        "by default every comparison is used"
+    );
+    // A margin at the median distance from 1/2 keeps about half; the same seed gives the
+    // same judgements in a new log, so the expected count is known before the run.
+    let mut margins: Vec<f64> = judgements.iter().map(|j| (j.p_a - 0.5).abs()).collect();
+    margins.sort_by(f64::total_cmp);
+    let margin = margins[margins.len() / 2];
+    let kept = margins.iter().filter(|m| **m >= margin).count() as u64;
+    assert!(0 < kept && kept < judgements.len() as u64, "{margins:?}");
+    let pm_block = "lr = 1e-3\nheld_out = 0.3\n[[stage]]\nname = \"rollout\"";
+    let text = fx.spec_text(7, "");
+    assert!(text.contains(pm_block));
+    let with = |extra: &str| {
+        text.replace(
+            pm_block,
+            &format!("lr = 1e-3\nheld_out = 0.3\n{extra}\n[[stage]]\nname = \"rollout\""),
+        )
+    };
+    let spec = fx.dir.path().join("margin.toml");
+    std::fs::write(
+        &spec,
+        with(&format!("min_margin = {margin}\nsharpen = 4.0")),
+    )
+    .expect("spec");
+    fx.run(&spec, "margin").expect("run");
+    let (steps, held_out) = pm_comparisons(&fx.dir.path().join("margin"));
+    assert_eq!(steps + held_out, kept);
+    let agreeing = judgements.iter().filter(|j| j.orders_agree()).count() as u64;
+    let spec = fx.dir.path().join("agree.toml");
+    std::fs::write(&spec, with("agreeing_only = true")).expect("spec");
+    fx.run(&spec, "agree").expect("run");
+    let (steps, held_out) = pm_comparisons(&fx.dir.path().join("agree"));
+    assert_eq!(steps + held_out, agreeing);
+    std::fs::write(&spec, with("sharpen = 0.0")).expect("spec");
+    let err = fx.run(&spec, "bad").expect_err("sharpen 0 is refused");
+    assert!(err.to_string().contains("sharpen"), "{err}");
 }
 
 #[test]

@@ -200,6 +200,9 @@ pub fn run(cmd: LogCommand) -> anyhow::Result<ExitCode> {
                     }
                 );
             }
+            for (stage, j) in &s.judgements {
+                println!("AI feedback ({stage}): {}", j.summary());
+            }
             if let Some(t) = &s.torn_tail {
                 println!("torn tail: {t}");
             }

@@ -320,6 +320,33 @@ pub struct LogStats {
     pub answers: BTreeMap<String, crate::quality::QualityCounts>,
     /// Training targets each filter stage kept and dropped.
     pub targets: BTreeMap<String, TargetCounts>,
+    /// What each judge stage's AI-feedback labels look like.
+    pub judgements: BTreeMap<String, JudgementCounts>,
+}
+
+/// The AI-feedback labels of one judge stage: how many, how decided, how consistent.
+#[derive(Debug, Default, Serialize)]
+pub struct JudgementCounts {
+    /// Comparisons judged.
+    pub comparisons: u64,
+    /// Of those, how many had the same winner in both orders (`JudgementRecord::orders_agree`).
+    pub orders_agree: u64,
+    /// Sum of |label − ½| (divide by `comparisons` for the mean distance from a coin flip).
+    pub margin_sum: f64,
+}
+
+impl JudgementCounts {
+    /// One line: count, share agreeing in both orders, mean distance from ½.
+    pub fn summary(&self) -> String {
+        let n = self.comparisons.max(1) as f64;
+        format!(
+            "{} comparisons, {} ({:.0} %) with the same winner in both orders, mean |label - 1/2| {:.3}",
+            self.comparisons,
+            self.orders_agree,
+            100.0 * self.orders_agree as f64 / n,
+            self.margin_sum / n
+        )
+    }
 }
 
 /// Training targets of one filter stage.
@@ -350,6 +377,12 @@ pub fn stats(dir: &Path) -> Result<LogStats, LogError> {
         s.runs.insert(env.run_id.to_string());
         for answer in crate::quality::answers_of(&env.payload) {
             s.answers.entry(env.stage.clone()).or_default().add(answer);
+        }
+        if let crate::record::Payload::Judgement(j) = &env.payload {
+            let c = s.judgements.entry(env.stage.clone()).or_default();
+            c.comparisons += 1;
+            c.orders_agree += u64::from(j.orders_agree());
+            c.margin_sum += (j.p_a - 0.5).abs();
         }
         if let crate::record::Payload::Target(t) = &env.payload {
             let c = s.targets.entry(env.stage.clone()).or_default();

@@ -49,7 +49,66 @@ struct Settings {
     /// `constant`, `linear` or `cosine` decay after warmup.
     #[serde(default = "constant")]
     lr_schedule: String,
+    /// Multiplies the label's log-odds: 1 trains towards the judge's probability as it is;
+    /// above 1 makes an under-confident judge's consistent choices count (10 turns 0.52 into
+    /// 0.69 and 0.55 into 0.88); the sign, and so the preferred side, never changes.
+    #[serde(default = "unit")]
+    sharpen: f64,
+    /// Leave out comparisons whose label is within this distance of ½ (ties).
+    #[serde(default)]
+    min_margin: f64,
+    /// Train (and measure held-out accuracy) only on comparisons whose every question named
+    /// the same winner in both orders (`JudgementRecord::orders_agree`).
+    #[serde(default)]
+    agreeing_only: bool,
 }
+fn unit() -> f64 {
+    1.0
+}
+
+/// Why a judgement is not a training comparison, under the `min_margin` and
+/// `agreeing_only` settings. A pure function of the logged judgement, so replay and forks
+/// decide the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unused {
+    /// The two orders named different winners (`agreeing_only`).
+    OrdersDisagree,
+    /// The label is within `min_margin` of ½.
+    Tie,
+}
+
+/// What the preference model is trained towards for one judgement: the judge's label with
+/// its log-odds multiplied by `sharpen`, unless the comparison is left out.
+///
+/// ```
+/// use cairn::stages::pm::{training_target, Unused};
+/// assert_eq!(training_target(0.58, 1.0, 0.0, true, false), Ok(0.58));
+/// let sharpened = training_target(0.55, 10.0, 0.0, true, false).unwrap();
+/// assert!((sharpened - 0.881).abs() < 1e-3);
+/// assert_eq!(training_target(0.51, 1.0, 0.02, true, false), Err(Unused::Tie));
+/// assert_eq!(training_target(0.58, 1.0, 0.0, false, true), Err(Unused::OrdersDisagree));
+/// ```
+pub fn training_target(
+    p_a: f64,
+    sharpen: f64,
+    min_margin: f64,
+    orders_agree: bool,
+    agreeing_only: bool,
+) -> Result<f32, Unused> {
+    if agreeing_only && !orders_agree {
+        return Err(Unused::OrdersDisagree);
+    }
+    if (p_a - 0.5).abs() < min_margin {
+        return Err(Unused::Tie);
+    }
+    if sharpen == 1.0 {
+        return Ok(p_a as f32);
+    }
+    let p = p_a.clamp(1e-6, 1.0 - 1e-6);
+    let logit = (p / (1.0 - p)).ln() * sharpen;
+    Ok((1.0 / (1.0 + (-logit).exp())) as f32)
+}
+
 fn one() -> usize {
     1
 }
@@ -90,11 +149,16 @@ pub struct PmStage {
     step_keys: Vec<Key>,
     schedule: super::schedule::Schedule,
     total_steps: u64,
+    /// Judgements seen and left out (by reason), for the end-of-training summary.
+    seen: u64,
+    disagreeing: u64,
+    ties: u64,
 }
 
 /// Builds the stage: `model` (default `pm`; give it `score_head = true`), `batch_size`,
 /// `micro_batch`, `lr`, `weight_decay`, `max_grad_norm`, `held_out`, `eval_every`,
-/// `helpful`, `epochs`, `warmup_steps`, `lr_schedule`.
+/// `helpful`, `epochs`, `warmup_steps`, `lr_schedule`, `sharpen`, `min_margin` and
+/// `agreeing_only`.
 pub fn build(
     name: &str,
     settings: &StageSettings,
@@ -115,6 +179,10 @@ pub fn build(
     if parsed.epochs == 0 {
         return Err(bad("epochs must be at least 1"));
     }
+    let sharpen_ok = parsed.sharpen.is_finite() && parsed.sharpen > 0.0;
+    if !sharpen_ok || !(0.0..0.5).contains(&parsed.min_margin) {
+        return Err(bad("sharpen must be above 0 and min_margin in [0, 0.5)"));
+    }
     let schedule = super::schedule::Schedule {
         epochs: parsed.epochs,
         warmup_steps: parsed.warmup_steps,
@@ -124,6 +192,9 @@ pub fn build(
         name: name.to_string(),
         schedule,
         total_steps: 0,
+        seen: 0,
+        disagreeing: 0,
+        ties: 0,
         digest: settings_digest(settings),
         settings: parsed,
         ctx: ctx.clone(),
@@ -135,9 +206,27 @@ pub fn build(
 }
 
 impl PmStage {
-    fn example(&self, rec: &Rec) -> Result<Option<PmExample>, StageError> {
+    fn example(&mut self, rec: &Rec) -> Result<Option<PmExample>, StageError> {
         let Payload::Judgement(j) = &rec.payload else {
             return Ok(None);
+        };
+        self.seen += 1;
+        let target = match training_target(
+            j.p_a,
+            self.settings.sharpen,
+            self.settings.min_margin,
+            j.orders_agree(),
+            self.settings.agreeing_only,
+        ) {
+            Ok(t) => t,
+            Err(Unused::OrdersDisagree) => {
+                self.disagreeing += 1;
+                return Ok(None);
+            }
+            Err(Unused::Tie) => {
+                self.ties += 1;
+                return Ok(None);
+            }
         };
         let tok = self.ctx.tokenizer(&self.name, &self.settings.model)?;
         let seq = |response: &str| {
@@ -155,7 +244,7 @@ impl PmStage {
         Ok(Some(PmExample {
             a: seq(&j.response_a)?,
             b: seq(&j.response_b)?,
-            p_a: j.p_a as f32,
+            p_a: target,
         }))
     }
 
@@ -333,6 +422,16 @@ impl TrainingStage for PmStage {
     }
 
     fn finish(&mut self) -> Result<Vec<TrainWork>, StageError> {
+        tracing::info!(
+            stage = self.name,
+            judgements = self.seen,
+            used = self.seen - self.disagreeing - self.ties,
+            orders_disagree = self.disagreeing,
+            ties = self.ties,
+            held_out = self.held_out.len(),
+            sharpen = self.settings.sharpen,
+            "preference data"
+        );
         let mut work = self.drain_steps(true);
         let last_eval_done = self.settings.eval_every > 0
             && self.step > 0
