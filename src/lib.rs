@@ -10,6 +10,9 @@
 //! - [`constitution`]: principles, few-shot examples and prompt templates (`constitutions/*.toml`).
 //! - [`model`]: the model runtime (GGUF/HF loading, decoder, sampling, model worker).
 //! - [`train`]: losses and optimiser steps run by the model worker (SFT, PM, PPO).
+//! - [`spec`]: parsing and checking `dataflows/*.toml`.
+//! - [`stages`]: what each stage kind does with a record (one file per stage kind).
+//! - [`engine`]: stages as timely operators, run against the event log.
 //! - [`replay`]: a run's datasets, metrics and checkpoints rebuilt from its events alone.
 //! - [`eval`]: model-against-model evaluation (win rates, confidence intervals, Elo, refusals).
 //! - [`report`]: a static HTML report of a run.
