@@ -1,6 +1,6 @@
 //! Command-line definitions (clap) and dispatch to one module per command group.
 
-mod bench_cmd;
+mod bench;
 mod eval_cmd;
 mod export_cmd;
 mod ingest;
@@ -59,7 +59,7 @@ pub enum Command {
     Score(model_cmd::ScoreArgs),
     /// Benchmarks reported against baselines measured in the same run.
     #[command(subcommand)]
-    Bench(bench_cmd::BenchCommand),
+    Bench(bench::BenchCommand),
 }
 
 /// Runs a parsed command.
@@ -77,7 +77,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Watch(args) => eval_cmd::watch(args),
         Command::Generate(args) => model_cmd::generate(args),
         Command::Score(args) => model_cmd::score(args),
-        Command::Bench(cmd) => bench_cmd::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }
 
