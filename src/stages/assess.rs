@@ -14,7 +14,7 @@
 use serde::Deserialize;
 
 use super::judge::option_probability;
-use super::sample::settings_digest;
+use super::settings_digest;
 use super::{Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work};
 use crate::constitution::render;
 use crate::model::{ChoiceRequest, Message, Role};

@@ -6,7 +6,7 @@
 use rand::Rng;
 use serde::Deserialize;
 
-use super::sample::settings_digest;
+use super::settings_digest;
 use super::{
     ChatPrefix, GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings,
     Task, Work, generate_task,

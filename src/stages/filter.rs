@@ -20,7 +20,7 @@
 
 use serde::Deserialize;
 
-use super::sample::settings_digest;
+use super::settings_digest;
 use super::{Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work};
 use crate::record::{Key, Payload, PromptPurpose, TargetRecord};
 

@@ -15,7 +15,7 @@
 use rand::seq::SliceRandom;
 use serde::Deserialize;
 
-use super::sample::settings_digest;
+use super::settings_digest;
 use super::{ChatPrefix, Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work};
 use crate::constitution::{ComparisonExample, ComparisonPrinciple, render};
 use crate::model::{ChoiceRequest, GenerateRequest, Message, Role, SamplingParams};

@@ -355,6 +355,15 @@ pub fn registry() -> Vec<StageKind> {
     ]
 }
 
+/// A digest of a stage's settings, part of every output key the stage derives: a changed
+/// setting gives new keys, so a rerun recomputes exactly the stages whose settings changed.
+pub fn settings_digest(settings: &StageSettings) -> u128 {
+    Key::builder("settings")
+        .str(&settings.to_string())
+        .finish()
+        .0
+}
+
 /// Reads typed settings out of a stage's table, rejecting unknown keys.
 pub fn parse_settings<T: serde::de::DeserializeOwned>(
     name: &str,

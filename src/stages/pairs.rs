@@ -4,7 +4,7 @@
 //! the chunk. With `model_b`, the second answer comes from another model (a second call):
 //! the material of a model-against-model evaluation.
 
-use super::sample::settings_digest;
+use super::settings_digest;
 use super::{
     GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work,
 };

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use super::sample::settings_digest;
+use super::settings_digest;
 use super::{
     Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_output,
 };

@@ -5,7 +5,7 @@ use super::critique::{
     FRAMED_REVISION, critique_request, few_shot_prefix, framed, lead, revision_request, round_key,
     round_settings,
 };
-use super::sample::settings_digest;
+use super::settings_digest;
 use super::{
     ChatPrefix, GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings,
     Task, Work, generate_task,

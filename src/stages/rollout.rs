@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::sample::settings_digest;
+use super::settings_digest;
 use super::{
     GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work,
 };

@@ -3,6 +3,7 @@
 
 use super::{
     GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work,
+    settings_digest,
 };
 use crate::model::GenerateRequest;
 use crate::record::{Conversation, Key, Payload, SampleRecord};
@@ -29,14 +30,6 @@ pub fn build(
         ctx: ctx.clone(),
         digest: settings_digest(settings),
     }))
-}
-
-/// A digest of a stage's settings, part of its output keys.
-pub fn settings_digest(settings: &StageSettings) -> u128 {
-    Key::builder("settings")
-        .str(&settings.to_string())
-        .finish()
-        .0
 }
 
 impl Stage for SampleStage {

@@ -9,7 +9,7 @@
 
 use serde::Deserialize;
 
-use super::sample::settings_digest;
+use super::settings_digest;
 use super::{
     Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_output,
 };
