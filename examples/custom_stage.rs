@@ -81,6 +81,11 @@ impl Stage for FlagStage {
         answer(rec).is_some()
     }
 
+    /// The contract the engine reads: this stage calls no model.
+    fn models(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     fn plan(&self, rec: &Rec) -> Result<Vec<Task>, StageError> {
         let text = answer(rec).unwrap_or_default().to_lowercase();
         let Some(word) = self.words.iter().find(|w| text.contains(w.as_str())) else {

@@ -728,6 +728,9 @@ fn a_stage_mixing_pure_and_model_work_completes_every_task() {
         fn accepts(&self, rec: &cairn::stages::Rec) -> bool {
             matches!(rec.payload, Payload::Sample(_))
         }
+        fn models(&self) -> Vec<String> {
+            vec!["policy".into()]
+        }
         fn plan(&self, rec: &cairn::stages::Rec) -> Result<Vec<Task>, StageError> {
             let flag = |reason: &str| {
                 Payload::Flag(FlagRecord {

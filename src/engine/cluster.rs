@@ -115,7 +115,7 @@ pub fn run_cluster(
     let digest = settings_digest(spec, &constitution)?;
     let ctx = stage_context(spec, constitution)?;
     let mut check = operator::Plan::build(spec, &ctx, kinds)?;
-    let central = check.centralise(spec);
+    let central = check.centralise();
     drop(check);
     std::fs::create_dir_all(&opts.log)
         .map_err(|e| EngineError::Input(format!("{}: {e}", opts.log.display())))?;
@@ -253,7 +253,7 @@ fn run_worker(
     let index = timely_worker.index();
     let peers = timely_worker.peers();
     let mut plan = operator::Plan::build(spec, ctx, kinds)?;
-    plan.centralise(spec);
+    plan.centralise();
     let part = partition_dir(&opts.log, index);
     let writer = LogWriter::open(
         &part,

@@ -135,7 +135,6 @@ pub(super) enum Built {
     },
     Training {
         name: String,
-        kind: String,
         from: Vec<String>,
         stage: Box<dyn TrainingStage>,
         after: Option<String>,
@@ -149,41 +148,6 @@ pub struct Plan {
     /// Per stage: run it on worker 0 only (its input exchanged there) — set for multi-worker
     /// runs by [`Plan::centralise`].
     central: Vec<bool>,
-}
-
-/// The models a model stage calls, from its settings: `model` (default `policy`), `model_b`
-/// when set, and for `rollout` its `pm` and `reference` (defaults `pm`, `reference`).
-pub fn stage_models(s: &crate::spec::StageSpec) -> Vec<String> {
-    let get = |k: &str| s.settings.get(k).and_then(|v| v.as_str());
-    let mut models = vec![get("model").unwrap_or("policy").to_string()];
-    models.extend(get("model_b").map(str::to_string));
-    if s.kind == "rollout" {
-        models.push(get("pm").unwrap_or("pm").to_string());
-        models.push(get("reference").unwrap_or("reference").to_string());
-    }
-    models
-}
-
-/// The models a spec's training stages train (each stage's `model`, or its kind's default).
-pub fn trained_models(spec: &Spec) -> std::collections::HashSet<String> {
-    spec.stages.iter().filter_map(trained_model).collect()
-}
-
-/// The model a training stage trains (`None` for other stages).
-fn trained_model(s: &crate::spec::StageSpec) -> Option<String> {
-    let default = match s.kind.as_str() {
-        "sft" => "sft",
-        "pm" => "pm",
-        "ppo" => "policy",
-        _ => return None,
-    };
-    Some(
-        s.settings
-            .get("model")
-            .and_then(|v| v.as_str())
-            .unwrap_or(default)
-            .to_string(),
-    )
 }
 
 impl Plan {
@@ -240,8 +204,9 @@ impl Plan {
                 EngineError::Input(format!("{}:{}: {e}", spec.path.display(), s.line))
             };
             if let Some((_, _, builder)) = training.iter().find(|(k, _, _)| *k == s.kind) {
-                if let Some(m) = trained_model(s)
-                    && let Some(model) = spec.models.iter().find(|x| x.name == m)
+                let stage = builder(&s.name, &settings, ctx).map_err(located)?;
+                let m = stage.trained_model();
+                if let Some(model) = spec.models.iter().find(|x| x.name == m)
                     && model.dtype != crate::model::Dtype::F32
                 {
                     return Err(at(format!(
@@ -252,9 +217,8 @@ impl Plan {
                 }
                 stages.push(Built::Training {
                     name: s.name.clone(),
-                    kind: s.kind.clone(),
                     from: s.from.clone(),
-                    stage: builder(&s.name, &settings, ctx).map_err(located)?,
+                    stage,
                     after,
                     state_every: state_every.unwrap_or(DEFAULT_STATE_EVERY),
                 });
@@ -289,23 +253,51 @@ impl Plan {
         Ok(Plan { stages, central })
     }
 
+    /// The models the plan's training stages train.
+    pub fn trained_models(&self) -> std::collections::HashSet<String> {
+        self.stages
+            .iter()
+            .filter_map(|b| match b {
+                Built::Training { stage, .. } => Some(stage.trained_model().to_string()),
+                Built::Model { .. } => None,
+            })
+            .collect()
+    }
+
+    /// The stages inside a feedback loop: those a training stage that feeds back reads from
+    /// (the rollouts a PPO stage updates the policy of).
+    pub fn looped(&self) -> Vec<String> {
+        self.stages
+            .iter()
+            .filter_map(|b| match b {
+                Built::Training { stage, from, .. } if stage.feeds_back() => Some(from.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     /// Marks the stages that must run on worker 0 of a multi-worker run: training stages
-    /// (they see every epoch, in order), gated stages, stages in the PPO loop, and stages
+    /// (they see every epoch, in order), gated stages, stages in a feedback loop, and stages
     /// whose models the run trains (their weights exist only where the training ran). Every
     /// other stage runs where its epoch's prompts were fed. Returns the central stages' names.
-    pub fn centralise(&mut self, spec: &Spec) -> Vec<String> {
-        let trained = trained_models(spec);
+    pub fn centralise(&mut self) -> Vec<String> {
+        let trained = self.trained_models();
+        let looped = self.looped();
         let mut names = Vec::new();
-        for ((built, s), central) in self.stages.iter().zip(&spec.stages).zip(&mut self.central) {
-            let uses_trained = stage_models(s).iter().any(|m| trained.contains(m));
-            *central = match built {
-                Built::Training { .. } => true,
-                Built::Model { after, .. } => {
-                    after.is_some() || uses_trained || s.kind == "rollout"
+        for (built, central) in self.stages.iter().zip(&mut self.central) {
+            let (name, is_central) = match built {
+                Built::Training { name, .. } => (name, true),
+                Built::Model {
+                    name, stage, after, ..
+                } => {
+                    let uses_trained = stage.models().iter().any(|m| trained.contains(m));
+                    (name, after.is_some() || uses_trained || looped.contains(name))
                 }
             };
-            if *central {
-                names.push(s.name.clone());
+            *central = is_central;
+            if is_central {
+                names.push(name.clone());
             }
         }
         names
@@ -333,15 +325,7 @@ impl Plan {
         let first_gated = self.first_gated();
         let central = self.central.clone();
         // A feedback edge into every stage that a `ppo` stage consumes from.
-        let looped: Vec<String> = self
-            .stages
-            .iter()
-            .filter_map(|b| match b {
-                Built::Training { kind, from, .. } if kind == "ppo" => Some(from.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let looped = self.looped();
         let mut loops: HashMap<
             String,
             timely::dataflow::operators::feedback::Handle<'s, u64, Vec<Rec>>,
@@ -391,13 +375,12 @@ impl Plan {
                 }
                 Built::Training {
                     name,
-                    kind,
                     from,
                     stage,
                     after,
                     state_every,
                 } => {
-                    let is_ppo = kind == "ppo";
+                    let feeds_back = stage.feeds_back();
                     let out = training_operator(
                         stream,
                         from.clone(),
@@ -407,7 +390,7 @@ impl Plan {
                         env.clone(),
                         shared.clone(),
                     );
-                    if is_ppo {
+                    if feeds_back {
                         for f in &from {
                             if let Some(handle) = loops.remove(f) {
                                 let me = name.clone();

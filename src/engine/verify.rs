@@ -65,16 +65,20 @@ pub fn verify(log: &Path, n: usize, base: Option<&Path>) -> Result<VerifyReport,
     let ctx = stage_context(&spec, constitution)?;
     let plan = Plan::build(&spec, &ctx, &crate::stages::registry())?;
     // Models the run trains, and the model stages that use them.
-    let trained = super::operator::trained_models(&spec);
+    let trained = plan.trained_models();
+    let looped = plan.looped();
     let mut report = VerifyReport::default();
     let mut stages: BTreeMap<String, (&dyn Stage, usize, Vec<String>)> = BTreeMap::new();
-    for (built, s) in plan.stages.iter().zip(&spec.stages) {
-        if let Built::Model { stage, batch, .. } = built {
-            let models = super::operator::stage_models(s);
-            if s.kind == "rollout" || models.iter().any(|m| trained.contains(m)) {
-                report.skipped.push(s.name.clone());
+    for built in &plan.stages {
+        if let Built::Model {
+            name, stage, batch, ..
+        } = built
+        {
+            let models = stage.models();
+            if looped.contains(name) || models.iter().any(|m| trained.contains(m)) {
+                report.skipped.push(name.clone());
             } else {
-                stages.insert(s.name.clone(), (&**stage, *batch, models));
+                stages.insert(name.clone(), (&**stage, *batch, models));
             }
         }
     }

@@ -86,6 +86,10 @@ pub fn build(
 }
 
 impl Stage for AssessStage {
+    fn models(&self) -> Vec<String> {
+        vec![self.settings.model.clone()]
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -295,6 +295,10 @@ impl CritiqueStage {
 }
 
 impl Stage for CritiqueStage {
+    fn models(&self) -> Vec<String> {
+        vec![self.generation.model.clone()]
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -232,6 +232,10 @@ impl FilterStage {
 }
 
 impl Stage for FilterStage {
+    fn models(&self) -> Vec<String> {
+        self.settings.model.iter().cloned().collect()
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -371,6 +371,10 @@ impl JudgeStage {
 }
 
 impl Stage for JudgeStage {
+    fn models(&self) -> Vec<String> {
+        vec![self.settings.model.clone()]
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

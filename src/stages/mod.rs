@@ -275,6 +275,10 @@ pub trait Stage: Send + Sync {
     fn plan(&self, rec: &Rec) -> Result<Vec<Task>, StageError>;
     /// The output payload of a task, given the model's reply.
     fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError>;
+    /// Every model the stage calls, by spec name. The engine reads this contract (never the
+    /// stage's kind or settings) to place the stage in a multi-worker run and to decide
+    /// whether `cairn run --verify` can recompute it.
+    fn models(&self) -> Vec<String>;
     /// For tasks that need several model calls in sequence (e.g. reason, then answer):
     /// the next call after `reply`, or `None` when `reply` is the last one. The engine
     /// keeps earlier replies in [`Task::history`] and sends the task's whole chunk on
@@ -561,6 +565,15 @@ pub trait TrainingStage: Send + Sync {
     /// Called once when the input has ended: the remaining work (last step, evaluation,
     /// checkpoint).
     fn finish(&mut self) -> Result<Vec<TrainWork>, StageError>;
+    /// The model the stage trains, by spec name. Stages that call it see its weights change,
+    /// so the engine runs them where the training runs and does not re-verify them.
+    fn trained_model(&self) -> &str;
+    /// Whether each update this stage logs goes back around a feedback loop to the stages it
+    /// reads from (PPO's new policy version, back to its rollouts); those stages then wait for
+    /// it before planning their next epoch.
+    fn feeds_back(&self) -> bool {
+        false
+    }
 }
 
 /// Builds a training stage of the given kind from its settings.

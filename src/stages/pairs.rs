@@ -72,6 +72,12 @@ pub fn build(
 }
 
 impl Stage for PairsStage {
+    fn models(&self) -> Vec<String> {
+        let mut models = vec![self.settings.model.clone()];
+        models.extend(self.model_b.clone());
+        models
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

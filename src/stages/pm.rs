@@ -390,6 +390,10 @@ impl PmStage {
 }
 
 impl TrainingStage for PmStage {
+    fn trained_model(&self) -> &str {
+        &self.settings.model
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

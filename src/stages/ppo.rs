@@ -188,6 +188,14 @@ fn over_optimisation(history: &[Seen], s: &Settings) -> Option<String> {
 }
 
 impl TrainingStage for PpoStage {
+    fn trained_model(&self) -> &str {
+        &self.settings.model
+    }
+
+    fn feeds_back(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

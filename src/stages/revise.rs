@@ -67,6 +67,10 @@ pub fn build(
 }
 
 impl Stage for ReviseStage {
+    fn models(&self) -> Vec<String> {
+        vec![self.generation.model.clone()]
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

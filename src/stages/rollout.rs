@@ -120,6 +120,14 @@ impl RolloutStage {
 }
 
 impl Stage for RolloutStage {
+    fn models(&self) -> Vec<String> {
+        vec![
+            self.generation.model.clone(),
+            self.pm.clone(),
+            self.reference.clone(),
+        ]
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -33,6 +33,10 @@ pub fn build(
 }
 
 impl Stage for SampleStage {
+    fn models(&self) -> Vec<String> {
+        vec![self.settings.model.clone()]
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -340,6 +340,10 @@ impl SftStage {
 }
 
 impl TrainingStage for SftStage {
+    fn trained_model(&self) -> &str {
+        &self.settings.model
+    }
+
     fn name(&self) -> &str {
         &self.name
     }
