@@ -264,6 +264,13 @@ impl Constitution {
     /// fixed order, each string prefixed by its byte length and each list by its entry count.
     /// It therefore depends on every text and on the order of entries, but not on TOML
     /// formatting or comments, and it is the same on every platform and build.
+    ///
+    /// Why FNV here when every other key is blake3: this digest is folded into the output
+    /// keys of every critique, revision and judgement, so changing the hash would give every
+    /// recorded run new keys, and no log written before could be resumed, forked or reused
+    /// without recomputing those stages. FNV-1a is not a defence against a chosen collision,
+    /// and it need not be: the digest detects an edited constitution, it does not
+    /// authenticate one.
     #[must_use]
     pub fn digest(&self) -> u128 {
         let mut h = Fnv128::new();
