@@ -1,0 +1,265 @@
+//! Batching: tasks cut into chunks of one kind of work, each chunk one model job, and the
+//! job's reply split back into one reply per task.
+
+use super::*;
+
+/// Cuts key-sorted tasks into chunks of at most `batch`; a chunk is one model call, so it
+/// never mixes kinds of work or models.
+pub(in crate::engine) fn chunks(tasks: Vec<Task>, batch: usize) -> Vec<Vec<Task>> {
+    let mut groups: BTreeMap<(u8, String), Vec<Task>> = BTreeMap::new();
+    for task in tasks {
+        groups.entry(work_group(&task.work)).or_default().push(task);
+    }
+    groups
+        .into_values()
+        .flat_map(|g| g.chunks(batch).map(|c| c.to_vec()).collect::<Vec<_>>())
+        .collect()
+}
+
+/// Which model call a task needs; chunks never mix groups.
+pub(super) fn work_group(work: &Work) -> (u8, String) {
+    match work {
+        Work::Pure(_) => (0, String::new()),
+        Work::Generate { model, .. } | Work::GenerateMany { model, .. } => (1, model.clone()),
+        Work::Score { model, .. } | Work::ScoreMany { model, .. } => (2, model.clone()),
+        Work::ScoreChoices { model, .. } => (3, model.clone()),
+    }
+}
+
+/// The model and job for a chunk of generate or score tasks (`None` for pure work); the
+/// requests of every task, in task order.
+pub(in crate::engine) fn model_job(tasks: &[Task]) -> Option<(String, Job)> {
+    let model = tasks.first()?.work.model()?.to_string();
+    let job = match &tasks[0].work {
+        Work::Generate { .. } | Work::GenerateMany { .. } => Job::Generate(
+            tasks
+                .iter()
+                .flat_map(|t| match &t.work {
+                    Work::Generate { request, .. } => vec![request.clone()],
+                    Work::GenerateMany { requests, .. } => requests.clone(),
+                    _ => Vec::new(),
+                })
+                .collect(),
+        ),
+        Work::ScoreChoices { .. } => Job::ScoreChoices(
+            tasks
+                .iter()
+                .flat_map(|t| match &t.work {
+                    Work::ScoreChoices { requests, .. } => requests.clone(),
+                    _ => Vec::new(),
+                })
+                .collect(),
+        ),
+        _ => Job::Score(
+            tasks
+                .iter()
+                .flat_map(|t| match &t.work {
+                    Work::Score { request, .. } => vec![request.clone()],
+                    Work::ScoreMany { requests, .. } => requests.clone(),
+                    _ => Vec::new(),
+                })
+                .collect(),
+        ),
+    };
+    Some((model, job))
+}
+
+/// Splits a worker reply back into one [`Reply`] per task.
+pub(in crate::engine) fn split_reply(
+    name: &str,
+    tasks: &[Task],
+    reply: WorkerReply,
+) -> Result<Vec<Reply>, EngineError> {
+    let bad = |what: String| EngineError::Input(format!("stage `{name}`: {what}"));
+    let mut out = Vec::with_capacity(tasks.len());
+    match reply? {
+        JobOutput::Generated(g) => {
+            let mut g = g.into_iter();
+            for t in tasks {
+                out.push(match &t.work {
+                    Work::Generate { .. } => {
+                        Reply::Generated(g.next().ok_or_else(|| bad("too few generations".into()))?)
+                    }
+                    Work::GenerateMany { requests, .. } => {
+                        let many: Vec<_> = g.by_ref().take(requests.len()).collect();
+                        if many.len() != requests.len() {
+                            return Err(bad("too few generations".into()));
+                        }
+                        Reply::GeneratedMany(many)
+                    }
+                    other => return Err(bad(format!("generation for {other:?}"))),
+                });
+            }
+        }
+        JobOutput::Scored(s) => {
+            let mut s = s.into_iter();
+            for t in tasks {
+                out.push(match &t.work {
+                    Work::Score { .. } => {
+                        Reply::Scored(s.next().ok_or_else(|| bad("too few scores".into()))?)
+                    }
+                    Work::ScoreMany { requests, .. } => {
+                        let many: Vec<_> = s.by_ref().take(requests.len()).collect();
+                        if many.len() != requests.len() {
+                            return Err(bad("too few scores".into()));
+                        }
+                        Reply::ScoredMany(many)
+                    }
+                    other => return Err(bad(format!("scores for {other:?}"))),
+                });
+            }
+        }
+        JobOutput::ChoiceScores(c) => {
+            let mut c = c.into_iter();
+            for t in tasks {
+                let Work::ScoreChoices { requests, .. } = &t.work else {
+                    return Err(bad(format!("choice scores for {:?}", t.work)));
+                };
+                let many: Vec<_> = c.by_ref().take(requests.len()).collect();
+                if many.len() != requests.len() {
+                    return Err(bad("too few choice scores".into()));
+                }
+                out.push(Reply::ChoiceScores(many));
+            }
+        }
+        other => return Err(bad(format!("unexpected worker reply {other:?}"))),
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Finish, GenerateRequest, Generation, SamplingParams, ScoreRequest};
+    use crate::record::{FlagRecord, Key};
+
+    fn task(i: u64, work: Work) -> Task {
+        let input = Rec {
+            key: Key::builder("input").u64(i).finish(),
+            parents: Vec::new(),
+            stage: "prompts".into(),
+            payload: Payload::Flag(FlagRecord {
+                flagged: Key::builder("x").finish(),
+                reason: String::new(),
+            }),
+        };
+        Task::new(Key::builder("out").u64(i).finish(), input, work)
+    }
+    fn generate(model: &str, first_token: u32) -> Work {
+        Work::Generate {
+            model: model.into(),
+            request: GenerateRequest {
+                prompt: vec![first_token],
+                params: SamplingParams::greedy(1),
+            },
+        }
+    }
+    fn generation(token: u32) -> Generation {
+        Generation {
+            tokens: vec![token],
+            logprobs: vec![0.0],
+            finish: Finish::Length,
+        }
+    }
+
+    #[test]
+    fn chunks_never_mix_work_or_models_and_keep_task_order() {
+        let pure = |i| {
+            Work::Pure(Payload::Flag(FlagRecord {
+                flagged: Key::builder("p").u64(i).finish(),
+                reason: String::new(),
+            }))
+        };
+        let score = Work::Score {
+            model: "pm".into(),
+            request: ScoreRequest {
+                context: vec![1],
+                continuation: vec![2],
+            },
+        };
+        let tasks = vec![
+            task(0, generate("policy", 0)),
+            task(1, pure(1)),
+            task(2, generate("feedback", 2)),
+            task(3, generate("policy", 3)),
+            task(4, score),
+            task(5, generate("policy", 5)),
+            task(6, pure(6)),
+        ];
+        let keys: Vec<Key> = tasks.iter().map(|t| t.key).collect();
+        let chunks = chunks(tasks, 2);
+        let mut seen = Vec::new();
+        for c in &chunks {
+            assert!(!c.is_empty() && c.len() <= 2, "chunk of {}", c.len());
+            let group = work_group(&c[0].work);
+            assert!(c.iter().all(|t| work_group(&t.work) == group));
+            seen.extend(c.iter().map(|t| t.key));
+        }
+        assert_eq!(seen.len(), keys.len(), "every task exactly once");
+        // Within one group, tasks keep their order: policy's 0, 3 | 5.
+        let policy: Vec<Key> = chunks
+            .iter()
+            .flatten()
+            .filter(|t| work_group(&t.work) == (1, "policy".into()))
+            .map(|t| t.key)
+            .collect();
+        assert_eq!(policy, vec![keys[0], keys[3], keys[5]]);
+        assert_eq!(chunks.len(), 5, "pure 2, feedback 1, policy 2+1, pm 1");
+    }
+
+    #[test]
+    fn a_chunk_is_one_job_and_its_reply_splits_back_per_task() {
+        let many = Work::GenerateMany {
+            model: "policy".into(),
+            requests: vec![
+                GenerateRequest {
+                    prompt: vec![11],
+                    params: SamplingParams::greedy(1),
+                },
+                GenerateRequest {
+                    prompt: vec![12],
+                    params: SamplingParams::greedy(1),
+                },
+            ],
+        };
+        let tasks = vec![task(0, generate("policy", 10)), task(1, many)];
+        let (model, job) = model_job(&tasks).expect("a model job");
+        assert_eq!(model, "policy");
+        let Job::Generate(requests) = job else {
+            panic!("a generate job, got {job:?}");
+        };
+        let prompts: Vec<u32> = requests.iter().map(|r| r.prompt[0]).collect();
+        assert_eq!(prompts, vec![10, 11, 12], "every request, in task order");
+
+        let reply = Ok(JobOutput::Generated(vec![
+            generation(10),
+            generation(11),
+            generation(12),
+        ]));
+        let replies = split_reply("s", &tasks, reply).expect("split");
+        match (&replies[0], &replies[1]) {
+            (Reply::Generated(a), Reply::GeneratedMany(b)) => {
+                assert_eq!(a.tokens, vec![10]);
+                assert_eq!(
+                    b.iter().map(|g| g.tokens[0]).collect::<Vec<_>>(),
+                    vec![11, 12]
+                );
+            }
+            other => panic!("wrong replies {other:?}"),
+        }
+        let short = Ok(JobOutput::Generated(vec![generation(10), generation(11)]));
+        let err = split_reply("s", &tasks, short).expect_err("too few generations");
+        assert!(err.to_string().contains("stage `s`"), "{err}");
+        assert!(
+            model_job(&[task(
+                2,
+                Work::Pure(Payload::Flag(FlagRecord {
+                    flagged: Key::builder("p").finish(),
+                    reason: String::new(),
+                }))
+            )])
+            .is_none(),
+            "pure work is no model job"
+        );
+    }
+}

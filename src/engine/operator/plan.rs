@@ -1,0 +1,302 @@
+//! The plan: every stage of a spec built from its settings, placed (central or not) from
+//! the contract each stage declares, and chained into timely operators.
+
+use super::*;
+
+pub(in crate::engine) enum Built {
+    Model {
+        name: String,
+        from: Vec<String>,
+        stage: Box<dyn Stage + Send + Sync>,
+        batch: usize,
+        after: Option<String>,
+    },
+    Training {
+        name: String,
+        from: Vec<String>,
+        stage: Box<dyn TrainingStage>,
+        after: Option<String>,
+        state_every: u64,
+    },
+}
+
+/// The stages of a spec, built and ready to attach.
+pub struct Plan {
+    pub(in crate::engine) stages: Vec<Built>,
+    /// Per stage: run it on worker 0 only (its input exchanged there) — set for multi-worker
+    /// runs by [`Plan::centralise`].
+    pub(super) central: Vec<bool>,
+}
+
+impl Plan {
+    /// Builds every stage of `spec` (configuration errors surface here, before any work).
+    pub fn build(
+        spec: &Spec,
+        ctx: &StageContext,
+        kinds: &[StageKind],
+    ) -> Result<Plan, EngineError> {
+        let training = crate::stages::training_registry();
+        let mut stages = Vec::new();
+        let mut earlier: Vec<&str> = Vec::new();
+        for s in &spec.stages {
+            let at = |message: String| {
+                EngineError::Input(format!(
+                    "{}:{}: stage `{}`: {message}",
+                    spec.path.display(),
+                    s.line,
+                    s.name
+                ))
+            };
+            let mut settings = s.settings.clone();
+            // `batch` and `after` are the engine's: tasks per model job, and the gate.
+            let batch = match settings.remove("batch") {
+                None => 16,
+                Some(toml::Value::Integer(n)) if n > 0 => n as usize,
+                Some(other) => {
+                    return Err(at(format!(
+                        "`batch` must be a positive integer, found {other}"
+                    )));
+                }
+            };
+            let after = match settings.remove("after") {
+                None => None,
+                Some(toml::Value::String(a)) if earlier.contains(&a.as_str()) => Some(a),
+                Some(other) => {
+                    return Err(at(format!(
+                        "`after` must name an earlier stage, found {other}"
+                    )));
+                }
+            };
+            // `state_every` is the engine's too: how often a training stage saves its state.
+            let state_every = match settings.remove("state_every") {
+                None => None,
+                Some(toml::Value::Integer(n)) if n >= 0 => Some(n as u64),
+                Some(other) => {
+                    return Err(at(format!(
+                        "`state_every` must be a non-negative integer, found {other}"
+                    )));
+                }
+            };
+            earlier.push(&s.name);
+            let located = |e: StageError| {
+                EngineError::Input(format!("{}:{}: {e}", spec.path.display(), s.line))
+            };
+            if let Some((_, _, builder)) = training.iter().find(|(k, _, _)| *k == s.kind) {
+                let stage = builder(&s.name, &settings, ctx).map_err(located)?;
+                let m = stage.trained_model();
+                if let Some(model) = spec.models.iter().find(|x| x.name == m)
+                    && model.dtype != crate::model::Dtype::F32
+                {
+                    return Err(at(format!(
+                        "trains model `{m}`, which is loaded as {}; a trained model needs \
+                         dtype f32",
+                        model.dtype
+                    )));
+                }
+                stages.push(Built::Training {
+                    name: s.name.clone(),
+                    from: s.from.clone(),
+                    stage,
+                    after,
+                    state_every: state_every.unwrap_or(DEFAULT_STATE_EVERY),
+                });
+                continue;
+            }
+            if state_every.is_some() {
+                return Err(at(
+                    "`state_every` applies to training stages only (see `cairn stages`)".into(),
+                ));
+            }
+            let Some((_, _, builder)) = kinds.iter().find(|(k, _, _)| *k == s.kind) else {
+                let known: Vec<&str> = kinds
+                    .iter()
+                    .map(|(k, _, _)| *k)
+                    .chain(training.iter().map(|(k, _, _)| *k))
+                    .collect();
+                return Err(at(format!(
+                    "unknown kind `{}` (known: {})",
+                    s.kind,
+                    known.join(", ")
+                )));
+            };
+            stages.push(Built::Model {
+                name: s.name.clone(),
+                from: s.from.clone(),
+                stage: builder(&s.name, &settings, ctx).map_err(located)?,
+                batch,
+                after,
+            });
+        }
+        let central = vec![false; stages.len()];
+        Ok(Plan { stages, central })
+    }
+
+    /// The models the plan's training stages train.
+    pub fn trained_models(&self) -> std::collections::HashSet<String> {
+        self.stages
+            .iter()
+            .filter_map(|b| match b {
+                Built::Training { stage, .. } => Some(stage.trained_model().to_string()),
+                Built::Model { .. } => None,
+            })
+            .collect()
+    }
+
+    /// The stages inside a feedback loop: those a training stage that feeds back reads from
+    /// (the rollouts a PPO stage updates the policy of).
+    pub fn looped(&self) -> Vec<String> {
+        self.stages
+            .iter()
+            .filter_map(|b| match b {
+                Built::Training { stage, from, .. } if stage.feeds_back() => Some(from.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Marks the stages that must run on worker 0 of a multi-worker run: training stages
+    /// (they see every epoch, in order), gated stages, stages in a feedback loop, and stages
+    /// whose models the run trains (their weights exist only where the training ran). Every
+    /// other stage runs where its epoch's prompts were fed. Returns the central stages' names.
+    pub fn centralise(&mut self) -> Vec<String> {
+        let trained = self.trained_models();
+        let looped = self.looped();
+        let mut names = Vec::new();
+        for (built, central) in self.stages.iter().zip(&mut self.central) {
+            let (name, is_central) = match built {
+                Built::Training { name, .. } => (name, true),
+                Built::Model {
+                    name, stage, after, ..
+                } => {
+                    let uses_trained = stage.models().iter().any(|m| trained.contains(m));
+                    (
+                        name,
+                        after.is_some() || uses_trained || looped.contains(name),
+                    )
+                }
+            };
+            *central = is_central;
+            if is_central {
+                names.push(name.clone());
+            }
+        }
+        names
+    }
+
+    /// Whether any stage waits for another to finish (then only the stages before the first
+    /// such stage stream with bounded lag; the engine measures progress there).
+    pub fn first_gated(&self) -> Option<usize> {
+        self.stages.iter().position(|b| match b {
+            Built::Model { after, .. } | Built::Training { after, .. } => after.is_some(),
+        })
+    }
+
+    /// Chains the operators after `stream`. Returns the final stream and the stream entering
+    /// the first gated stage (the point the engine's lag is measured at).
+    pub fn attach<'s>(
+        self,
+        stream: Stream<'s, u64, Vec<Rec>>,
+        env: &Env,
+        shared: &Shared,
+    ) -> (Stream<'s, u64, Vec<Rec>>, Stream<'s, u64, Vec<Rec>>) {
+        use timely::dataflow::operators::vec::Filter;
+        use timely::dataflow::operators::{Concatenate, ConnectLoop, Exchange, Feedback};
+        let scope = stream.scope();
+        let first_gated = self.first_gated();
+        let central = self.central.clone();
+        // A feedback edge into every stage that a `ppo` stage consumes from.
+        let looped = self.looped();
+        let mut loops: HashMap<
+            String,
+            timely::dataflow::operators::feedback::Handle<'s, u64, Vec<Rec>>,
+        > = HashMap::new();
+        // Each operator's own outputs (not what it passes through), for the aggregates.
+        let mut own = vec![stream.clone().filter(|r: &Rec| r.stage == "prompts")];
+        let mut stream = stream;
+        let mut lag_point = None;
+        for (i, built) in self.stages.into_iter().enumerate() {
+            if central[i] {
+                // Everything (consumed or passing through) moves to worker 0, so each record
+                // still exists exactly once downstream.
+                stream = stream.exchange(|_| 0);
+            }
+            if Some(i) == first_gated {
+                lag_point = Some(stream.clone());
+            }
+            let (name, next) = match built {
+                Built::Model {
+                    name,
+                    from,
+                    stage,
+                    batch,
+                    after,
+                } => {
+                    let back = if looped.contains(&name) {
+                        let (handle, back) = scope.feedback::<Vec<Rec>>(1);
+                        loops.insert(name.clone(), handle);
+                        back
+                    } else {
+                        timely::dataflow::operators::generic::operator::empty(scope)
+                    };
+                    let out = model_operator(
+                        stream,
+                        back,
+                        ModelOp {
+                            name: name.clone(),
+                            from,
+                            stage,
+                            batch,
+                            after,
+                        },
+                        env.clone(),
+                        shared.clone(),
+                    );
+                    (name, out)
+                }
+                Built::Training {
+                    name,
+                    from,
+                    stage,
+                    after,
+                    state_every,
+                } => {
+                    let feeds_back = stage.feeds_back();
+                    let out = training_operator(
+                        stream,
+                        from.clone(),
+                        stage,
+                        after,
+                        state_every,
+                        env.clone(),
+                        shared.clone(),
+                    );
+                    if feeds_back {
+                        for f in &from {
+                            if let Some(handle) = loops.remove(f) {
+                                let me = name.clone();
+                                out.clone()
+                                    .filter(move |r: &Rec| {
+                                        r.stage == me && matches!(r.payload, Payload::PpoUpdate(_))
+                                    })
+                                    .connect_loop(handle);
+                            }
+                        }
+                    }
+                    (name, out)
+                }
+            };
+            own.push(next.clone().filter(move |r: &Rec| r.stage == name));
+            stream = next;
+        }
+        // A loop whose consumer came earlier than its source cannot be closed; feed it
+        // nothing (the handle must be connected for the dataflow to be well-formed).
+        for (_, handle) in loops {
+            timely::dataflow::operators::generic::operator::empty::<u64, Vec<Rec>>(scope)
+                .connect_loop(handle);
+        }
+        aggregates(scope.concatenate(own), shared);
+        let lag_point = lag_point.unwrap_or_else(|| stream.clone());
+        (stream, lag_point)
+    }
+}
