@@ -8,8 +8,9 @@
 //! - [`record`]: event envelope, idempotency keys, payload kinds (plain serde data).
 //! - [`log`]: the durable, segmented event log.
 //! - [`constitution`]: principles, few-shot examples and prompt templates (`constitutions/*.toml`).
-//! - [`model`]: the model runtime (GGUF/HF loading, decoder, sampling, model worker).
+//! - [`model`]: the model runtime (GGUF/HF loading, decoder, sampling).
 //! - [`train`]: losses and optimiser steps run by the model worker (SFT, PM, PPO).
+//! - [`worker`]: the model worker thread that batches requests and runs training jobs.
 //! - [`spec`]: parsing and checking `dataflows/*.toml`.
 //! - [`stages`]: what each stage kind does with a record (one file per stage kind).
 //! - [`engine`]: stages as timely operators, run against the event log.
@@ -36,6 +37,7 @@ pub mod report;
 pub mod spec;
 pub mod stages;
 pub mod train;
+pub mod worker;
 
 /// The version of this build, recorded in every run.
 pub fn version() -> &'static str {

@@ -1,7 +1,8 @@
 //! Where cairn finds what `scripts/setup` fetched: the cache directory `$CAIRN_HOME`
-//! (default `~/.cache/cairn`), the default model and the default prompt sets.
+//! (default `~/.cache/cairn`), the default model and the default prompt sets; and the
+//! sha256 of a file, by which fetched files and written checkpoints are recorded.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::prompts::PromptSource;
 use crate::record::PromptPurpose;
@@ -77,3 +78,20 @@ pub const SETUP_HINT: &str = "run scripts/setup to fetch the default model and p
 /// A hint appended to errors about a missing feedback model.
 pub const FEEDBACK_HINT: &str =
     "run scripts/setup --feedback to fetch the feedback model (~1.1 GB)";
+
+/// Hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -174,22 +174,7 @@ pub fn write_jsonl(path: &Path, rows: &[Value]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Hex sha256 of a file.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
+pub use crate::paths::sha256_file;
 
 /// Writes `rows` (JSON objects with the same fields) as a Parquet file: one column per
 /// top-level field, typed from the values — integers as INT64, other numbers as DOUBLE,

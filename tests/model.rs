@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use cairn::model::gguf::{GgufFile, GgufWriter, MetaValue};
 use cairn::model::llama::{KvCache, Llama};
 use cairn::model::load::{load_gguf, load_hf_weights};
-use cairn::model::worker::{Job, JobOutput, ModelWorker, ServedModel, WorkerOptions};
 use cairn::model::{Dtype, GenerateRequest, LlamaConfig, ModelError, SamplingParams, ScoreRequest};
+use cairn::worker::{Job, JobOutput, ModelWorker, ServedModel, WorkerOptions};
 use tch::{Device, Kind, Tensor};
 
 use common::VOCAB;
@@ -503,7 +503,7 @@ fn bad_requests_are_errors_not_panics() {
 
 #[test]
 fn the_worker_batches_concurrent_jobs_and_wakes_callers() {
-    let factory = |seed: u64| -> cairn::model::worker::ModelFactory {
+    let factory = |seed: u64| -> cairn::worker::ModelFactory {
         Box::new(move |device| {
             Ok(ServedModel::llama(
                 Llama::random(LlamaConfig::tiny(VOCAB), seed, device)?,
@@ -529,7 +529,7 @@ fn the_worker_batches_concurrent_jobs_and_wakes_callers() {
                     prompt: vec![1 + i as u32, 2, 3],
                     params: sampled(i, 6),
                 };
-                let wake: cairn::model::worker::Waker = Arc::new(move || {
+                let wake: cairn::worker::Waker = Arc::new(move || {
                     woken.fetch_add(1, Ordering::SeqCst);
                 });
                 let rx = h
@@ -638,7 +638,7 @@ fn sft_steps_through_the_worker_lower_the_loss_and_accumulation_matches_one_batc
                         Llama::random(LlamaConfig::tiny(VOCAB), 11, device)?,
                         vec![],
                     ))
-                }) as cairn::model::worker::ModelFactory,
+                }) as cairn::worker::ModelFactory,
             )],
             WorkerOptions::default(),
         )
@@ -655,7 +655,7 @@ fn sft_steps_through_the_worker_lower_the_loss_and_accumulation_matches_one_batc
         weight_decay: 0.0,
         max_grad_norm: 1.0,
     };
-    let eval = |h: &cairn::model::WorkerHandle| match h.call(
+    let eval = |h: &cairn::worker::WorkerHandle| match h.call(
         "policy",
         Job::EvalSft {
             examples: examples.clone(),

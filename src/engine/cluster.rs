@@ -29,10 +29,10 @@ use super::{
 };
 use crate::constitution::Constitution;
 use crate::log::{LogOptions, LogWriter, SyncPolicy};
-use crate::model::{ModelWorker, WorkerOptions};
 use crate::record::{Key, NewEvent, RunId};
 use crate::spec::Spec;
 use crate::stages::{Rec, StageKind};
+use crate::worker::{ModelWorker, WorkerOptions};
 
 /// Where a run's workers are.
 #[derive(Clone, Debug, PartialEq, Eq)]

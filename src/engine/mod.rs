@@ -29,12 +29,13 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 
 use crate::constitution::Constitution;
 use crate::log::{LogError, LogOptions, LogReader, LogWriter, SyncPolicy};
-use crate::model::worker::{ModelFactory, ServedModel};
-use crate::model::{ModelError, ModelWorker, WorkerOptions};
+use crate::model::ModelError;
 use crate::prompts::{PromptSource, read_complete_prompts, read_prompts};
 use crate::record::{Key, NewEvent, Payload, PromptPurpose, PromptRecord, RunId, RunStarted};
 use crate::spec::Spec;
 use crate::stages::{Rec, StageContext, StageError, StageKind};
+use crate::worker::{ModelFactory, ServedModel};
+use crate::worker::{ModelWorker, WorkerOptions};
 
 pub use cluster::{Cluster, partition_dir};
 pub use fork::{ForkReport, fork, import_events};

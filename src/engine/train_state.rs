@@ -64,7 +64,7 @@ impl TrainCursor {
             }
             for (file, expected) in &state.files {
                 let path = dir.join(file);
-                let actual = crate::replay::sha256_file(&path)
+                let actual = crate::paths::sha256_file(&path)
                     .map_err(|e| EngineError::Input(format!("{}: {e}", path.display())))?;
                 if &actual != expected {
                     return Err(EngineError::Input(format!(
@@ -141,7 +141,7 @@ pub fn state_record(
 ) -> Result<TrainStateRecord, EngineError> {
     let mut hashed = Vec::with_capacity(files.len());
     for f in files {
-        let sha = crate::replay::sha256_file(f)
+        let sha = crate::paths::sha256_file(f)
             .map_err(|e| EngineError::Input(format!("{}: {e}", f.display())))?;
         let name = f
             .file_name()

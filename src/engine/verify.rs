@@ -16,10 +16,10 @@ use super::operator::{Built, Plan, chunks, model_job, split_reply};
 use super::{EngineError, model_factories, stage_context};
 use crate::constitution::Constitution;
 use crate::log::LogReader;
-use crate::model::{ModelWorker, WorkerOptions};
 use crate::record::{Envelope, Key};
 use crate::spec::Spec;
 use crate::stages::{Rec, Stage, Task};
+use crate::worker::{ModelWorker, WorkerOptions};
 
 /// What a verification found.
 #[derive(Clone, Debug, Default)]

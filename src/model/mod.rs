@@ -16,7 +16,6 @@ pub mod llama;
 pub mod load;
 pub mod sampling;
 pub mod tokenizer;
-pub mod worker;
 
 use std::path::PathBuf;
 
@@ -28,7 +27,6 @@ pub use llama::{KvCache, Llama};
 pub use load::{LoadedModel, load};
 pub use sampling::SamplingParams;
 pub use tokenizer::{ChatFormat, Message, Role, Tokenizer};
-pub use worker::{Job, JobOutput, ModelWorker, WorkerHandle, WorkerOptions};
 
 /// Errors of the model runtime.
 #[derive(Debug, thiserror::Error)]

@@ -289,7 +289,7 @@ pub trait Stage: Send + Sync {
     }
     /// Model jobs to run once, in order, before the stage's first epoch is planned (after
     /// its gate opens) — e.g. freezing a copy of the policy as the RL reference.
-    fn setup(&self) -> Vec<(String, crate::model::Job)> {
+    fn setup(&self) -> Vec<(String, crate::worker::Job)> {
         Vec::new()
     }
     /// Receives each record that comes back around a feedback loop (e.g. a new policy
@@ -505,7 +505,7 @@ pub fn step_key<'a>(
 
 /// Turns a model's reply to a training job into the event to log (`None`: log nothing).
 pub type RecordFn =
-    Box<dyn FnOnce(crate::model::JobOutput) -> Result<Option<Payload>, StageError> + Send>;
+    Box<dyn FnOnce(crate::worker::JobOutput) -> Result<Option<Payload>, StageError> + Send>;
 
 /// Called instead of a [`RecordFn`] when an update is covered by a saved training state and
 /// so does not run: it receives the logged event, so that the stage can rebuild what it
@@ -532,7 +532,7 @@ pub enum TrainJob {
     /// is logged once.
     Update {
         /// The job.
-        job: crate::model::Job,
+        job: crate::worker::Job,
         /// Its event.
         record: RecordFn,
         /// What the stage learns from the logged event when the job does not run.
@@ -541,7 +541,7 @@ pub enum TrainJob {
     /// Only reads the model (an evaluation): skipped when its event is logged.
     Measure {
         /// The job.
-        job: crate::model::Job,
+        job: crate::worker::Job,
         /// Its event.
         record: RecordFn,
     },
@@ -607,8 +607,8 @@ pub fn training_registry() -> Vec<(&'static str, &'static str, TrainingBuilder)>
 /// Reads a model reply of the expected kind, or says what came instead.
 pub fn expect_output<T>(
     stage: &str,
-    out: crate::model::JobOutput,
-    pick: impl FnOnce(crate::model::JobOutput) -> Result<T, crate::model::JobOutput>,
+    out: crate::worker::JobOutput,
+    pick: impl FnOnce(crate::worker::JobOutput) -> Result<T, crate::worker::JobOutput>,
 ) -> Result<T, StageError> {
     pick(out).map_err(|other| StageError::Config {
         stage: stage.to_string(),

@@ -16,9 +16,9 @@ use super::settings_digest;
 use super::{
     Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_output,
 };
-use crate::model::{Job, JobOutput};
 use crate::record::{Key, Payload, PmEvalRecord, PmStepRecord, PromptPurpose};
 use crate::train::{OptimConfig, PmExample};
+use crate::worker::{Job, JobOutput};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -18,10 +18,10 @@ use super::settings_digest;
 use super::{
     Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_output,
 };
-use crate::model::{Job, JobOutput};
 use crate::record::{Key, Payload, PpoUpdateRecord};
 use crate::train::ppo::repetition;
 use crate::train::{PpoConfig, PpoRollout, PpoStats};
+use crate::worker::{Job, JobOutput};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

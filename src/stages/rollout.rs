@@ -16,8 +16,9 @@ use super::settings_digest;
 use super::{
     GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings, Task, Work,
 };
-use crate::model::{GenerateRequest, Generation, Job, Message, Role, ScoreRequest, Tokenizer};
+use crate::model::{GenerateRequest, Generation, Message, Role, ScoreRequest, Tokenizer};
 use crate::record::{Conversation, Key, Payload, PromptPurpose, RolloutRecord};
+use crate::worker::Job;
 
 /// The `rollout` stage.
 pub struct RolloutStage {

@@ -13,9 +13,10 @@ use super::settings_digest;
 use super::{
     Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_output,
 };
-use crate::model::{Job, JobOutput, Message, Role};
+use crate::model::{Message, Role};
 use crate::record::{Key, Payload, PromptPurpose, SftEvalRecord, SftStepRecord};
 use crate::train::{OptimConfig, SftExample};
+use crate::worker::{Job, JobOutput};
 
 /// Builds the stage (see [`SftStage::build`]).
 pub fn build(

@@ -25,14 +25,15 @@ use timely::dataflow::operators::generic::operator::Operator;
 use super::EngineError;
 use super::train_state::{self, DEFAULT_STATE_EVERY, TrainCursor};
 use crate::log::LogWriter;
-use crate::model::worker::{Job, JobOutput, Reply as WorkerReply, Waker};
-use crate::model::{Tokenizer, WorkerHandle};
+use crate::model::Tokenizer;
 use crate::record::{CheckpointRecord, Key, NewEvent, Payload, RunId, TrainStateRecord};
 use crate::spec::Spec;
 use crate::stages::{
     Rec, Reply, Stage, StageContext, StageError, StageKind, Task, TrainJob, TrainWork,
     TrainingStage, Work,
 };
+use crate::worker::WorkerHandle;
+use crate::worker::{Job, JobOutput, Reply as WorkerReply, Waker};
 
 mod aggregates;
 mod batching;

@@ -291,7 +291,7 @@ pub(super) fn checkpoint(
         tok.save_dir(&dir)?;
     }
     let weights = dir.join("model.safetensors");
-    let sha256 = crate::replay::sha256_file(&weights)
+    let sha256 = crate::paths::sha256_file(&weights)
         .map_err(|e| EngineError::Input(format!("{}: {e}", weights.display())))?;
     remember(&dir);
     tracing::info!(stage = name, step, path = %dir.display(), "checkpoint");

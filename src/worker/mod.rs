@@ -1,11 +1,16 @@
 //! The model worker: one thread that owns the models of one device and serves requests
 //! from any number of callers (dataflow operators) over a crossbeam channel.
 //!
+//! It is a layer of its own, above `model/` (the decoder it serves) and `train/` (the
+//! losses and optimiser steps it runs), so neither of those knows it exists.
+//!
 //! Requests queue up while the worker computes; when it is free it takes everything waiting,
 //! merges same-model, same-kind jobs into batches up to a token budget (so a critique and a
 //! sample can ride in one forward pass), answers each job on its own reply channel, and then
 //! calls the job's wake-up callback — how a timely operator blocked on results is
 //! re-scheduled (`SyncActivator::activate`).
+//!
+//! - [`instant`]: the stand-in backend that answers without computing (`cairn bench engine`).
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -16,12 +21,14 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use tch::Device;
 
-use super::ModelError;
-use super::generate::{
+use crate::model::ModelError;
+use crate::model::generate::{
     ChoiceRequest, GenerateRequest, Generation, ScoreRequest, Scored, generate, score,
     score_choices,
 };
-use super::llama::Llama;
+use crate::model::llama::Llama;
+
+pub mod instant;
 use crate::train::pm::pm_eval;
 use crate::train::ppo::ppo_update;
 use crate::train::sft::sft_eval;
@@ -197,79 +204,6 @@ impl ServedModel {
             eos: Vec::new(),
         }
     }
-}
-
-/// The instant model's answers.
-fn instant_reply(job: &Job) -> Reply {
-    Ok(match job {
-        Job::Generate(r) => JobOutput::Generated(
-            r.iter()
-                .map(|r| {
-                    let n = r.params.max_new_tokens.min(r.prompt.len()).min(8);
-                    Generation {
-                        tokens: r.prompt[r.prompt.len() - n..].to_vec(),
-                        logprobs: vec![0.0; n],
-                        finish: super::Finish::Length,
-                    }
-                })
-                .collect(),
-        ),
-        Job::Score(r) => JobOutput::Scored(
-            r.iter()
-                .map(|r| Scored {
-                    logprobs: vec![0.0; r.continuation.len()],
-                    total: 0.0,
-                    value: None,
-                })
-                .collect(),
-        ),
-        Job::ScoreChoices(r) => {
-            JobOutput::ChoiceScores(r.iter().map(|r| vec![0.0; r.choices.len()]).collect())
-        }
-        Job::TrainSft { examples, .. } => JobOutput::Trained(StepStats {
-            loss: 0.0,
-            tokens: examples.iter().map(|e| e.target.len()).sum(),
-            grad_norm: 0.0,
-            step: 0,
-        }),
-        Job::EvalSft { examples, .. } => JobOutput::Evaluated {
-            loss: 0.0,
-            tokens: examples.iter().map(|e| e.target.len()).sum(),
-        },
-        Job::Save(_) | Job::SaveState(_) | Job::LoadState(_) => {
-            return Err(ModelError::InvalidRequest(
-                "the instant model has no weights to save or restore".into(),
-            ));
-        }
-        Job::TrainPm { .. } => JobOutput::PmTrained(PmStats {
-            loss: std::f64::consts::LN_2,
-            accuracy: 0.0,
-            grad_norm: 0.0,
-            step: 0,
-        }),
-        Job::EvalPm { examples, .. } => JobOutput::PmEvaluated(PmEvalStats {
-            loss: std::f64::consts::LN_2,
-            accuracy: 0.0,
-            brier: examples
-                .iter()
-                .map(|e| (0.5 - f64::from(e.p_a)).powi(2))
-                .sum::<f64>()
-                / examples.len().max(1) as f64,
-            ece: 0.0,
-            examples: examples.len(),
-        }),
-        Job::TrainPpo { rollouts, .. } => JobOutput::PpoTrained(PpoStats {
-            mean_score: rollouts.iter().map(|r| f64::from(r.score)).sum::<f64>()
-                / rollouts.len().max(1) as f64,
-            response_length: rollouts
-                .iter()
-                .map(|r| r.response.len() as f64)
-                .sum::<f64>()
-                / rollouts.len().max(1) as f64,
-            ..PpoStats::default()
-        }),
-        Job::CopyFrom(_) => JobOutput::Copied,
-    })
 }
 
 /// Builds a model on the worker thread (tensors belong to the thread that made them).
@@ -575,7 +509,7 @@ fn run_alone(
     let model = match &served.backend {
         Backend::Llama(m) => m,
         Backend::Instant => {
-            let reply = instant_reply(&s.job);
+            let reply = instant::reply(&s.job);
             stats.busy_ns += started.elapsed().as_nanos() as u64;
             respond(s, reply);
             return;
@@ -773,7 +707,7 @@ fn run_batch(
 fn run_merged(served: &ServedModel, batch: &[Submission]) -> Result<Vec<JobOutput>, ModelError> {
     let model = match &served.backend {
         Backend::Llama(m) => m,
-        Backend::Instant => return batch.iter().map(|s| instant_reply(&s.job)).collect(),
+        Backend::Instant => return batch.iter().map(|s| instant::reply(&s.job)).collect(),
     };
     let outcome = catch_unwind(AssertUnwindSafe(|| match &batch[0].job {
         Job::Generate(_) => {
