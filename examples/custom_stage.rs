@@ -57,7 +57,7 @@ pub fn build(
 
 /// The registry line: the kind's name in specs, what it does, its builder.
 pub fn kind() -> StageKind {
-    (
+    StageKind::model(
         "flag",
         "flag answers that contain any word of a list",
         build,

@@ -791,7 +791,11 @@ fn a_stage_mixing_pure_and_model_work_completes_every_task() {
     std::fs::write(&path, text).expect("write");
     let spec = Spec::load(&path).expect("spec");
     let mut kinds = cairn::stages::registry();
-    kinds.push(("mixed", "pure and model work together", build));
+    kinds.push(cairn::stages::StageKind::model(
+        "mixed",
+        "pure and model work together",
+        build,
+    ));
     let log = fx.dir.path().join("log");
     engine::run_with(&spec, &common::cpu_run(log.clone()), &kinds).expect("run");
     let reasons: Vec<String> = LogReader::open(&log)
@@ -1442,11 +1446,7 @@ fn all_succeed(children: Vec<std::process::Child>) {
 /// stage kinds that exist: a broken example is caught here, not by a user.
 #[test]
 fn every_shipped_dataflow_parses_and_names_known_stages() {
-    let kinds: Vec<&str> = cairn::stages::registry()
-        .iter()
-        .map(|k| k.0)
-        .chain(cairn::stages::training_registry().iter().map(|k| k.0))
-        .collect();
+    let kinds: Vec<&str> = cairn::stages::registry().iter().map(|k| k.name).collect();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("dataflows");
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).expect("dataflows/") {

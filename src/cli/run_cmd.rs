@@ -323,11 +323,8 @@ fn install_signal_handlers(stop: &Arc<AtomicBool>) {
 
 /// Runs `cairn stages`.
 pub fn stages() -> anyhow::Result<ExitCode> {
-    for (kind, about, _) in cairn::stages::registry() {
-        println!("{kind:<10} {about}");
-    }
-    for (kind, about, _) in cairn::stages::training_registry() {
-        println!("{kind:<10} {about}");
+    for kind in cairn::stages::registry() {
+        println!("{:<10} {}", kind.name, kind.about);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -309,52 +309,118 @@ pub type StageBuilder = fn(
     ctx: &StageContext,
 ) -> Result<Box<dyn Stage>, StageError>;
 
-/// A stage kind: its name in specs, a one-line description, and its builder.
-pub type StageKind = (&'static str, &'static str, StageBuilder);
+/// How a stage kind is built: as a stage that calls models, or as one that trains.
+#[derive(Clone, Copy)]
+pub enum Builder {
+    /// A model-calling stage ([`Stage`]).
+    Model(StageBuilder),
+    /// A training stage ([`TrainingStage`]).
+    Training(TrainingBuilder),
+}
 
-/// Every model-calling stage kind, by the name used in dataflow specs. (Training stages are
-/// in [`training_registry`].)
+/// A stage kind: its name in specs, a one-line description, and how it is built. One
+/// registry of these serves `cairn run`, `--verify`, `fork` and `cairn stages`.
+///
+/// ```
+/// use cairn::stages::{registry, StageKind};
+/// let kinds = registry();
+/// let sample = kinds.iter().find(|k| k.name == "sample").expect("sample is a kind");
+/// assert!(!sample.trains());
+/// assert!(kinds.iter().any(|k| k.name == "ppo" && k.trains()));
+/// ```
+#[derive(Clone, Copy)]
+pub struct StageKind {
+    /// The kind's name, as `kind = "…"` in a spec.
+    pub name: &'static str,
+    /// One line for `cairn stages`.
+    pub about: &'static str,
+    /// What builds an instance from its settings.
+    pub builder: Builder,
+}
+
+impl StageKind {
+    /// A model-calling stage kind.
+    pub const fn model(name: &'static str, about: &'static str, build: StageBuilder) -> Self {
+        StageKind {
+            name,
+            about,
+            builder: Builder::Model(build),
+        }
+    }
+
+    /// A training stage kind.
+    pub const fn training(name: &'static str, about: &'static str, build: TrainingBuilder) -> Self {
+        StageKind {
+            name,
+            about,
+            builder: Builder::Training(build),
+        }
+    }
+
+    /// Whether the kind trains a model.
+    pub fn trains(&self) -> bool {
+        matches!(self.builder, Builder::Training(_))
+    }
+}
+
+/// Every stage kind, by the name used in dataflow specs: the model-calling stages, then
+/// the training stages.
 pub fn registry() -> Vec<StageKind> {
     vec![
-        (
+        StageKind::model(
             "sample",
             "answer each prompt with the policy model",
             sample::build,
         ),
-        (
+        StageKind::model(
             "critique",
             "critique the latest answer against a principle drawn for the round",
             critique::build,
         ),
-        (
+        StageKind::model(
             "revise",
             "rewrite the answer following the round's critique",
             revise::build,
         ),
-        (
+        StageKind::model(
             "filter",
             "keep or drop each revision/helpful sample as an SFT target, with a logged reason",
             filter::build,
         ),
-        (
+        StageKind::model(
             "pairs",
             "answer each prompt twice, with distinct seeds, for AI feedback",
             pairs::build,
         ),
-        (
+        StageKind::model(
             "judge",
             "soft preference label for a pair from the feedback model (both orders, ensemble, CoT)",
             judge::build,
         ),
-        (
+        StageKind::model(
             "assess",
             "ask the feedback model a yes/no question about each answer of a pair (default: evasive?)",
             assess::build,
         ),
-        (
+        StageKind::model(
             "rollout",
             "sample from the current policy and score with the PM and the reference (PPO loop)",
             rollout::build,
+        ),
+        StageKind::training(
+            "sft",
+            "finetune a model on final revisions mixed with helpful samples",
+            sft::build,
+        ),
+        StageKind::training(
+            "pm",
+            "train a preference model on soft AI-feedback labels",
+            pm::build,
+        ),
+        StageKind::training(
+            "ppo",
+            "update the policy with PPO against the preference model (feeds `rollout`)",
+            ppo::build,
         ),
     ]
 }
@@ -568,11 +634,11 @@ pub trait TrainingStage: Send + Sync {
     /// The model the stage trains, by spec name. Stages that call it see its weights change,
     /// so the engine runs them where the training runs and does not re-verify them.
     fn trained_model(&self) -> &str;
-    /// Whether each update this stage logs goes back around a feedback loop to the stages it
-    /// reads from (PPO's new policy version, back to its rollouts); those stages then wait for
-    /// it before planning their next epoch.
-    fn feeds_back(&self) -> bool {
-        false
+    /// The kind of record (its payload kind name) that goes back around a feedback loop to
+    /// the stages this one reads from — PPO's `ppo_update`, the new policy version its
+    /// rollouts wait for before planning their next epoch — or `None` outside a loop.
+    fn feeds_back(&self) -> Option<&'static str> {
+        None
     }
 }
 
@@ -582,27 +648,6 @@ pub type TrainingBuilder = fn(
     settings: &StageSettings,
     ctx: &StageContext,
 ) -> Result<Box<dyn TrainingStage>, StageError>;
-
-/// Every training stage kind, by the name used in dataflow specs.
-pub fn training_registry() -> Vec<(&'static str, &'static str, TrainingBuilder)> {
-    vec![
-        (
-            "sft",
-            "finetune a model on final revisions mixed with helpful samples",
-            sft::build,
-        ),
-        (
-            "pm",
-            "train a preference model on soft AI-feedback labels",
-            pm::build,
-        ),
-        (
-            "ppo",
-            "update the policy with PPO against the preference model (feeds `rollout`)",
-            ppo::build,
-        ),
-    ]
-}
 
 /// Reads a model reply of the expected kind, or says what came instead.
 pub fn expect_output<T>(

@@ -192,8 +192,8 @@ impl TrainingStage for PpoStage {
         &self.settings.model
     }
 
-    fn feeds_back(&self) -> bool {
-        true
+    fn feeds_back(&self) -> Option<&'static str> {
+        Some("ppo_update")
     }
 
     fn name(&self) -> &str {

@@ -311,6 +311,13 @@ pub(super) fn run(args: GenerateBench) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|chain| chain.step_seconds(&x, &ffn_in))
                     .collect::<anyhow::Result<Vec<f64>>>()?;
+                if full <= first {
+                    eprintln!(
+                        "warning: batch {b}: the whole run took no longer than its prefill \
+                         ({full:.4} s against {first:.4} s), so the decode-only rate is not \
+                         measured; use more --new-tokens or a quieter machine"
+                    );
+                }
                 // Clamped so a degenerate timing stays a finite number in the JSON.
                 let d = (b * args.new_tokens.saturating_sub(1)) as f64 / (full - first).max(1e-9);
                 let c = b as f64 / steps[0].min(steps[1]);

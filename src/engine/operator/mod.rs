@@ -29,7 +29,7 @@ use crate::model::Tokenizer;
 use crate::record::{CheckpointRecord, Key, NewEvent, Payload, RunId, TrainStateRecord};
 use crate::spec::Spec;
 use crate::stages::{
-    Rec, Reply, Stage, StageContext, StageError, StageKind, Task, TrainJob, TrainWork,
+    Builder, Rec, Reply, Stage, StageContext, StageError, StageKind, Task, TrainJob, TrainWork,
     TrainingStage, Work,
 };
 use crate::worker::WorkerHandle;

@@ -35,7 +35,6 @@ impl Plan {
         ctx: &StageContext,
         kinds: &[StageKind],
     ) -> Result<Plan, EngineError> {
-        let training = crate::stages::training_registry();
         let mut stages = Vec::new();
         let mut earlier: Vec<&str> = Vec::new();
         for s in &spec.stages {
@@ -81,51 +80,50 @@ impl Plan {
             let located = |e: StageError| {
                 EngineError::Input(format!("{}:{}: {e}", spec.path.display(), s.line))
             };
-            if let Some((_, _, builder)) = training.iter().find(|(k, _, _)| *k == s.kind) {
-                let stage = builder(&s.name, &settings, ctx).map_err(located)?;
-                let m = stage.trained_model();
-                if let Some(model) = spec.models.iter().find(|x| x.name == m)
-                    && model.dtype != crate::model::Dtype::F32
-                {
-                    return Err(at(format!(
-                        "trains model `{m}`, which is loaded as {}; a trained model needs \
-                         dtype f32",
-                        model.dtype
-                    )));
-                }
-                stages.push(Built::Training {
-                    name: s.name.clone(),
-                    from: s.from.clone(),
-                    stage,
-                    after,
-                    state_every: state_every.unwrap_or(DEFAULT_STATE_EVERY),
-                });
-                continue;
-            }
-            if state_every.is_some() {
-                return Err(at(
-                    "`state_every` applies to training stages only (see `cairn stages`)".into(),
-                ));
-            }
-            let Some((_, _, builder)) = kinds.iter().find(|(k, _, _)| *k == s.kind) else {
-                let known: Vec<&str> = kinds
-                    .iter()
-                    .map(|(k, _, _)| *k)
-                    .chain(training.iter().map(|(k, _, _)| *k))
-                    .collect();
+            let Some(kind) = kinds.iter().find(|k| k.name == s.kind) else {
+                let known: Vec<&str> = kinds.iter().map(|k| k.name).collect();
                 return Err(at(format!(
                     "unknown kind `{}` (known: {})",
                     s.kind,
                     known.join(", ")
                 )));
             };
-            stages.push(Built::Model {
-                name: s.name.clone(),
-                from: s.from.clone(),
-                stage: builder(&s.name, &settings, ctx).map_err(located)?,
-                batch,
-                after,
-            });
+            match kind.builder {
+                Builder::Training(builder) => {
+                    let stage = builder(&s.name, &settings, ctx).map_err(located)?;
+                    let m = stage.trained_model();
+                    if let Some(model) = spec.models.iter().find(|x| x.name == m)
+                        && model.dtype != crate::model::Dtype::F32
+                    {
+                        return Err(at(format!(
+                            "trains model `{m}`, which is loaded as {}; a trained model needs \
+                             dtype f32",
+                            model.dtype
+                        )));
+                    }
+                    stages.push(Built::Training {
+                        name: s.name.clone(),
+                        from: s.from.clone(),
+                        stage,
+                        after,
+                        state_every: state_every.unwrap_or(DEFAULT_STATE_EVERY),
+                    });
+                }
+                Builder::Model(builder) => {
+                    if state_every.is_some() {
+                        return Err(at("`state_every` applies to training stages only \
+                             (see `cairn stages`)"
+                            .into()));
+                    }
+                    stages.push(Built::Model {
+                        name: s.name.clone(),
+                        from: s.from.clone(),
+                        stage: builder(&s.name, &settings, ctx).map_err(located)?,
+                        batch,
+                        after,
+                    });
+                }
+            }
         }
         let central = vec![false; stages.len()];
         Ok(Plan { stages, central })
@@ -148,7 +146,9 @@ impl Plan {
         self.stages
             .iter()
             .filter_map(|b| match b {
-                Built::Training { stage, from, .. } if stage.feeds_back() => Some(from.clone()),
+                Built::Training { stage, from, .. } if stage.feeds_back().is_some() => {
+                    Some(from.clone())
+                }
                 _ => None,
             })
             .flatten()
@@ -271,13 +271,13 @@ impl Plan {
                         env.clone(),
                         shared.clone(),
                     );
-                    if feeds_back {
+                    if let Some(kind) = feeds_back {
                         for f in &from {
                             if let Some(handle) = loops.remove(f) {
                                 let me = name.clone();
                                 out.clone()
                                     .filter(move |r: &Rec| {
-                                        r.stage == me && matches!(r.payload, Payload::PpoUpdate(_))
+                                        r.stage == me && r.payload.kind() == kind
                                     })
                                     .connect_loop(handle);
                             }
@@ -298,5 +298,221 @@ impl Plan {
         aggregates(scope.concatenate(own), shared);
         let lag_point = lag_point.unwrap_or_else(|| stream.clone());
         (stream, lag_point)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The plan read from a spec with stand-in stages: which settings are the engine's,
+    //! what errors name, and which stages a multi-worker run centralises, from the
+    //! contract alone.
+
+    use std::collections::HashMap;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::stages::{StageSettings, TrainWork};
+
+    /// A model stage that calls the models listed in its `models` setting.
+    struct Calls {
+        name: String,
+        models: Vec<String>,
+    }
+
+    impl Stage for Calls {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn accepts(&self, _: &Rec) -> bool {
+            false
+        }
+        fn plan(&self, _: &Rec) -> Result<Vec<Task>, StageError> {
+            Ok(Vec::new())
+        }
+        fn complete(&self, _: &Task, reply: Reply) -> Result<Payload, StageError> {
+            Err(StageError::Config {
+                stage: self.name.clone(),
+                message: format!("no work was planned, got {reply:?}"),
+            })
+        }
+        fn models(&self) -> Vec<String> {
+            self.models.clone()
+        }
+    }
+
+    fn calls(
+        name: &str,
+        settings: &StageSettings,
+        _: &StageContext,
+    ) -> Result<Box<dyn Stage>, StageError> {
+        let models = settings
+            .get("models")
+            .and_then(|m| m.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Box::new(Calls {
+            name: name.to_string(),
+            models,
+        }))
+    }
+
+    /// A training stage that trains its `model` setting and feeds back when `loop = true`.
+    struct Trains {
+        name: String,
+        model: String,
+        feeds_back: bool,
+    }
+
+    impl TrainingStage for Trains {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn accepts(&self, _: &Rec) -> bool {
+            false
+        }
+        fn add_epoch(&mut self, _: Vec<Rec>) -> Result<Vec<TrainWork>, StageError> {
+            Ok(Vec::new())
+        }
+        fn finish(&mut self) -> Result<Vec<TrainWork>, StageError> {
+            Ok(Vec::new())
+        }
+        fn trained_model(&self) -> &str {
+            &self.model
+        }
+        fn feeds_back(&self) -> Option<&'static str> {
+            self.feeds_back.then_some("ppo_update")
+        }
+    }
+
+    fn trains(
+        name: &str,
+        settings: &StageSettings,
+        _: &StageContext,
+    ) -> Result<Box<dyn TrainingStage>, StageError> {
+        Ok(Box::new(Trains {
+            name: name.to_string(),
+            model: settings
+                .get("model")
+                .and_then(|m| m.as_str())
+                .unwrap_or("policy")
+                .to_string(),
+            feeds_back: settings
+                .get("loop")
+                .and_then(|l| l.as_bool())
+                .unwrap_or(false),
+        }))
+    }
+
+    fn kinds() -> Vec<StageKind> {
+        vec![
+            StageKind::model("calls", "calls the models it lists", calls),
+            StageKind::training("trains", "trains one model", trains),
+        ]
+    }
+
+    fn context() -> StageContext {
+        let constitution =
+            crate::constitution::Constitution::load(Path::new("constitutions/default.toml"))
+                .expect("the default constitution loads");
+        StageContext {
+            constitution: Arc::new(constitution),
+            seed: 1,
+            tokenizers: Arc::new(HashMap::new()),
+        }
+    }
+
+    const MODELS: &str = "name = \"t\"\nseed = 1\nconstitution = \"c.toml\"\n[models.policy]\npath = \"p.gguf\"\n[models.judge]\npath = \"j.gguf\"\ndtype = \"bf16\"\n[prompts]\nred_team = [\"r.txt\"]\n";
+
+    fn plan(stages: &str) -> Result<Plan, EngineError> {
+        let text = format!("{MODELS}{stages}");
+        let spec = Spec::parse(&text, Path::new("dataflows/t.toml")).expect("the spec parses");
+        Plan::build(&spec, &context(), &kinds())
+    }
+
+    fn error(stages: &str) -> String {
+        match plan(stages) {
+            Ok(_) => panic!("expected the plan to be refused"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_engine_takes_its_own_settings_and_names_the_line_of_a_bad_one() {
+        let e =
+            error("\n[[stage]]\nname = \"a\"\nkind = \"calls\"\nfrom = [\"prompts\"]\nbatch = 0\n");
+        assert!(e.contains("dataflows/t.toml:12"), "{e}");
+        assert!(e.contains("`batch` must be a positive integer"), "{e}");
+        let e = error(
+            "\n[[stage]]\nname = \"a\"\nkind = \"calls\"\nfrom = [\"prompts\"]\nafter = \"b\"\n",
+        );
+        assert!(e.contains("`after` must name an earlier stage"), "{e}");
+        let e = error(
+            "\n[[stage]]\nname = \"a\"\nkind = \"calls\"\nfrom = [\"prompts\"]\nstate_every = 2\n",
+        );
+        assert!(e.contains("training stages only"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_kind_lists_every_kind_of_the_registry() {
+        let e = error("\n[[stage]]\nname = \"a\"\nkind = \"nope\"\nfrom = [\"prompts\"]\n");
+        assert!(
+            e.contains("unknown kind `nope` (known: calls, trains)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_model_loaded_in_bf16_cannot_be_trained() {
+        let e = error(
+            "\n[[stage]]\nname = \"t\"\nkind = \"trains\"\nfrom = [\"prompts\"]\nmodel = \"judge\"\n",
+        );
+        assert!(
+            e.contains("trains model `judge`, which is loaded as bf16"),
+            "{e}"
+        );
+        assert!(
+            plan("\n[[stage]]\nname = \"t\"\nkind = \"trains\"\nfrom = [\"prompts\"]\nmodel = \"policy\"\n")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_contract_alone_decides_which_stages_are_central() {
+        let mut plan = plan(concat!(
+            "\n[[stage]]\nname = \"free\"\nkind = \"calls\"\nfrom = [\"prompts\"]\nmodels = [\"judge\"]\n",
+            "\n[[stage]]\nname = \"rollouts\"\nkind = \"calls\"\nfrom = [\"free\"]\nmodels = [\"judge\"]\n",
+            "\n[[stage]]\nname = \"uses_policy\"\nkind = \"calls\"\nfrom = [\"free\"]\nmodels = [\"policy\"]\n",
+            "\n[[stage]]\nname = \"gated\"\nkind = \"calls\"\nfrom = [\"free\"]\nafter = \"free\"\n",
+            "\n[[stage]]\nname = \"update\"\nkind = \"trains\"\nfrom = [\"rollouts\"]\nmodel = \"policy\"\nloop = true\n",
+        ))
+        .expect("the plan builds");
+        assert_eq!(
+            plan.trained_models(),
+            std::collections::HashSet::from(["policy".to_string()])
+        );
+        assert_eq!(plan.looped(), vec!["rollouts".to_string()]);
+        assert_eq!(plan.first_gated(), Some(3));
+        assert_eq!(
+            plan.centralise(),
+            ["rollouts", "uses_policy", "gated", "update"].map(String::from)
+        );
+        assert_eq!(plan.central, vec![false, true, true, true, true]);
+    }
+
+    #[test]
+    fn without_training_or_gates_nothing_is_central() {
+        let mut plan = plan(concat!(
+            "\n[[stage]]\nname = \"a\"\nkind = \"calls\"\nfrom = [\"prompts\"]\nmodels = [\"policy\"]\n",
+            "\n[[stage]]\nname = \"b\"\nkind = \"calls\"\nfrom = [\"a\"]\nmodels = [\"judge\"]\n",
+        ))
+        .expect("the plan builds");
+        assert!(plan.centralise().is_empty());
+        assert_eq!(plan.first_gated(), None);
+        assert!(plan.looped().is_empty());
     }
 }
