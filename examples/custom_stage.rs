@@ -1,6 +1,8 @@
 //! Adding a stage of your own: `flag` marks answers that contain any word of a list, as
-//! `flag` events in the log, without model work. It shows the whole recipe — implement
-//! [`Stage`], give it a builder, list it next to the built-in kinds, name it in a spec:
+//! events of a record kind of its own (`word_hit`, carried as an `extension` record), without
+//! model work and without editing the crate. It shows the whole recipe — define the record,
+//! implement [`Stage`], give it a builder, list it next to the built-in kinds, name it in a
+//! spec:
 //!
 //! ```toml
 //! [[stage]]
@@ -17,12 +19,24 @@
 use std::path::PathBuf;
 
 use cairn::engine::{self, RunOptions};
-use cairn::record::{FlagRecord, Key, Payload};
+use cairn::record::{ExtensionRecord, Key, Payload};
 use cairn::spec::Spec;
 use cairn::stages::{
     Rec, Reply, Stage, StageContext, StageError, StageKind, StageSettings, Task, Work,
     parse_settings, registry,
 };
+
+/// The stage's own record kind: which answer was flagged, and for which word.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WordHit {
+    /// Key of the flagged answer.
+    pub flagged: Key,
+    /// The first listed word it contains.
+    pub word: String,
+}
+
+/// The kind name of [`WordHit`] records.
+pub const WORD_HIT: &str = "word_hit";
 
 /// Flags answers (samples and revisions) containing any of `words` (case-insensitive).
 pub struct FlagStage {
@@ -91,14 +105,20 @@ impl Stage for FlagStage {
         let Some(word) = self.words.iter().find(|w| text.contains(w.as_str())) else {
             return Ok(Vec::new());
         };
+        let hit = WordHit {
+            flagged: rec.key,
+            word: word.clone(),
+        };
+        let record = ExtensionRecord::new(WORD_HIT, &hit).map_err(|e| StageError::Record {
+            stage: self.name.clone(),
+            key: rec.key,
+            message: e.to_string(),
+        })?;
         Ok(vec![Task {
             key: Key::builder(&self.name).key(rec.key).str(word).finish(),
             input: rec.clone(),
             history: Vec::new(),
-            work: Work::Pure(Payload::Flag(FlagRecord {
-                flagged: rec.key,
-                reason: format!("contains `{word}`"),
-            })),
+            work: Work::Pure(Payload::Extension(record)),
         }])
     }
 

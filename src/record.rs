@@ -475,6 +475,8 @@ payloads! {
     TrainState(TrainStateRecord) = "train_state",
     /// A record flagged by a screening stage (see `examples/custom_stage.rs`).
     Flag(FlagRecord) = "flag",
+    /// A record of a kind defined outside this crate (see [`ExtensionRecord`]).
+    Extension(ExtensionRecord) = "extension",
     /// Two answers to one prompt, for AI feedback.
     Pair(PairRecord) = "pair",
     /// The feedback model's soft preference label for a pair.
@@ -727,6 +729,51 @@ pub struct FlagRecord {
     pub flagged: Key,
     /// Why it was flagged.
     pub reason: String,
+}
+
+/// The `extension` record: a record of a kind defined outside this crate, by a stage written
+/// against the published crate (`examples/custom_stage.rs`). It carries its own kind name and
+/// its fields as JSON text, so such a stage logs, replays and exports records of its own
+/// without a new variant in [`Payload`].
+///
+/// ```
+/// use cairn::record::ExtensionRecord;
+/// #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+/// struct Hit { word: String, count: u32 }
+/// let rec = ExtensionRecord::new("hit", &Hit { word: "bleach".into(), count: 2 }).unwrap();
+/// assert_eq!(rec.kind, "hit");
+/// let back: Hit = rec.decode().unwrap();
+/// assert_eq!(back, Hit { word: "bleach".into(), count: 2 });
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExtensionRecord {
+    /// The extension's own kind name.
+    pub kind: String,
+    /// The record's fields, as JSON text (JSON rather than bincode so that `cairn log cat`,
+    /// `export` and the report can show it without knowing its type).
+    pub json: String,
+}
+
+impl ExtensionRecord {
+    /// Wraps `value` as a record of the extension kind `kind`.
+    pub fn new<T: Serialize>(kind: &str, value: &T) -> Result<ExtensionRecord, RecordError> {
+        let json = serde_json::to_string(value).map_err(|e| RecordError::Body {
+            kind: kind.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(ExtensionRecord {
+            kind: kind.to_string(),
+            json,
+        })
+    }
+
+    /// Reads the record's fields back as `T`.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, RecordError> {
+        serde_json::from_str(&self.json).map_err(|e| RecordError::Body {
+            kind: self.kind.clone(),
+            reason: e.to_string(),
+        })
+    }
 }
 
 /// The `pair` record: two answers to one prompt from the same model, with distinct seeds.
