@@ -125,6 +125,61 @@ pub enum Work {
 }
 
 impl Work {
+    /// The worker job this work is (`None` for pure work): the stage's and the worker's
+    /// vocabularies are one, a `Work` being a job addressed to a model by name.
+    pub fn job(&self) -> Option<crate::worker::Job> {
+        use crate::worker::Job;
+        Some(match self {
+            Work::Generate { request, .. } => Job::Generate(vec![request.clone()]),
+            Work::GenerateMany { requests, .. } => Job::Generate(requests.clone()),
+            Work::Score { request, .. } => Job::Score(vec![request.clone()]),
+            Work::ScoreMany { requests, .. } => Job::Score(requests.clone()),
+            Work::ScoreChoices { requests, .. } => Job::ScoreChoices(requests.clone()),
+            Work::Pure(_) => return None,
+        })
+    }
+
+    /// How many requests the work's job carries (0 for pure work).
+    pub fn requests(&self) -> usize {
+        match self {
+            Work::Generate { .. } | Work::Score { .. } => 1,
+            Work::GenerateMany { requests, .. } => requests.len(),
+            Work::ScoreMany { requests, .. } => requests.len(),
+            Work::ScoreChoices { requests, .. } => requests.len(),
+            Work::Pure(_) => 0,
+        }
+    }
+
+    /// The reply to this work, from the worker's output for [`Work::job`]; an output of
+    /// another kind or size is an error saying what came.
+    pub fn reply(&self, out: crate::worker::JobOutput) -> Result<Reply, String> {
+        use crate::worker::JobOutput;
+        match (self, out) {
+            (Work::Generate { .. }, JobOutput::Generated(mut g)) if g.len() == 1 => {
+                Ok(Reply::Generated(g.remove(0)))
+            }
+            (Work::GenerateMany { requests, .. }, JobOutput::Generated(g))
+                if g.len() == requests.len() =>
+            {
+                Ok(Reply::GeneratedMany(g))
+            }
+            (Work::Score { .. }, JobOutput::Scored(mut s)) if s.len() == 1 => {
+                Ok(Reply::Scored(s.remove(0)))
+            }
+            (Work::ScoreMany { requests, .. }, JobOutput::Scored(s))
+                if s.len() == requests.len() =>
+            {
+                Ok(Reply::ScoredMany(s))
+            }
+            (Work::ScoreChoices { requests, .. }, JobOutput::ChoiceScores(c))
+                if c.len() == requests.len() =>
+            {
+                Ok(Reply::ChoiceScores(c))
+            }
+            (work, out) => Err(format!("{out:?} does not answer {work:?}")),
+        }
+    }
+
     /// The model the work runs on (`None` for pure work).
     pub fn model(&self) -> Option<&str> {
         match self {

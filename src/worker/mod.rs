@@ -29,6 +29,7 @@ use crate::model::generate::{
 use crate::model::llama::Llama;
 
 pub mod instant;
+mod merge;
 use crate::train::pm::pm_eval;
 use crate::train::ppo::ppo_update;
 use crate::train::sft::sft_eval;
@@ -118,14 +119,6 @@ impl Job {
                 .sum(),
             _ => 0,
         }
-    }
-
-    /// Whether jobs of this kind may share a model call with others.
-    fn mergeable(&self) -> bool {
-        matches!(
-            self,
-            Job::Generate(_) | Job::Score(_) | Job::ScoreChoices(_)
-        )
     }
 }
 
@@ -429,34 +422,22 @@ fn serve(mut models: HashMap<String, ServedModel>, rx: Receiver<Message>, opts: 
         }
         let mut batch = vec![first];
         let mut tokens = batch[0].job.tokens();
-        let mut seqs = job_len(&batch[0].job);
+        let mut seqs = batch[0].job.requests();
         let mut i = 0;
         while opts.merge && i < pending.len() {
             let s = &pending[i];
             let fits = tokens + s.job.tokens() <= opts.token_budget
-                && seqs + job_len(&s.job) <= opts.max_batch;
+                && seqs + s.job.requests() <= opts.max_batch;
             if s.model == batch[0].model && same_kind(&s.job, &batch[0].job) && fits {
                 // (`same_kind` is false for jobs that are never merged.)
                 tokens += s.job.tokens();
-                seqs += job_len(&s.job);
+                seqs += s.job.requests();
                 batch.push(pending.remove(i));
             } else {
                 i += 1;
             }
         }
         run_batch(&models, batch, &mut stats);
-    }
-}
-
-fn job_len(job: &Job) -> usize {
-    match job {
-        Job::Generate(r) => r.len(),
-        Job::Score(r) => r.len(),
-        Job::ScoreChoices(r) => r.len(),
-        Job::TrainSft { examples, .. } | Job::EvalSft { examples, .. } => examples.len(),
-        Job::TrainPm { examples, .. } | Job::EvalPm { examples, .. } => examples.len(),
-        Job::TrainPpo { rollouts, .. } => rollouts.len(),
-        Job::Save(_) | Job::CopyFrom(_) | Job::SaveState(_) | Job::LoadState(_) => 0,
     }
 }
 
@@ -504,7 +485,7 @@ fn run_alone(
     };
     stats.batches += 1;
     stats.jobs += 1;
-    stats.sequences += job_len(&s.job) as u64;
+    stats.sequences += s.job.requests() as u64;
     let started = std::time::Instant::now();
     let model = match &served.backend {
         Backend::Llama(m) => m,
@@ -675,7 +656,7 @@ fn run_batch(
         return;
     };
     stats.batches += 1;
-    let lens: Vec<usize> = batch.iter().map(|s| job_len(&s.job)).collect();
+    let lens: Vec<usize> = batch.iter().map(|s| s.job.requests()).collect();
     stats.sequences += lens.iter().sum::<usize>() as u64;
     stats.jobs += batch.len() as u64;
     // A failing request must not sink the others that rode with it: on error, retry each job
@@ -709,54 +690,20 @@ fn run_merged(served: &ServedModel, batch: &[Submission]) -> Result<Vec<JobOutpu
         Backend::Llama(m) => m,
         Backend::Instant => return batch.iter().map(|s| instant::reply(&s.job)).collect(),
     };
-    let outcome = catch_unwind(AssertUnwindSafe(|| match &batch[0].job {
-        Job::Generate(_) => {
-            let all: Vec<GenerateRequest> = batch
-                .iter()
-                .flat_map(|s| match &s.job {
-                    Job::Generate(r) => r.clone(),
-                    _ => Vec::new(),
-                })
-                .collect();
-            let mut out = generate(model, &served.eos, &all)?.into_iter();
-            Ok(batch
-                .iter()
-                .map(|s| JobOutput::Generated(out.by_ref().take(job_len(&s.job)).collect()))
-                .collect())
-        }
-        Job::Score(_) => {
-            let all: Vec<ScoreRequest> = batch
-                .iter()
-                .flat_map(|s| match &s.job {
-                    Job::Score(r) => r.clone(),
-                    _ => Vec::new(),
-                })
-                .collect();
-            let mut out = score(model, &all)?.into_iter();
-            Ok(batch
-                .iter()
-                .map(|s| JobOutput::Scored(out.by_ref().take(job_len(&s.job)).collect()))
-                .collect())
-        }
-        Job::ScoreChoices(_) => {
-            let all: Vec<ChoiceRequest> = batch
-                .iter()
-                .flat_map(|s| match &s.job {
-                    Job::ScoreChoices(r) => r.clone(),
-                    _ => Vec::new(),
-                })
-                .collect();
-            let mut out = score_choices(model, &all)?.into_iter();
-            Ok(batch
-                .iter()
-                .map(|s| JobOutput::ChoiceScores(out.by_ref().take(job_len(&s.job)).collect()))
-                .collect())
-        }
-        _ => Err(ModelError::InvalidRequest(
-            "this job kind is not batched".into(),
-        )),
+    let lens: Vec<usize> = batch.iter().map(|s| s.job.requests()).collect();
+    let merged = Job::concat(batch.iter().map(|s| s.job.clone()))?;
+    let outcome = catch_unwind(AssertUnwindSafe(|| match &merged {
+        Job::Generate(all) => Ok(JobOutput::Generated(generate(model, &served.eos, all)?)),
+        Job::Score(all) => Ok(JobOutput::Scored(score(model, all)?)),
+        Job::ScoreChoices(all) => Ok(JobOutput::ChoiceScores(score_choices(model, all)?)),
+        other => Err(ModelError::InvalidRequest(format!(
+            "{} jobs are not batched",
+            other.kind_name()
+        ))),
     }));
-    outcome.unwrap_or_else(|panic| Err(ModelError::Panicked(panic_message(panic))))
+    outcome
+        .unwrap_or_else(|panic| Err(ModelError::Panicked(panic_message(panic))))?
+        .split(&lens)
 }
 
 fn respond(s: Submission, reply: Reply) {

@@ -26,41 +26,13 @@ pub(super) fn work_group(work: &Work) -> (u8, String) {
     }
 }
 
-/// The model and job for a chunk of generate or score tasks (`None` for pure work); the
-/// requests of every task, in task order.
+/// The model and job for a chunk of generate or score tasks (`None` for pure work): each
+/// task's work as a job, merged in task order by the worker's own helper.
 pub(in crate::engine) fn model_job(tasks: &[Task]) -> Option<(String, Job)> {
     let model = tasks.first()?.work.model()?.to_string();
-    let job = match &tasks[0].work {
-        Work::Generate { .. } | Work::GenerateMany { .. } => Job::Generate(
-            tasks
-                .iter()
-                .flat_map(|t| match &t.work {
-                    Work::Generate { request, .. } => vec![request.clone()],
-                    Work::GenerateMany { requests, .. } => requests.clone(),
-                    _ => Vec::new(),
-                })
-                .collect(),
-        ),
-        Work::ScoreChoices { .. } => Job::ScoreChoices(
-            tasks
-                .iter()
-                .flat_map(|t| match &t.work {
-                    Work::ScoreChoices { requests, .. } => requests.clone(),
-                    _ => Vec::new(),
-                })
-                .collect(),
-        ),
-        _ => Job::Score(
-            tasks
-                .iter()
-                .flat_map(|t| match &t.work {
-                    Work::Score { request, .. } => vec![request.clone()],
-                    Work::ScoreMany { requests, .. } => requests.clone(),
-                    _ => Vec::new(),
-                })
-                .collect(),
-        ),
-    };
+    let jobs: Option<Vec<Job>> = tasks.iter().map(|t| t.work.job()).collect();
+    // `chunks` never mixes kinds of work, so the jobs always merge.
+    let job = Job::concat(jobs?).ok()?;
     Some((model, job))
 }
 
@@ -71,60 +43,13 @@ pub(in crate::engine) fn split_reply(
     reply: WorkerReply,
 ) -> Result<Vec<Reply>, EngineError> {
     let bad = |what: String| EngineError::Input(format!("stage `{name}`: {what}"));
-    let mut out = Vec::with_capacity(tasks.len());
-    match reply? {
-        JobOutput::Generated(g) => {
-            let mut g = g.into_iter();
-            for t in tasks {
-                out.push(match &t.work {
-                    Work::Generate { .. } => {
-                        Reply::Generated(g.next().ok_or_else(|| bad("too few generations".into()))?)
-                    }
-                    Work::GenerateMany { requests, .. } => {
-                        let many: Vec<_> = g.by_ref().take(requests.len()).collect();
-                        if many.len() != requests.len() {
-                            return Err(bad("too few generations".into()));
-                        }
-                        Reply::GeneratedMany(many)
-                    }
-                    other => return Err(bad(format!("generation for {other:?}"))),
-                });
-            }
-        }
-        JobOutput::Scored(s) => {
-            let mut s = s.into_iter();
-            for t in tasks {
-                out.push(match &t.work {
-                    Work::Score { .. } => {
-                        Reply::Scored(s.next().ok_or_else(|| bad("too few scores".into()))?)
-                    }
-                    Work::ScoreMany { requests, .. } => {
-                        let many: Vec<_> = s.by_ref().take(requests.len()).collect();
-                        if many.len() != requests.len() {
-                            return Err(bad("too few scores".into()));
-                        }
-                        Reply::ScoredMany(many)
-                    }
-                    other => return Err(bad(format!("scores for {other:?}"))),
-                });
-            }
-        }
-        JobOutput::ChoiceScores(c) => {
-            let mut c = c.into_iter();
-            for t in tasks {
-                let Work::ScoreChoices { requests, .. } = &t.work else {
-                    return Err(bad(format!("choice scores for {:?}", t.work)));
-                };
-                let many: Vec<_> = c.by_ref().take(requests.len()).collect();
-                if many.len() != requests.len() {
-                    return Err(bad("too few choice scores".into()));
-                }
-                out.push(Reply::ChoiceScores(many));
-            }
-        }
-        other => return Err(bad(format!("unexpected worker reply {other:?}"))),
-    }
-    Ok(out)
+    let lens: Vec<usize> = tasks.iter().map(|t| t.work.requests()).collect();
+    let parts = reply?.split(&lens).map_err(|e| bad(e.to_string()))?;
+    tasks
+        .iter()
+        .zip(parts)
+        .map(|(t, out)| t.work.reply(out).map_err(bad))
+        .collect()
 }
 
 #[cfg(test)]
