@@ -10,6 +10,7 @@
 
 pub mod assess;
 pub mod critique;
+pub mod epoch_trainer;
 pub mod filter;
 pub mod judge;
 pub mod pairs;

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
+use super::epoch_trainer::{EpochTrainer, Step};
 use super::rollout::pm_sequence;
 use super::settings_digest;
 use super::{
@@ -143,12 +144,7 @@ pub struct PmStage {
     settings: Settings,
     ctx: StageContext,
     digest: u128,
-    step: u64,
-    carry: Vec<(Key, PmExample)>,
-    held_out: Vec<(Key, PmExample)>,
-    step_keys: Vec<Key>,
-    schedule: super::schedule::Schedule,
-    total_steps: u64,
+    trainer: EpochTrainer<PmExample>,
     /// Judgements seen and left out (by reason), for the end-of-training summary.
     seen: u64,
     disagreeing: u64,
@@ -188,20 +184,23 @@ pub fn build(
         warmup_steps: parsed.warmup_steps,
         decay: super::schedule::parse_decay(name, &parsed.lr_schedule)?,
     };
+    let digest = settings_digest(settings);
     Ok(Box::new(PmStage {
         name: name.to_string(),
-        schedule,
-        total_steps: 0,
+        trainer: EpochTrainer::new(
+            name,
+            ctx.seed,
+            digest,
+            parsed.batch_size,
+            parsed.held_out,
+            schedule,
+        ),
         seen: 0,
         disagreeing: 0,
         ties: 0,
-        digest: settings_digest(settings),
+        digest,
         settings: parsed,
         ctx: ctx.clone(),
-        step: 0,
-        carry: Vec::new(),
-        held_out: Vec::new(),
-        step_keys: Vec::new(),
     }))
 }
 
@@ -248,29 +247,29 @@ impl PmStage {
         }))
     }
 
-    fn eval_work(&self, tag: &str) -> Option<TrainWork> {
-        if self.held_out.is_empty() {
+    /// The held-out evaluation after step `step` (its key covers the steps up to it and the
+    /// held-out set).
+    fn eval_work(&self, tag: &str, step: u64) -> Option<TrainWork> {
+        let held_out = self.trainer.held_out();
+        if held_out.is_empty() {
             return None;
         }
         let mut key = Key::builder(&self.name)
             .str(tag)
-            .u64(self.step)
+            .u64(step)
             .u128(self.digest);
-        for k in self
-            .step_keys
-            .iter()
-            .chain(self.held_out.iter().map(|(k, _)| k))
-        {
+        let before = &self.trainer.step_keys()[..step as usize];
+        for k in before.iter().chain(held_out.iter().map(|(k, _)| k)) {
             key = key.key(*k);
         }
-        let (name, step) = (self.name.clone(), self.step);
+        let name = self.name.clone();
         Some(TrainWork {
             key: key.finish(),
             parents: vec![],
             model: self.settings.model.clone(),
             job: TrainJob::Measure {
                 job: Job::EvalPm {
-                    examples: self.held_out.iter().map(|(_, e)| e.clone()).collect(),
+                    examples: held_out.iter().map(|(_, e)| e.clone()).collect(),
                     micro_batch: self.settings.micro_batch,
                 },
                 record: Box::new(move |out| {
@@ -298,23 +297,20 @@ impl PmStage {
         })
     }
 
-    fn step_work(&mut self, batch: Vec<(Key, PmExample)>) -> TrainWork {
-        self.step += 1;
-        let key = super::step_key(
-            &self.name,
-            self.step,
-            self.ctx.seed,
-            self.digest,
-            batch.iter().map(|(k, _)| k),
-        );
-        self.step_keys.push(key);
+    fn step_work(&self, step: Step<PmExample>) -> TrainWork {
+        let Step {
+            key,
+            step,
+            lr,
+            batch,
+        } = step;
         let s = &self.settings;
         let optim = OptimConfig {
-            lr: self.schedule.lr(s.lr, self.step, self.total_steps),
+            lr,
             weight_decay: s.weight_decay,
             max_grad_norm: s.max_grad_norm,
         };
-        let (step, lr, n, name) = (self.step, optim.lr, batch.len() as u64, self.name.clone());
+        let (n, name) = (batch.len() as u64, self.name.clone());
         TrainWork {
             key,
             parents: batch.iter().map(|(k, _)| *k).collect(),
@@ -350,42 +346,23 @@ impl PmStage {
         }
     }
 
-    fn drain_steps(&mut self, all: bool) -> Vec<TrainWork> {
+    /// The steps now ready, each followed by a held-out evaluation when one is due (every
+    /// `eval_every` steps).
+    fn drain_steps(&mut self, input_ended: bool) -> Vec<TrainWork> {
+        let steps = self.trainer.steps(self.settings.lr, input_ended);
+        let every = self.settings.eval_every;
         let mut work = Vec::new();
-        if self.schedule.needs_all_data() {
-            if !all || self.carry.is_empty() {
-                return work;
+        for step in steps {
+            let n = step.step;
+            work.push(self.step_work(step));
+            if every > 0
+                && n.is_multiple_of(every)
+                && let Some(w) = self.eval_work("eval", n)
+            {
+                work.push(w);
             }
-            let pool = std::mem::take(&mut self.carry);
-            self.total_steps =
-                pool.len().div_ceil(self.settings.batch_size) as u64 * self.schedule.epochs as u64;
-            for epoch in 0..self.schedule.epochs {
-                let order = super::schedule::epoch_order(&pool, epoch, self.ctx.seed);
-                for batch in order.chunks(self.settings.batch_size) {
-                    work.push(self.step_work(batch.to_vec()));
-                    self.eval_if_due(&mut work);
-                }
-            }
-            return work;
-        }
-        while self.carry.len() >= self.settings.batch_size || (all && !self.carry.is_empty()) {
-            let n = self.settings.batch_size.min(self.carry.len());
-            let batch: Vec<_> = self.carry.drain(..n).collect();
-            work.push(self.step_work(batch));
-            self.eval_if_due(&mut work);
         }
         work
-    }
-
-    /// A held-out evaluation after every `eval_every` steps.
-    fn eval_if_due(&self, work: &mut Vec<TrainWork>) {
-        let every = self.settings.eval_every;
-        if every > 0
-            && self.step.is_multiple_of(every)
-            && let Some(w) = self.eval_work("eval")
-        {
-            work.push(w);
-        }
     }
 }
 
@@ -408,18 +385,13 @@ impl TrainingStage for PmStage {
     }
 
     fn add_epoch(&mut self, recs: Vec<Rec>) -> Result<Vec<TrainWork>, StageError> {
-        let cut = (self.settings.held_out * 1000.0) as u128;
         let mut seen: HashMap<Key, ()> = HashMap::new();
         for rec in &recs {
             if seen.insert(rec.key, ()).is_some() {
                 continue;
             }
             if let Some(ex) = self.example(rec)? {
-                if rec.key.0 % 1000 < cut {
-                    self.held_out.push((rec.key, ex));
-                } else {
-                    self.carry.push((rec.key, ex));
-                }
+                self.trainer.add(rec.key, ex);
             }
         }
         Ok(self.drain_steps(false))
@@ -432,27 +404,28 @@ impl TrainingStage for PmStage {
             used = self.seen - self.disagreeing - self.ties,
             orders_disagree = self.disagreeing,
             ties = self.ties,
-            held_out = self.held_out.len(),
+            held_out = self.trainer.held_out().len(),
             sharpen = self.settings.sharpen,
             "preference data"
         );
         let mut work = self.drain_steps(true);
+        let step = self.trainer.steps_taken();
         let last_eval_done = self.settings.eval_every > 0
-            && self.step > 0
-            && self.step.is_multiple_of(self.settings.eval_every);
-        if !last_eval_done && let Some(w) = self.eval_work("final-eval") {
+            && step > 0
+            && step.is_multiple_of(self.settings.eval_every);
+        if !last_eval_done && let Some(w) = self.eval_work("final-eval", step) {
             work.push(w);
         }
-        if self.step > 0 {
+        if step > 0 {
             let mut key = Key::builder(&self.name).str("checkpoint").u128(self.digest);
-            for k in &self.step_keys {
+            for k in self.trainer.step_keys() {
                 key = key.key(*k);
             }
             work.push(TrainWork {
                 key: key.finish(),
                 parents: vec![],
                 model: self.settings.model.clone(),
-                job: TrainJob::Checkpoint { step: self.step },
+                job: TrainJob::Checkpoint { step },
             });
         }
         Ok(work)

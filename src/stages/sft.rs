@@ -9,6 +9,7 @@
 
 use serde::Deserialize;
 
+use super::epoch_trainer::{EpochTrainer, Step};
 use super::settings_digest;
 use super::{
     Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_output,
@@ -90,13 +91,7 @@ pub struct SftStage {
     settings: Settings,
     ctx: StageContext,
     digest: u128,
-    step: u64,
-    carry: Vec<(Key, SftExample)>,
-    held_out: Vec<(Key, SftExample)>,
-    step_keys: Vec<Key>,
-    schedule: super::schedule::Schedule,
-    /// Steps the run will take, once known (schedules that need all data).
-    total_steps: u64,
+    trainer: EpochTrainer<SftExample>,
 }
 
 impl SftStage {
@@ -132,17 +127,20 @@ impl SftStage {
             warmup_steps: parsed.warmup_steps,
             decay: super::schedule::parse_decay(name, &parsed.lr_schedule)?,
         };
+        let digest = settings_digest(settings);
         Ok(SftStage {
             name: name.to_string(),
-            digest: settings_digest(settings),
-            schedule,
-            total_steps: 0,
+            digest,
+            trainer: EpochTrainer::new(
+                name,
+                ctx.seed,
+                digest,
+                parsed.batch_size,
+                parsed.held_out,
+                schedule,
+            ),
             settings: parsed,
             ctx: ctx.clone(),
-            step: 0,
-            carry: Vec::new(),
-            held_out: Vec::new(),
-            step_keys: Vec::new(),
         })
     }
 
@@ -200,49 +198,23 @@ impl SftStage {
         });
         let mut all: Vec<(Key, SftExample)> = red.into_iter().chain(helpful).collect();
         all.sort_by_key(|(k, _)| *k);
-        let cut = (self.settings.held_out * 1000.0) as u128;
         for (key, ex) in all {
-            if key.0 % 1000 < cut {
-                self.held_out.push((key, ex));
-            } else {
-                self.carry.push((key, ex));
-            }
+            self.trainer.add(key, ex);
         }
-        let mut work = Vec::new();
-        if self.schedule.needs_all_data() {
-            return Ok(work);
-        }
-        while self.carry.len() >= self.settings.batch_size {
-            let batch: Vec<_> = self.carry.drain(..self.settings.batch_size).collect();
-            work.push(self.step_work(batch));
-        }
-        Ok(work)
+        let steps = self.trainer.steps(self.settings.lr, false);
+        Ok(steps.into_iter().map(|step| self.step_work(step)).collect())
     }
 
     fn finish_inner(&mut self) -> Vec<TrainWork> {
-        let mut work = Vec::new();
-        if self.schedule.needs_all_data() && !self.carry.is_empty() {
-            let pool = std::mem::take(&mut self.carry);
-            let per_epoch = pool.len().div_ceil(self.settings.batch_size) as u64;
-            self.total_steps = per_epoch * self.schedule.epochs as u64;
-            for epoch in 0..self.schedule.epochs {
-                let order = super::schedule::epoch_order(&pool, epoch, self.ctx.seed);
-                for batch in order.chunks(self.settings.batch_size) {
-                    work.push(self.step_work(batch.to_vec()));
-                }
-            }
-        }
-        if !self.carry.is_empty() {
-            let batch = std::mem::take(&mut self.carry);
-            work.push(self.step_work(batch));
-        }
+        let steps = self.trainer.steps(self.settings.lr, true);
+        let mut work: Vec<TrainWork> = steps.into_iter().map(|s| self.step_work(s)).collect();
         let mut all = Key::builder(&self.name).str("end").u128(self.digest);
-        for k in &self.step_keys {
+        for k in self.trainer.step_keys() {
             all = all.key(*k);
         }
         let end_key = all.finish();
-        if !self.held_out.is_empty() {
-            let step = self.step;
+        let step = self.trainer.steps_taken();
+        if !self.trainer.held_out().is_empty() {
             let name = self.name.clone();
             work.push(TrainWork {
                 key: Key::builder(&self.name).str("eval").key(end_key).finish(),
@@ -250,7 +222,12 @@ impl SftStage {
                 model: self.settings.model.clone(),
                 job: TrainJob::Measure {
                     job: Job::EvalSft {
-                        examples: self.held_out.iter().map(|(_, e)| e.clone()).collect(),
+                        examples: self
+                            .trainer
+                            .held_out()
+                            .iter()
+                            .map(|(_, e)| e.clone())
+                            .collect(),
                         micro_batch: self.settings.micro_batch,
                     },
                     record: Box::new(move |out| {
@@ -273,7 +250,7 @@ impl SftStage {
                 },
             });
         }
-        if self.step > 0 {
+        if step > 0 {
             work.push(TrainWork {
                 key: Key::builder(&self.name)
                     .str("checkpoint")
@@ -281,29 +258,26 @@ impl SftStage {
                     .finish(),
                 parents: vec![],
                 model: self.settings.model.clone(),
-                job: TrainJob::Checkpoint { step: self.step },
+                job: TrainJob::Checkpoint { step },
             });
         }
         work
     }
 
-    fn step_work(&mut self, batch: Vec<(Key, SftExample)>) -> TrainWork {
-        self.step += 1;
-        let key = super::step_key(
-            &self.name,
-            self.step,
-            self.ctx.seed,
-            self.digest,
-            batch.iter().map(|(k, _)| k),
-        );
-        self.step_keys.push(key);
+    fn step_work(&self, step: Step<SftExample>) -> TrainWork {
+        let Step {
+            key,
+            step,
+            lr,
+            batch,
+        } = step;
         let s = &self.settings;
         let optim = OptimConfig {
-            lr: self.schedule.lr(s.lr, self.step, self.total_steps),
+            lr,
             weight_decay: s.weight_decay,
             max_grad_norm: s.max_grad_norm,
         };
-        let (step, lr, n, name) = (self.step, optim.lr, batch.len() as u64, self.name.clone());
+        let (n, name) = (batch.len() as u64, self.name.clone());
         TrainWork {
             key,
             parents: batch.iter().map(|(k, _)| *k).collect(),
