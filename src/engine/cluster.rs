@@ -15,13 +15,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::operators::Probe;
-use timely::dataflow::{InputHandle, ProbeHandle};
 
 use super::{
     EngineError, RunOptions, RunSummary, load_prompts, model_factories, operator, settings_digest,
@@ -29,7 +24,7 @@ use super::{
 };
 use crate::constitution::Constitution;
 use crate::log::{LogOptions, LogWriter, SyncPolicy};
-use crate::record::{Key, NewEvent, RunId};
+use crate::record::{Key, RunId};
 use crate::spec::Spec;
 use crate::stages::{Rec, StageKind};
 use crate::worker::{ModelWorker, WorkerOptions};
@@ -298,63 +293,17 @@ fn run_worker(
         checkpoint_dir: opts.log.join("checkpoints"),
         tokenizers: ctx.tokenizers.clone(),
     };
-    let shared = operator::Shared::default();
-    let mut input: InputHandle<u64, CapacityContainerBuilder<Vec<Rec>>> = InputHandle::new();
-    let probe: ProbeHandle<u64> = ProbeHandle::new();
-    let lag_probe: ProbeHandle<u64> = ProbeHandle::new();
-    {
-        let (input_ref, probe_ref, lag_ref, shared_in) = (&mut input, &probe, &lag_probe, &shared);
-        timely_worker.dataflow::<u64, _, _>(move |scope| {
-            let stream = input_ref.to_stream(scope);
-            let (out, lag_point) = plan.attach(stream, &env, shared_in);
-            out.probe_with(probe_ref);
-            lag_point.probe_with(lag_ref);
-        });
-    }
-    let stopped = || opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-    let mut fed = 0u64;
-    let mut epoch = 0u64;
-    for chunk in prompts.chunks(spec.prompts.epoch_size) {
-        if stopped() {
-            break;
-        }
-        if epoch as usize % peers == index {
-            let events: Vec<NewEvent> = chunk
-                .iter()
-                .map(|r| NewEvent::new(r.key, run_id, "prompts", vec![], epoch, r.payload.clone()))
-                .collect();
-            writer.append_batch(events)?;
-            for rec in chunk {
-                input.send(rec.clone());
-            }
-            fed += chunk.len() as u64;
-        }
-        epoch += 1;
-        input.advance_to(epoch);
-        while lag_probe.less_than(&epoch.saturating_sub(2)) {
-            timely_worker.step_or_park(Some(Duration::from_millis(20)));
-            shared.check()?;
-        }
-    }
-    let interrupted = stopped();
-    drop(input);
-    while !probe.done() {
-        timely_worker.step_or_park(Some(Duration::from_millis(20)));
-        shared.check()?;
-    }
-    shared.check()?;
+    let feed = super::driver::Feed {
+        prompts: prompts.to_vec(),
+        index,
+        peers,
+        epoch_size: spec.prompts.epoch_size,
+        follow: None,
+    };
+    let summary = super::driver::drive(timely_worker, plan, env, &writer, feed, opts)?;
     let spent = handle.stats()?.busy_ns - busy_before;
     *busy.lock().unwrap_or_else(|p| p.into_inner()) += spent;
     writer.close()?;
     drop(model_worker);
-    Ok(RunSummary {
-        run_id,
-        stages: shared.stats(),
-        prompts: fed,
-        checkpoints: shared.checkpoints(),
-        interrupted,
-        aggregates: shared.aggregates(),
-        wall_seconds: 0.0,
-        model_seconds: 0.0,
-    })
+    Ok(summary)
 }

@@ -11,6 +11,7 @@
 //! Adding a stage never touches this module: see `crate::stages`.
 
 mod cluster;
+mod driver;
 mod fork;
 pub mod links;
 mod operator;
@@ -20,12 +21,8 @@ mod verify;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
-
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::operators::Probe;
-use timely::dataflow::{InputHandle, ProbeHandle};
 
 use crate::constitution::Constitution;
 use crate::log::{LogError, LogOptions, LogReader, LogWriter, SyncPolicy};
@@ -483,119 +480,37 @@ pub fn run_with(
     )?;
     let handle = worker.handle();
     let epoch_size = spec.prompts.epoch_size;
-    let stop = opts.stop.clone();
-    let log_dir = opts.log.clone();
-    let spec_stages = plan;
-    let follow = spec.prompts.follow;
-    let progress = opts.progress.clone();
     let follow_spec = spec.clone();
     let writer_for_run = writer.clone();
+    let opts_for_run = opts.clone();
     let busy_before = handle.stats()?.busy_ns;
     let wall = std::time::Instant::now();
     let stats_handle = handle.clone();
     let result = timely::execute_directly(move |timely_worker| {
-        let mut input: InputHandle<u64, CapacityContainerBuilder<Vec<Rec>>> = InputHandle::new();
-        let probe: ProbeHandle<u64> = ProbeHandle::new();
-        // Where the lag is measured: before the first gated stage (which holds its inputs
-        // until an earlier stage finishes), or at the end.
-        let lag_probe: ProbeHandle<u64> = ProbeHandle::new();
         let env = operator::Env {
             writer: writer_for_run.clone(),
             worker: handle.clone(),
             done: Arc::new(done),
             run_id,
-            checkpoint_dir: log_dir.join("checkpoints"),
+            checkpoint_dir: opts_for_run.log.join("checkpoints"),
             tokenizers: ctx.tokenizers.clone(),
         };
-        let shared = operator::Shared::default();
-        let shared_in = shared.clone();
-        let (input_ref, probe_ref, lag_ref) = (&mut input, &probe, &lag_probe);
-        timely_worker.dataflow::<u64, _, _>(move |scope| {
-            let stream = input_ref.to_stream(scope);
-            let (out, lag_point) = spec_stages.attach(stream, &env, &shared_in);
-            out.probe_with(probe_ref);
-            lag_point.probe_with(lag_ref);
-        });
-        let mut summary = RunSummary {
-            run_id,
-            ..RunSummary::default()
+        // One worker: a cluster of one, feeding every epoch.
+        let feed = driver::Feed {
+            prompts,
+            index: 0,
+            peers: 1,
+            epoch_size,
+            follow: follow_spec.prompts.follow.then_some(&follow_spec),
         };
-        let lag = 2u64;
-        let mut fed = 0u64;
-        let mut epoch = 0u64;
-        let mut fed_keys: std::collections::HashSet<Key> = std::collections::HashSet::new();
-        let stopped = || stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-        let mut known = prompts.len() as u64;
-        let mut last_report = std::time::Instant::now();
-        let mut report = |fed: u64, known: u64, force: bool| {
-            if let Some(cb) = &progress
-                && (force || last_report.elapsed() >= Duration::from_millis(200))
-            {
-                last_report = std::time::Instant::now();
-                cb(&Progress {
-                    prompts_fed: fed,
-                    prompts_known: known,
-                    stages: shared.stats(),
-                });
-            }
-        };
-        let mut batch = prompts;
-        loop {
-            for chunk in batch.chunks(epoch_size) {
-                if stopped() {
-                    break;
-                }
-                let events: Vec<NewEvent> = chunk
-                    .iter()
-                    .map(|r| {
-                        NewEvent::new(r.key, run_id, "prompts", vec![], epoch, r.payload.clone())
-                    })
-                    .collect();
-                writer_for_run.append_batch(events)?;
-                for rec in chunk {
-                    fed_keys.insert(rec.key);
-                    input.send(rec.clone());
-                }
-                fed += chunk.len() as u64;
-                epoch += 1;
-                input.advance_to(epoch);
-                // Keep at most `lag` epochs in flight: streaming with bounded memory.
-                while lag_probe.less_than(&epoch.saturating_sub(lag)) {
-                    timely_worker.step_or_park(Some(Duration::from_millis(20)));
-                    shared.check()?;
-                    report(fed, known, false);
-                }
-            }
-            if !follow || stopped() {
-                break;
-            }
-            // Follow mode: keep working, and pick up prompts appended to the files.
-            let deadline = std::time::Instant::now() + Duration::from_millis(500);
-            while std::time::Instant::now() < deadline && !stopped() {
-                timely_worker.step_or_park(Some(Duration::from_millis(50)));
-                shared.check()?;
-                report(fed, known, false);
-            }
-            batch = load_prompts(&follow_spec)?
-                .into_iter()
-                .filter(|r| !fed_keys.contains(&r.key))
-                .collect();
-            known += batch.len() as u64;
-        }
-        summary.interrupted = stopped();
-        summary.prompts = fed;
-        drop(input);
-        while !probe.done() {
-            timely_worker.step_or_park(Some(Duration::from_millis(20)));
-            shared.check()?;
-            report(fed, known, false);
-        }
-        report(fed, known, true);
-        shared.check()?;
-        summary.stages = shared.stats();
-        summary.checkpoints = shared.checkpoints();
-        summary.aggregates = shared.aggregates();
-        Ok::<RunSummary, EngineError>(summary)
+        driver::drive(
+            timely_worker,
+            plan,
+            env,
+            &writer_for_run,
+            feed,
+            &opts_for_run,
+        )
     });
     let mut summary = result?;
     summary.wall_seconds = wall.elapsed().as_secs_f64();
