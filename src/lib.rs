@@ -7,6 +7,7 @@
 //!
 //! - [`record`]: event envelope, idempotency keys, payload kinds (plain serde data).
 //! - [`log`]: the durable, segmented event log.
+//! - [`dtype`]: the number format a model computes in (`f32`, `bf16`), as specs name it.
 //! - [`constitution`]: principles, few-shot examples and prompt templates (`constitutions/*.toml`).
 //! - [`model`]: the model runtime (GGUF/HF loading, decoder, sampling).
 //! - [`train`]: losses and optimiser steps run by the model worker (SFT, PM, PPO).
@@ -24,6 +25,7 @@
 #![warn(missing_docs)]
 
 pub mod constitution;
+pub mod dtype;
 pub mod engine;
 pub mod eval;
 pub mod log;

@@ -49,7 +49,7 @@ pub struct ModelSpec {
     pub score_head: bool,
     /// Number format of the weight matrices (`dtype = "bf16"` for faster inference; a model
     /// a stage trains must stay `f32`).
-    pub dtype: crate::model::Dtype,
+    pub dtype: crate::dtype::Dtype,
     /// Compute the common prefix of a batch's prompts (the few-shot examples) once and share
     /// its keys and values across the rows (`share_prefix = true`): much less prefill for
     /// critique, revision and judge calls; results within floating-point rounding of the
@@ -205,7 +205,7 @@ impl Spec {
                 score_head: m.score_head,
                 share_prefix: m.share_prefix,
                 dtype: match &m.dtype {
-                    None => crate::model::Dtype::F32,
+                    None => crate::dtype::Dtype::F32,
                     Some(d) => d
                         .parse()
                         .map_err(|e: String| err(models_line, format!("model `{name}`: {e}")))?,

@@ -1,0 +1,50 @@
+//! The number format a model computes in, as a spec names it (`dtype = "bf16"`). Plain data
+//! with no tensor library behind it, so the spec layer can parse and check it; the model
+//! runtime maps it onto tensor kinds (`Dtype::kind`, in `model`).
+
+/// The number format of a model's weight matrices.
+///
+/// `F32` is exact and trainable. `Bf16` stores the projection and embedding matrices as
+/// bfloat16 and runs the matmuls in bfloat16 (inputs rounded, f32 accumulation), while norms,
+/// rotary embeddings, attention arithmetic, the residual stream and the log-probabilities stay
+/// f32: half the bytes to read per step, and on CPUs with AVX512-BF16 (or any CUDA GPU) about
+/// twice the matmul throughput. On the CPU the KV cache of a bf16 model is f16 (see
+/// `Llama::new_cache`), and the packed product kernels return f32 logits. Outputs differ from
+/// f32 by bfloat16 rounding (about 3 significant digits in a logit), so a bf16 model is for
+/// inference only: training one is refused.
+///
+/// ```
+/// use cairn::dtype::Dtype;
+/// assert_eq!("bf16".parse::<Dtype>().ok(), Some(Dtype::Bf16));
+/// assert_eq!(Dtype::F32.to_string(), "f32");
+/// assert!("fp8".parse::<Dtype>().is_err());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// 32-bit floats everywhere (the default).
+    #[default]
+    F32,
+    /// bfloat16 weight matrices and matmuls, f32 elsewhere.
+    Bf16,
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Dtype, String> {
+        match s {
+            "f32" | "float32" => Ok(Dtype::F32),
+            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+            other => Err(format!("unknown dtype `{other}` (expected f32 or bf16)")),
+        }
+    }
+}
