@@ -866,3 +866,82 @@ fn shared_prefix_prefill_matches_the_unshared_path() {
         );
     }
 }
+
+/// A model that keeps only packed weights answers and evaluates as before, and a job that
+/// would train, save or copy it is refused with its name instead of running on released
+/// matrices.
+#[test]
+fn a_packed_only_model_serves_inference_and_refuses_weight_changes() {
+    use cairn::train::{OptimConfig, SftExample};
+    let factory = |packed_only: bool| -> cairn::worker::ModelFactory {
+        Box::new(move |device| {
+            let mut model = Llama::random(LlamaConfig::tiny(VOCAB), 12, device)?;
+            if packed_only {
+                assert!(model.keep_only_packed()? > 0);
+            }
+            Ok(ServedModel::llama(model, vec![]))
+        })
+    };
+    let worker = ModelWorker::spawn(
+        vec![
+            ("full".into(), factory(false)),
+            ("packed".into(), factory(true)),
+        ],
+        WorkerOptions::default(),
+    )
+    .expect("spawn");
+    let h = worker.handle();
+    let request = GenerateRequest {
+        prompt: vec![1, 5, 9],
+        params: sampled(3, 6),
+    };
+    let answer = |model: &str| match h.call(model, Job::Generate(vec![request.clone()])) {
+        Ok(JobOutput::Generated(g)) => g,
+        other => panic!("generation failed: {other:?}"),
+    };
+    assert_eq!(
+        answer("full"),
+        answer("packed"),
+        "same weights, same tokens"
+    );
+    let examples = vec![SftExample {
+        context: vec![1, 2],
+        target: vec![3, 4],
+    }];
+    let eval = |model: &str| match h.call(
+        model,
+        Job::EvalSft {
+            examples: examples.clone(),
+            micro_batch: 1,
+        },
+    ) {
+        Ok(JobOutput::Evaluated { loss, .. }) => loss,
+        other => panic!("eval failed: {other:?}"),
+    };
+    assert_eq!(eval("full"), eval("packed"));
+    let refused = |job: Job| match h.call("packed", job) {
+        Err(e) => e.to_string(),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let train = Job::TrainSft {
+        examples: examples.clone(),
+        micro_batch: 1,
+        optim: OptimConfig {
+            lr: 1e-3,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+        },
+    };
+    let e = refused(train);
+    assert!(
+        e.contains("model `packed` keeps only its packed inference weights"),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert!(refused(Job::Save(dir.path().to_path_buf())).contains("save job"));
+    assert!(refused(Job::CopyFrom("full".into())).contains("copy job"));
+    match h.call("full", Job::CopyFrom("packed".into())) {
+        Err(e) => assert!(e.to_string().contains("`packed`"), "{e}"),
+        other => panic!("copying out of a packed-only model must fail: {other:?}"),
+    }
+}

@@ -276,7 +276,7 @@ fn run_worker(
         other => other,
     };
     let model_worker = ModelWorker::spawn(
-        model_factories(spec, None),
+        model_factories(spec, None, &plan.weights_change()),
         WorkerOptions {
             device,
             merge: spec.merge_model_calls,

@@ -377,7 +377,14 @@ fn append_run_events(
 type LoggedRun = (HashMap<Key, Rec>, Option<(RunId, u128)>);
 
 /// The model factories of `spec` (built on the worker thread).
-fn model_factories(spec: &Spec, only: Option<&HashSet<String>>) -> Vec<(String, ModelFactory)> {
+/// The factories of the spec's models (`only`: just these). A model outside `changing` —
+/// the models whose weights the run trains or copies into ([`operator::Plan::weights_change`])
+/// — keeps only its packed weights unless the spec says `keep_unpacked`.
+fn model_factories(
+    spec: &Spec,
+    only: Option<&HashSet<String>>,
+    changing: &HashSet<String>,
+) -> Vec<(String, ModelFactory)> {
     spec.models
         .iter()
         .filter(|m| only.is_none_or(|o| o.contains(&m.name)))
@@ -387,16 +394,27 @@ fn model_factories(spec: &Spec, only: Option<&HashSet<String>>) -> Vec<(String, 
             let score_head = m.score_head;
             let dtype = m.dtype;
             let share_prefix = m.share_prefix;
+            let packed_only = !m.keep_unpacked && !changing.contains(&m.name);
+            let name = m.name.clone();
             let factory: ModelFactory = Box::new(move |device| {
                 if instant {
                     return Ok(ServedModel::instant());
                 }
-                let mut loaded = crate::model::load(&path, device)?;
+                let mut loaded = crate::model::load::load_as(&path, device, dtype)?;
                 if score_head {
                     loaded.model.ensure_score_head();
                 }
-                loaded.model.set_dtype(dtype);
                 loaded.model.set_share_prefix(share_prefix);
+                if packed_only {
+                    let released = loaded.model.keep_only_packed()?;
+                    if released > 0 {
+                        tracing::info!(
+                            model = name,
+                            released_mb = released / (1 << 20),
+                            "inference-only model: keeps only its packed weights"
+                        );
+                    }
+                }
                 let eos = loaded.tokenizer.eos_ids().to_vec();
                 Ok(ServedModel::llama(loaded.model, eos))
             });
@@ -467,7 +485,7 @@ pub fn run_with(
         .filter(|id| *id != run_id);
     append_run_events(&writer, spec, run_id, digest, parent)?;
 
-    let factories = model_factories(spec, None);
+    let factories = model_factories(spec, None, &plan.weights_change());
     let worker = ModelWorker::spawn(
         factories,
         WorkerOptions {

@@ -66,6 +66,7 @@ pub fn verify(log: &Path, n: usize, base: Option<&Path>) -> Result<VerifyReport,
     let plan = Plan::build(&spec, &ctx, &crate::stages::registry())?;
     // Models the run trains, and the model stages that use them.
     let trained = plan.trained_models();
+    let changing = plan.weights_change();
     let looped = plan.looped();
     let mut report = VerifyReport::default();
     let mut stages: BTreeMap<String, (&dyn Stage, usize, Vec<String>)> = BTreeMap::new();
@@ -110,7 +111,7 @@ pub fn verify(log: &Path, n: usize, base: Option<&Path>) -> Result<VerifyReport,
         .flat_map(|(_, s, _)| stages[s].2.clone())
         .collect();
     let worker = ModelWorker::spawn(
-        model_factories(&spec, Some(&needed)),
+        model_factories(&spec, Some(&needed), &changing),
         WorkerOptions {
             merge: false,
             ..WorkerOptions::default()

@@ -33,6 +33,9 @@ struct Block {
 struct PackedWeight {
     source: (i64, usize),
     panels: Tensor,
+    /// Output rows of the matrix (kept here so the products need not read the source,
+    /// which an inference-only model releases).
+    rows: i64,
 }
 
 /// A loaded decoder.
@@ -57,6 +60,9 @@ pub struct Llama {
     /// handle (a field of this struct), with the version counter and storage it was packed
     /// from, so an optimizer step or a reload repacks it (see `packed_weight`).
     packed: Mutex<HashMap<usize, PackedWeight>>,
+    /// The projection matrices were released after packing ([`Llama::keep_only_packed`]):
+    /// the packed copies are the weights, and nothing may train, save or copy them.
+    packed_only: bool,
 }
 
 /// Keys and values of past positions, per layer: `[batch, kv_heads, capacity, head_dim]`,
@@ -184,6 +190,18 @@ impl Llama {
         source: &mut dyn WeightSource,
         device: Device,
     ) -> Result<Llama, ModelError> {
+        Llama::from_source_as(config, source, device, Dtype::F32)
+    }
+
+    /// Builds the decoder with its weight matrices in `dtype`, converting each matrix as it
+    /// is read, so a bf16 model never holds an f32 copy of all its weights at once. The
+    /// weights are those of `from_source` followed by [`Llama::set_dtype`], bit for bit.
+    pub fn from_source_as(
+        config: LlamaConfig,
+        source: &mut dyn WeightSource,
+        device: Device,
+        dtype: Dtype,
+    ) -> Result<Llama, ModelError> {
         config.validate(&source.origin())?;
         let c = &config;
         let (h, hd) = (c.hidden_size as i64, c.head_dim() as i64);
@@ -210,14 +228,27 @@ impl Llama {
         };
         let vs = nn::VarStore::new(device);
         let root = vs.root();
-        let embed = root.var_copy(
+        // A weight matrix as a variable in the model's number format (as `set_dtype` would
+        // convert it: the same rounding of the same f32 values).
+        let matrix = |path: &nn::Path, name: &str, t: &Tensor| {
+            let mut v = path.var_copy(name, t);
+            if dtype != Dtype::F32 {
+                let _guard = tch::no_grad_guard();
+                let converted = v.to_kind(dtype.kind());
+                v.set_data(&converted);
+            }
+            v
+        };
+        let embed = matrix(
+            &root,
             "embed",
             &take("model.embed_tokens.weight", &[c.vocab_size as i64, h])?,
         );
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(root.var_copy(
+            Some(matrix(
+                &root,
                 "lm_head",
                 &take("lm_head.weight", &[c.vocab_size as i64, h])?,
             ))
@@ -243,12 +274,12 @@ impl Llama {
             let up = take(&n[7], &[ffn, h])?;
             blocks.push(Block {
                 attn_norm: p.var_copy("attn_norm", &take(&n[0], &[h])?),
-                wqkv: p.var_copy("wqkv", &Tensor::cat(&[q, k, v], 0)),
+                wqkv: matrix(&p, "wqkv", &Tensor::cat(&[q, k, v], 0)),
                 bqkv,
-                wo: p.var_copy("wo", &take(&n[4], &[h, nh * hd])?),
+                wo: matrix(&p, "wo", &take(&n[4], &[h, nh * hd])?),
                 ffn_norm: p.var_copy("ffn_norm", &take(&n[5], &[h])?),
-                w_gate_up: p.var_copy("w_gate_up", &Tensor::cat(&[gate, up], 0)),
-                w_down: p.var_copy("w_down", &take(&n[8], &[h, ffn])?),
+                w_gate_up: matrix(&p, "w_gate_up", &Tensor::cat(&[gate, up], 0)),
+                w_down: matrix(&p, "w_down", &take(&n[8], &[h, ffn])?),
             });
         }
         let score_head = match source.get("score.weight")? {
@@ -274,10 +305,11 @@ impl Llama {
             score_head,
             rope_cos,
             rope_sin,
-            dtype: Dtype::F32,
+            dtype,
             fused: true,
             share_prefix: false,
             packed: Mutex::new(HashMap::new()),
+            packed_only: false,
         })
     }
 
@@ -292,6 +324,10 @@ impl Llama {
     /// feed f32 arithmetic).
     pub fn set_dtype(&mut self, dtype: Dtype) {
         if dtype == self.dtype {
+            return;
+        }
+        if self.packed_only {
+            tracing::warn!("a packed-only model keeps its number format");
             return;
         }
         let _guard = tch::no_grad_guard();
@@ -356,8 +392,7 @@ impl Llama {
             Dtype::F32 => x.shallow_clone(),
             Dtype::Bf16 => x.to_kind(Kind::BFloat16),
         };
-        if let Some(panels) = self.packed_weight(w) {
-            let n = w.size()[0];
+        if let Some((panels, n)) = self.packed_weight(w) {
             match super::fused::linear_packed(&x.contiguous(), &panels, n, bias, packed_out) {
                 Ok(y) => return y,
                 Err(e) => tracing::warn!("packed product failed, using the tensor op: {e}"),
@@ -374,7 +409,7 @@ impl Llama {
     /// packed product accumulating into `x` in f32, else one BLAS call accumulating into `x`
     /// (f32 weights) or a bf16 product added in place.
     fn add_linear_(&self, x: &mut Tensor, y: &Tensor, w: &Tensor) {
-        if let Some(panels) = self.packed_weight(w).filter(|_| x.is_contiguous()) {
+        if let Some((panels, _)) = self.packed_weight(w).filter(|_| x.is_contiguous()) {
             let y = y.to_kind(self.dtype.kind()).contiguous();
             match super::fused::add_linear_packed_(x, &y, &panels, None) {
                 Ok(()) => return,
@@ -409,8 +444,14 @@ impl Llama {
     }
 
     /// Turns the fused CPU kernels on or off; off runs the plain tensor ops everywhere (the
-    /// reference the kernels are tested and benchmarked against).
+    /// reference the kernels are tested and benchmarked against). A packed-only model keeps
+    /// them on.
     pub fn set_fused_kernels(&mut self, on: bool) {
+        if self.packed_only && !on {
+            // The plain ops would need the released matrices.
+            tracing::warn!("a packed-only model keeps the fused kernels on");
+            return;
+        }
         self.fused = on;
     }
 
@@ -712,17 +753,25 @@ impl Llama {
     /// The copy costs the matrix's size again and is rebuilt, on first use, whenever the
     /// matrix's version counter (every in-place update, optimizer steps included) or storage
     /// (`set_data`, `set_dtype`, reloads) changes.
-    fn packed_weight(&self, w: &Tensor) -> Option<Tensor> {
+    fn packed_weight(&self, w: &Tensor) -> Option<(Tensor, i64)> {
         if !self.fused || self.device() != Device::Cpu || super::fused::grad_enabled() {
             return None;
         }
-        let source = (w.internal_version(), w.data_ptr() as usize);
         let mut packed = self.packed.lock().unwrap_or_else(|e| e.into_inner());
+        if self.packed_only
+            && let Some(entry) = packed.get(&(w.as_ptr() as usize))
+        {
+            // The source was released; its packed copy cannot be stale (nothing may change
+            // the weights of a packed-only model).
+            return Some((entry.panels.shallow_clone(), entry.rows));
+        }
+        let source = (w.internal_version(), w.data_ptr() as usize);
         let entry = packed
             .entry(w.as_ptr() as usize)
             .or_insert_with(|| PackedWeight {
                 source: (-1, 0),
                 panels: Tensor::new(),
+                rows: 0,
             });
         if entry.source != source {
             match super::fused::pack_linear(w) {
@@ -733,8 +782,70 @@ impl Llama {
                 }
             }
             entry.source = source;
+            entry.rows = w.size()[0];
         }
-        Some(entry.panels.shallow_clone())
+        Some((entry.panels.shallow_clone(), entry.rows))
+    }
+
+    /// Packs every projection matrix for the CPU kernels now and releases the unpacked
+    /// matrices, so an inference-only model holds its weights once instead of twice (the
+    /// embedding stays: token lookup reads it). Products are unchanged, bit for bit: they
+    /// read the packed copies either way. Afterwards the model can no longer be trained,
+    /// saved, copied or converted ([`Llama::is_packed_only`]). Returns the bytes released;
+    /// 0 where the packed kernels do not run (another device, or fused kernels off).
+    pub fn keep_only_packed(&mut self) -> Result<u64, ModelError> {
+        if self.packed_only || !self.fused || self.device() != Device::Cpu {
+            return Ok(0);
+        }
+        let _guard = tch::no_grad_guard();
+        let mut released = 0u64;
+        let mut matrices: Vec<&mut Tensor> = Vec::new();
+        for blk in &mut self.blocks {
+            matrices.extend([
+                &mut blk.wqkv,
+                &mut blk.wo,
+                &mut blk.w_gate_up,
+                &mut blk.w_down,
+            ]);
+        }
+        if let Some(head) = self.lm_head.as_mut() {
+            matrices.push(head);
+        }
+        // One matrix at a time, packed then released, so the model never holds both forms
+        // of all its matrices at once. A failure part-way leaves a model that must not be
+        // used; the error reaches the caller, which gives up on it.
+        let packed = self.packed.get_mut().unwrap_or_else(|e| e.into_inner());
+        for t in matrices {
+            let handle = t.as_ptr() as usize;
+            let source = (t.internal_version(), t.data_ptr() as usize);
+            let rows = t.size()[0];
+            let fresh = packed
+                .get(&handle)
+                .is_some_and(|e| e.source == source && e.rows == rows);
+            if !fresh {
+                let panels = super::fused::pack_linear(t)
+                    .map_err(|e| ModelError::InvalidRequest(format!("packing a weight: {e}")))?;
+                packed.insert(
+                    handle,
+                    PackedWeight {
+                        source,
+                        panels,
+                        rows,
+                    },
+                );
+            }
+            released += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+            // `set_data` empties the variable itself, which the var store shares.
+            let empty = Tensor::empty([0], (t.kind(), Device::Cpu));
+            t.set_data(&empty);
+        }
+        self.packed_only = true;
+        Ok(released)
+    }
+
+    /// Whether the model keeps only packed projection matrices (inference only).
+    pub fn is_packed_only(&self) -> bool {
+        self.packed_only
     }
 
     /// Scalar-head outputs `[..]` of hidden states `[.., hidden]`, if the model has a head.
@@ -1022,5 +1133,53 @@ mod tests {
         let _ = model.embed.g_add_scalar_(0.5);
         let moved = model.logits_raw(&hidden);
         assert!(max_diff(&moved, &logits) > 0.1);
+    }
+
+    /// Hidden states of `tokens` through the cached (fused decode) path and the uncached
+    /// (scoring) path.
+    fn both_paths(model: &Llama, tokens: &[i64]) -> (Tensor, Tensor) {
+        let t = tokens.len() as i64;
+        let ids = Tensor::from_slice(tokens).view([1, t]);
+        let positions = Tensor::arange(t, (Kind::Int64, Device::Cpu)).view([1, t]);
+        let valid = Tensor::ones([1, t], (Kind::Bool, Device::Cpu));
+        let mut cache = model.new_cache(1, t + 1);
+        let cached = model
+            .forward(&ids, &positions, &valid, Some(&mut cache))
+            .expect("cached forward");
+        let plain = model
+            .forward(&ids, &positions, &valid, None)
+            .expect("plain forward");
+        (model.logits(&cached), model.logits(&plain))
+    }
+
+    #[test]
+    fn a_packed_only_model_computes_the_same_bits_with_its_matrices_released() {
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            let mut config = LlamaConfig::tiny(97);
+            config.tie_word_embeddings = false;
+            let mut model = Llama::random(config, 9, Device::Cpu).expect("model");
+            model.set_dtype(dtype);
+            let _g = tch::no_grad_guard();
+            let tokens = [3i64, 17, 42, 5, 88];
+            let (cached, plain) = both_paths(&model, &tokens);
+            let bytes = |m: &Llama| -> i64 {
+                m.var_store()
+                    .variables()
+                    .values()
+                    .map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+                    .sum()
+            };
+            let before = bytes(&model);
+            let released = model.keep_only_packed().expect("packs");
+            assert!(released > 0 && model.is_packed_only());
+            assert_eq!(bytes(&model), before - released as i64, "{dtype}");
+            let (cached_after, plain_after) = both_paths(&model, &tokens);
+            assert!(cached.equal(&cached_after), "{dtype}: cached path changed");
+            assert!(plain.equal(&plain_after), "{dtype}: plain path changed");
+            // The plain ops would need the released matrices: they stay off limits.
+            model.set_fused_kernels(false);
+            assert!(model.fused_kernels());
+            assert_eq!(model.keep_only_packed().expect("idempotent"), 0);
+        }
     }
 }

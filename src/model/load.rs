@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
-use super::ModelError;
 use super::config::LlamaConfig;
 use super::gguf::GgufFile;
 use super::llama::{Llama, WeightSource};
 use super::tokenizer::Tokenizer;
+use super::{Dtype, ModelError};
 
 /// A model ready to run, with its tokenizer.
 pub struct LoadedModel {
@@ -25,8 +25,17 @@ pub struct LoadedModel {
 
 /// Loads a GGUF file or a Hugging Face model directory onto `device`.
 pub fn load(path: &Path, device: Device) -> Result<LoadedModel, ModelError> {
+    load_as(path, device, Dtype::F32)
+}
+
+/// Loads a model with its weight matrices in `dtype` (as [`load`] then `set_dtype`, bit for
+/// bit); a GGUF file's matrices are converted one by one as they are read, so a bf16 model
+/// never holds all its weights in f32.
+pub fn load_as(path: &Path, device: Device, dtype: Dtype) -> Result<LoadedModel, ModelError> {
     if path.is_dir() {
-        return load_hf_dir(path, device);
+        let mut loaded = load_hf_dir(path, device)?;
+        loaded.model.set_dtype(dtype);
+        return Ok(loaded);
     }
     if !path.exists() {
         return Err(ModelError::Io {
@@ -37,7 +46,7 @@ pub fn load(path: &Path, device: Device) -> Result<LoadedModel, ModelError> {
             ),
         });
     }
-    load_gguf(path, device)
+    load_gguf_as(path, device, dtype)
 }
 
 /// Loads only the tokenizer of a GGUF file or model directory (cheap: no weights).
@@ -51,6 +60,11 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, ModelError> {
 
 /// Loads a GGUF model.
 pub fn load_gguf(path: &Path, device: Device) -> Result<LoadedModel, ModelError> {
+    load_gguf_as(path, device, Dtype::F32)
+}
+
+/// Loads a GGUF model with its weight matrices in `dtype`.
+pub fn load_gguf_as(path: &Path, device: Device, dtype: Dtype) -> Result<LoadedModel, ModelError> {
     let file = GgufFile::open(path).map_err(ModelError::Gguf)?;
     let origin = path.display().to_string();
     let config = LlamaConfig::from_gguf(&file, &origin)?;
@@ -62,7 +76,7 @@ pub fn load_gguf(path: &Path, device: Device) -> Result<LoadedModel, ModelError>
         heads: config.num_attention_heads,
         kv_heads: config.num_key_value_heads,
     };
-    let model = Llama::from_source(config, &mut source, device)?;
+    let model = Llama::from_source_as(config, &mut source, device, dtype)?;
     Ok(LoadedModel {
         model,
         tokenizer,

@@ -55,6 +55,10 @@ pub struct ModelSpec {
     /// critique, revision and judge calls; results within floating-point rounding of the
     /// unshared path (still deterministic run to run).
     pub share_prefix: bool,
+    /// Keep the unpacked projection matrices of a model that nothing in the run trains or
+    /// copies into (`keep_unpacked = true`). By default, on the CPU, such a model keeps only
+    /// the packed copy its products read: the same results with the weights held once.
+    pub keep_unpacked: bool,
 }
 
 /// Where prompts come from.
@@ -147,6 +151,8 @@ struct RawModel {
     dtype: Option<String>,
     #[serde(default)]
     share_prefix: bool,
+    #[serde(default)]
+    keep_unpacked: bool,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -204,6 +210,7 @@ impl Spec {
                 instant: m.instant,
                 score_head: m.score_head,
                 share_prefix: m.share_prefix,
+                keep_unpacked: m.keep_unpacked,
                 dtype: match &m.dtype {
                     None => crate::dtype::Dtype::F32,
                     Some(d) => d

@@ -448,6 +448,11 @@ fn run_alone(
     s: Submission,
     stats: &mut WorkerStats,
 ) {
+    if let Some(refusal) = packed_only_refusal(models, &s) {
+        stats.jobs += 1;
+        respond(s, Err(refusal));
+        return;
+    }
     if let Job::CopyFrom(source) = &s.job {
         let started = std::time::Instant::now();
         let reply = copy_weights(models, &s.model, source);
@@ -597,6 +602,32 @@ fn load_state(
 }
 
 /// Copies `source`'s weights into `target` (same architecture; by variable name).
+/// A model that keeps only packed weights (`Llama::keep_only_packed`) answers inference and
+/// held-out evaluation; a job that would change, save or copy its weights is refused with
+/// the model's name rather than run on released matrices.
+fn packed_only_refusal(
+    models: &HashMap<String, ServedModel>,
+    s: &Submission,
+) -> Option<ModelError> {
+    let packed_only = |name: &str| matches!(models.get(name), Some(ServedModel { backend: Backend::Llama(m), .. }) if m.is_packed_only());
+    let involved: Vec<&str> = match &s.job {
+        Job::Generate(_)
+        | Job::Score(_)
+        | Job::ScoreChoices(_)
+        | Job::EvalSft { .. }
+        | Job::EvalPm { .. } => return None,
+        Job::CopyFrom(source) => vec![s.model.as_str(), source.as_str()],
+        _ => vec![s.model.as_str()],
+    };
+    involved.into_iter().find(|m| packed_only(m)).map(|m| {
+        ModelError::InvalidRequest(format!(
+            "model `{m}` keeps only its packed inference weights (nothing in the run trains \
+             it), so a {} job cannot run on it",
+            s.job.kind_name()
+        ))
+    })
+}
+
 fn copy_weights(models: &mut HashMap<String, ServedModel>, target: &str, source: &str) -> Reply {
     let missing =
         |name: &str| ModelError::InvalidRequest(format!("no model named `{name}` on this worker"));

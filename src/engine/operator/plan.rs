@@ -140,6 +140,24 @@ impl Plan {
             .collect()
     }
 
+    /// The models whose weights change during the run: those a training stage trains, and
+    /// those a stage's setup copies weights into or out of (the RL reference and its
+    /// source). Every other model is inference-only and may keep just its packed weights.
+    pub fn weights_change(&self) -> std::collections::HashSet<String> {
+        let mut changing = self.trained_models();
+        for built in &self.stages {
+            if let Built::Model { stage, .. } = built {
+                for (model, job) in stage.setup() {
+                    if let Job::CopyFrom(source) = job {
+                        changing.insert(source);
+                    }
+                    changing.insert(model);
+                }
+            }
+        }
+        changing
+    }
+
     /// The stages inside a feedback loop: those a training stage that feeds back reads from
     /// (the rollouts a PPO stage updates the policy of).
     pub fn looped(&self) -> Vec<String> {
