@@ -945,3 +945,58 @@ fn a_packed_only_model_serves_inference_and_refuses_weight_changes() {
         other => panic!("copying out of a packed-only model must fail: {other:?}"),
     }
 }
+
+/// A shared prefix is computed once per prefix and weights: a later call with the same
+/// prefix is served from memory and computes exactly the same answers; a weight change
+/// computes it afresh.
+#[test]
+fn a_shared_prefix_is_reused_across_calls_until_the_weights_change() {
+    let mut model = tiny(21);
+    model.set_share_prefix(true);
+    let prefix: Vec<u32> = (1..=24).collect();
+    let batch = |tails: &[&[u32]]| -> Vec<GenerateRequest> {
+        tails
+            .iter()
+            .enumerate()
+            .map(|(i, tail)| GenerateRequest {
+                prompt: prefix.iter().chain(tail.iter()).copied().collect(),
+                params: if i == 0 {
+                    SamplingParams::greedy(6)
+                } else {
+                    sampled(5 + i as u64, 6)
+                },
+            })
+            .collect()
+    };
+    let first = batch(&[&[40, 41], &[42], &[43, 44, 45]]);
+    let answer = |m: &Llama, r: &[GenerateRequest]| {
+        cairn::model::generate::generate(m, &[], r).expect("generates")
+    };
+    let computed = answer(&model, &first);
+    assert_eq!(model.prefix_tokens_reused(), 0);
+    let served = answer(&model, &first);
+    assert_eq!(
+        model.prefix_tokens_reused(),
+        24,
+        "the second call reuses the prefix"
+    );
+    assert_eq!(computed, served, "served from memory, the same bits");
+    // Another batch behind the same prefix reuses it too, and matches a fresh model's answer.
+    let other = batch(&[&[50], &[51, 52]]);
+    let reused = answer(&model, &other);
+    assert_eq!(model.prefix_tokens_reused(), 48);
+    let mut fresh = tiny(21);
+    fresh.set_share_prefix(true);
+    assert_eq!(answer(&fresh, &other), reused);
+    assert_eq!(fresh.prefix_tokens_reused(), 0);
+    // A weight update (what an optimiser step does) invalidates what was kept.
+    {
+        let _g = tch::no_grad_guard();
+        for (_, mut t) in model.var_store().variables() {
+            let _ = t.g_add_scalar_(0.01);
+        }
+    }
+    let after = answer(&model, &first);
+    assert_eq!(model.prefix_tokens_reused(), 48, "recomputed, not served");
+    assert_ne!(after, computed, "the update reached the answers");
+}

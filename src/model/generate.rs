@@ -162,21 +162,20 @@ fn prefill(
     let own: Vec<&[u32]> = prompts.iter().map(|p| &p[shared..]).collect();
     let own_len = own.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
     let len = shared as i64 + own_len;
-    let mut cache = model.new_cache(1, len + extra);
-    let (tokens, positions, valid, _) = left_pad(&[&prompts[0][..shared]], device);
-    // Only the cache matters here: the prefix's own outputs predict nothing.
-    let _ = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
-    cache.retain_rows(&Tensor::zeros(
-        [prompts.len() as i64],
-        (Kind::Int64, device),
-    ));
+    // The prefix's keys and values, computed once (or served from an earlier call with the
+    // same prefix and weights), copied into every row.
+    let mut cache = model
+        .cached_prefix(&prompts[0][..shared])?
+        .broadcast(prompts.len() as i64, len + extra);
     let (tokens, positions, valid, _) = left_pad(&own, device);
     let positions = positions + shared as i64;
     let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
     Ok((hidden.select(1, own_len - 1), cache, len))
 }
 
-/// How many prompt tokens [`prefill`] runs through the model for `prompts` (for reports).
+/// How many prompt tokens [`prefill`] runs through the model for `prompts` (for reports),
+/// counting a shared prefix once; a prefix served from an earlier call
+/// ([`Llama::prefix_tokens_reused`]) is counted too.
 pub fn prefill_tokens(model: &Llama, prompts: &[&[u32]]) -> usize {
     let shared = if model.shares_prefix() && prompts.len() > 1 {
         common_prefix(prompts)

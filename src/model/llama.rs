@@ -38,6 +38,17 @@ struct PackedWeight {
     rows: i64,
 }
 
+/// The keys and values of a shared prompt prefix, with what they were computed from.
+struct CachedPrefix {
+    tokens: Vec<u32>,
+    weights: Vec<(i64, usize)>,
+    cache: KvCache,
+}
+
+/// Shared prefixes kept per model: the few-shot openings of the stages that call it
+/// (critique, revision, judge, filter) at once.
+const PREFIXES_KEPT: usize = 8;
+
 /// A loaded decoder.
 pub struct Llama {
     config: LlamaConfig,
@@ -55,6 +66,11 @@ pub struct Llama {
     fused: bool,
     /// Compute a prompt batch's common prefix once and share its keys and values.
     share_prefix: bool,
+    /// Shared prefixes computed by earlier calls, most recent first, each with the weights
+    /// it was computed from (see [`Llama::cached_prefix`]).
+    prefixes: Mutex<Vec<CachedPrefix>>,
+    /// Prefix tokens served from `prefixes` instead of computed, over the model's life.
+    prefix_tokens_reused: std::sync::atomic::AtomicU64,
     /// Inference on the CPU: each weight matrix repacked, in its format, into the column
     /// panels of [`super::fused::linear_packed`], by the address of the matrix's tensor
     /// handle (a field of this struct), with the version counter and storage it was packed
@@ -147,6 +163,44 @@ impl KvCache {
     /// True before the first forward pass.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// A compact copy of row 0's filled positions: what a shared prefix leaves in the
+    /// cache, kept for later calls (see [`Llama::cached_prefix`]).
+    pub(crate) fn snapshot(&self) -> KvCache {
+        let take = |t: &Tensor| t.narrow(0, 0, 1).narrow(2, 0, self.len).copy();
+        KvCache {
+            k: self.k.iter().map(take).collect(),
+            v: self.v.iter().map(take).collect(),
+            valid: self.valid.narrow(0, 0, 1).narrow(1, 0, self.len).copy(),
+            len: self.len,
+            capacity: self.len,
+        }
+    }
+
+    /// `rows` copies of this one-row cache's positions, in a new cache with room for
+    /// `capacity` positions per row.
+    pub(crate) fn broadcast(&self, rows: i64, capacity: i64) -> KvCache {
+        let grow = |t: &Tensor| {
+            let mut size = t.size();
+            size[0] = rows;
+            size[2] = capacity;
+            let out = Tensor::zeros(size.as_slice(), (t.kind(), t.device()));
+            out.narrow(2, 0, self.len)
+                .copy_(&t.narrow(2, 0, self.len).expand([rows, -1, -1, -1], false));
+            out
+        };
+        let valid = Tensor::zeros([rows, capacity], (Kind::Bool, self.valid.device()));
+        valid
+            .narrow(1, 0, self.len)
+            .copy_(&self.valid.narrow(1, 0, self.len).expand([rows, -1], false));
+        KvCache {
+            k: self.k.iter().map(grow).collect(),
+            v: self.v.iter().map(grow).collect(),
+            valid,
+            len: self.len,
+            capacity,
+        }
     }
 
     /// Keeps only the given rows (sequences that are still running), so finished
@@ -308,6 +362,8 @@ impl Llama {
             dtype,
             fused: true,
             share_prefix: false,
+            prefixes: Mutex::new(Vec::new()),
+            prefix_tokens_reused: std::sync::atomic::AtomicU64::new(0),
             packed: Mutex::new(HashMap::new()),
             packed_only: false,
         })
@@ -436,6 +492,69 @@ impl Llama {
     /// Turns prefix sharing on or off (see [`Llama::shares_prefix`]).
     pub fn set_share_prefix(&mut self, on: bool) {
         self.share_prefix = on;
+    }
+
+    /// What the weights are now: every variable's version counter and storage address. Any
+    /// in-place update (an optimiser step), `set_data`, a dtype change or a reload changes it.
+    fn weights_stamp(&self) -> Vec<(i64, usize)> {
+        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars.iter()
+            .map(|(_, t)| (t.internal_version(), t.data_ptr() as usize))
+            .collect()
+    }
+
+    /// The keys and values of `prefix` (one row), computed once per prefix and weights and
+    /// served from memory to later calls: the same forward pass over the same tokens gives
+    /// the same values, so a call served from memory computes exactly what it would have.
+    /// Weights that changed since (a training step) invalidate the entry.
+    pub(crate) fn cached_prefix(&self, prefix: &[u32]) -> Result<KvCache, ModelError> {
+        let stamp = self.weights_stamp();
+        {
+            let mut kept = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+            kept.retain(|e| e.weights == stamp);
+            if let Some(i) = kept.iter().position(|e| e.tokens == prefix) {
+                let entry = kept.remove(i);
+                let cache = entry.cache.broadcast(1, entry.cache.len);
+                kept.insert(0, entry);
+                let total = self
+                    .prefix_tokens_reused
+                    .fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed)
+                    + prefix.len() as u64;
+                tracing::debug!(
+                    tokens = prefix.len(),
+                    total,
+                    "shared prefix served from memory"
+                );
+                return Ok(cache);
+            }
+        }
+        let device = self.device();
+        let n = prefix.len() as i64;
+        let ids: Vec<i64> = prefix.iter().map(|&t| i64::from(t)).collect();
+        let tokens = Tensor::from_slice(&ids).view([1, n]).to_device(device);
+        let positions = Tensor::arange(n, (Kind::Int64, device)).view([1, n]);
+        let valid = Tensor::ones([1, n], (Kind::Bool, device));
+        let mut cache = self.new_cache(1, n);
+        // Only the cache matters: the prefix's own outputs predict nothing.
+        let _ = self.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+        let mut kept = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        kept.insert(
+            0,
+            CachedPrefix {
+                tokens: prefix.to_vec(),
+                weights: stamp,
+                cache: cache.snapshot(),
+            },
+        );
+        kept.truncate(PREFIXES_KEPT);
+        Ok(cache)
+    }
+
+    /// Prefix tokens served from memory instead of computed, so far.
+    pub fn prefix_tokens_reused(&self) -> u64 {
+        self.prefix_tokens_reused
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether CPU inference uses the fused kernels (on by default).
