@@ -213,6 +213,21 @@ impl KvCache {
     }
 }
 
+/// The projection matrices: every block's four and an untied vocabulary head.
+fn projections<'a>(blocks: &'a mut [Block], head: &'a mut Option<Tensor>) -> Vec<&'a mut Tensor> {
+    let mut out: Vec<&mut Tensor> = Vec::with_capacity(blocks.len() * 4 + 1);
+    for blk in blocks {
+        out.extend([
+            &mut blk.wqkv,
+            &mut blk.wo,
+            &mut blk.w_gate_up,
+            &mut blk.w_down,
+        ]);
+    }
+    out.extend(head.as_mut());
+    out
+}
+
 /// HF-style names of the tensors of block `i`, in a fixed order.
 fn block_names(i: usize) -> [String; 9] {
     let p = format!("model.layers.{i}");
@@ -388,18 +403,8 @@ impl Llama {
         }
         let _guard = tch::no_grad_guard();
         let kind = dtype.kind();
-        let mut matrices: Vec<&mut Tensor> = vec![&mut self.embed];
-        if let Some(head) = self.lm_head.as_mut() {
-            matrices.push(head);
-        }
-        for blk in &mut self.blocks {
-            matrices.extend([
-                &mut blk.wqkv,
-                &mut blk.wo,
-                &mut blk.w_gate_up,
-                &mut blk.w_down,
-            ]);
-        }
+        let mut matrices = projections(&mut self.blocks, &mut self.lm_head);
+        matrices.push(&mut self.embed);
         for t in matrices {
             // `set_data` swaps the storage of the variable itself, which the var store
             // shares, rather than rebinding this field to a new tensor.
@@ -918,18 +923,7 @@ impl Llama {
         }
         let _guard = tch::no_grad_guard();
         let mut released = 0u64;
-        let mut matrices: Vec<&mut Tensor> = Vec::new();
-        for blk in &mut self.blocks {
-            matrices.extend([
-                &mut blk.wqkv,
-                &mut blk.wo,
-                &mut blk.w_gate_up,
-                &mut blk.w_down,
-            ]);
-        }
-        if let Some(head) = self.lm_head.as_mut() {
-            matrices.push(head);
-        }
+        let matrices = projections(&mut self.blocks, &mut self.lm_head);
         // One matrix at a time, packed then released, so the model never holds both forms
         // of all its matrices at once. A failure part-way leaves a model that must not be
         // used; the error reaches the caller, which gives up on it.
