@@ -152,7 +152,7 @@ pub fn verify(log: &Path, n: usize, base: Option<&Path>) -> Result<VerifyReport,
         }
         let mut queue = vec![chunk];
         while let Some(chunk) = queue.pop() {
-            let Some((model, job)) = model_job(&chunk) else {
+            let Some((model, job)) = model_job(stage_name, &chunk)? else {
                 continue;
             };
             report.chunks += 1;

@@ -164,9 +164,8 @@ fn prefill(
     let len = shared as i64 + own_len;
     // The prefix's keys and values, computed once (or served from an earlier call with the
     // same prefix and weights), copied into every row.
-    let mut cache = model
-        .cached_prefix(&prompts[0][..shared])?
-        .broadcast(prompts.len() as i64, len + extra);
+    let mut cache =
+        model.cached_prefix(&prompts[0][..shared], prompts.len() as i64, len + extra)?;
     let (tokens, positions, valid, _) = left_pad(&own, device);
     let positions = positions + shared as i64;
     let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;

@@ -165,19 +165,6 @@ impl KvCache {
         self.len == 0
     }
 
-    /// A compact copy of row 0's filled positions: what a shared prefix leaves in the
-    /// cache, kept for later calls (see [`Llama::cached_prefix`]).
-    pub(crate) fn snapshot(&self) -> KvCache {
-        let take = |t: &Tensor| t.narrow(0, 0, 1).narrow(2, 0, self.len).copy();
-        KvCache {
-            k: self.k.iter().map(take).collect(),
-            v: self.v.iter().map(take).collect(),
-            valid: self.valid.narrow(0, 0, 1).narrow(1, 0, self.len).copy(),
-            len: self.len,
-            capacity: self.len,
-        }
-    }
-
     /// `rows` copies of this one-row cache's positions, in a new cache with room for
     /// `capacity` positions per row.
     pub(crate) fn broadcast(&self, rows: i64, capacity: i64) -> KvCache {
@@ -513,14 +500,20 @@ impl Llama {
     /// served from memory to later calls: the same forward pass over the same tokens gives
     /// the same values, so a call served from memory computes exactly what it would have.
     /// Weights that changed since (a training step) invalidate the entry.
-    pub(crate) fn cached_prefix(&self, prefix: &[u32]) -> Result<KvCache, ModelError> {
+    /// Returns `rows` copies of the prefix in a cache with room for `capacity` positions.
+    pub(crate) fn cached_prefix(
+        &self,
+        prefix: &[u32],
+        rows: i64,
+        capacity: i64,
+    ) -> Result<KvCache, ModelError> {
         let stamp = self.weights_stamp();
         {
             let mut kept = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
             kept.retain(|e| e.weights == stamp);
             if let Some(i) = kept.iter().position(|e| e.tokens == prefix) {
                 let entry = kept.remove(i);
-                let cache = entry.cache.broadcast(1, entry.cache.len);
+                let cache = entry.cache.broadcast(rows, capacity);
                 kept.insert(0, entry);
                 let total = self
                     .prefix_tokens_reused
@@ -543,17 +536,19 @@ impl Llama {
         let mut cache = self.new_cache(1, n);
         // Only the cache matters: the prefix's own outputs predict nothing.
         let _ = self.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+        let out = cache.broadcast(rows, capacity);
         let mut kept = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
         kept.insert(
             0,
             CachedPrefix {
                 tokens: prefix.to_vec(),
                 weights: stamp,
-                cache: cache.snapshot(),
+                // Computed with exactly the prefix's capacity, so it is kept as it is.
+                cache,
             },
         );
         kept.truncate(PREFIXES_KEPT);
-        Ok(cache)
+        Ok(out)
     }
 
     /// Prefix tokens served from memory instead of computed, so far.

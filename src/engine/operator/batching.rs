@@ -27,13 +27,27 @@ pub(super) fn work_group(work: &Work) -> (u8, String) {
 }
 
 /// The model and job for a chunk of generate or score tasks (`None` for pure work): each
-/// task's work as a job, merged in task order by the worker's own helper.
-pub(in crate::engine) fn model_job(tasks: &[Task]) -> Option<(String, Job)> {
-    let model = tasks.first()?.work.model()?.to_string();
-    let jobs: Option<Vec<Job>> = tasks.iter().map(|t| t.work.job()).collect();
-    // `chunks` never mixes kinds of work, so the jobs always merge.
-    let job = Job::concat(jobs?).ok()?;
-    Some((model, job))
+/// task's work as a job, merged in task order by the worker's own helper. `chunks` never
+/// mixes kinds of work, so a chunk that does not merge is a bug reported as an error,
+/// never mistaken for pure work.
+pub(in crate::engine) fn model_job(
+    name: &str,
+    tasks: &[Task],
+) -> Result<Option<(String, Job)>, EngineError> {
+    let Some(model) = tasks.first().and_then(|t| t.work.model()) else {
+        return Ok(None);
+    };
+    let bad = |what: String| EngineError::Input(format!("stage `{name}`: {what}"));
+    let jobs = tasks
+        .iter()
+        .map(|t| {
+            t.work
+                .job()
+                .ok_or_else(|| bad("pure work in a chunk of model work".into()))
+        })
+        .collect::<Result<Vec<Job>, _>>()?;
+    let job = Job::concat(jobs).map_err(|e| bad(e.to_string()))?;
+    Ok(Some((model.to_string(), job)))
 }
 
 /// Splits a worker reply back into one [`Reply`] per task.
@@ -148,7 +162,9 @@ mod tests {
             ],
         };
         let tasks = vec![task(0, generate("policy", 10)), task(1, many)];
-        let (model, job) = model_job(&tasks).expect("a model job");
+        let (model, job) = model_job("s", &tasks)
+            .expect("merges")
+            .expect("a model job");
         assert_eq!(model, "policy");
         let Job::Generate(requests) = job else {
             panic!("a generate job, got {job:?}");
@@ -176,13 +192,17 @@ mod tests {
         let err = split_reply("s", &tasks, short).expect_err("too few generations");
         assert!(err.to_string().contains("stage `s`"), "{err}");
         assert!(
-            model_job(&[task(
-                2,
-                Work::Pure(Payload::Flag(FlagRecord {
-                    flagged: Key::builder("p").finish(),
-                    reason: String::new(),
-                }))
-            )])
+            model_job(
+                "s",
+                &[task(
+                    2,
+                    Work::Pure(Payload::Flag(FlagRecord {
+                        flagged: Key::builder("p").finish(),
+                        reason: String::new(),
+                    }))
+                )]
+            )
+            .expect("no error")
             .is_none(),
             "pure work is no model job"
         );

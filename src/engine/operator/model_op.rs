@@ -166,7 +166,14 @@ pub(super) fn model_operator<'s>(
                 let Some((cap, tasks)) = queue.pop_front() else {
                     break;
                 };
-                let Some((model, job)) = model_job(&tasks) else {
+                let planned = match model_job(&name, &tasks) {
+                    Ok(planned) => planned,
+                    Err(e) => {
+                        shared.fail(e);
+                        continue;
+                    }
+                };
+                let Some((model, job)) = planned else {
                     // Pure work: the outputs are known; complete, log and emit them now.
                     let replies = tasks
                         .iter()
