@@ -628,7 +628,7 @@ fn the_worker_batches_concurrent_jobs_and_wakes_callers() {
 
 #[test]
 fn sft_steps_through_the_worker_lower_the_loss_and_accumulation_matches_one_batch() {
-    use cairn::train::{OptimConfig, SftExample};
+    use cairn::train::{OptimConfig, SftEval, SftEvalStats, SftExample, SftStep, StepStats};
     let spawn = || {
         ModelWorker::spawn(
             vec![(
@@ -657,14 +657,15 @@ fn sft_steps_through_the_worker_lower_the_loss_and_accumulation_matches_one_batc
     };
     let eval = |h: &cairn::worker::WorkerHandle| match h.call(
         "policy",
-        Job::EvalSft {
+        Job::measure(SftEval {
             examples: examples.clone(),
             micro_batch: 4,
-        },
+        }),
     ) {
-        Ok(JobOutput::Evaluated { loss, tokens }) => {
-            assert_eq!(tokens, 18);
-            loss
+        Ok(JobOutput::Measured(r)) => {
+            let s = r.get::<SftEvalStats>().expect("an sft eval report");
+            assert_eq!(s.tokens, 18);
+            s.loss
         }
         other => panic!("eval failed: {other:?}"),
     };
@@ -675,13 +676,14 @@ fn sft_steps_through_the_worker_lower_the_loss_and_accumulation_matches_one_batc
     for step in 1..=20u64 {
         match h.call(
             "policy",
-            Job::TrainSft {
+            Job::train(SftStep {
                 examples: examples.clone(),
                 micro_batch: 2,
                 optim: optim.clone(),
-            },
+            }),
         ) {
-            Ok(JobOutput::Trained(s)) => {
+            Ok(JobOutput::Trained(r)) => {
+                let s = r.get::<StepStats>().expect("an sft step report");
                 assert_eq!((s.step, s.tokens), (step, 18));
                 assert!(s.loss.is_finite() && s.grad_norm > 0.0);
                 last = s.loss;
@@ -701,11 +703,11 @@ fn sft_steps_through_the_worker_lower_the_loss_and_accumulation_matches_one_batc
         w.handle()
             .call(
                 "policy",
-                Job::TrainSft {
+                Job::train(SftStep {
                     examples: examples.clone(),
                     micro_batch: micro,
                     optim: optim.clone(),
-                },
+                }),
             )
             .expect("step");
     }
@@ -872,7 +874,7 @@ fn shared_prefix_prefill_matches_the_unshared_path() {
 /// matrices.
 #[test]
 fn a_packed_only_model_serves_inference_and_refuses_weight_changes() {
-    use cairn::train::{OptimConfig, SftExample};
+    use cairn::train::{OptimConfig, SftEval, SftEvalStats, SftExample, SftStep};
     let factory = |packed_only: bool| -> cairn::worker::ModelFactory {
         Box::new(move |device| {
             let mut model = Llama::random(LlamaConfig::tiny(VOCAB), 12, device)?;
@@ -910,12 +912,12 @@ fn a_packed_only_model_serves_inference_and_refuses_weight_changes() {
     }];
     let eval = |model: &str| match h.call(
         model,
-        Job::EvalSft {
+        Job::measure(SftEval {
             examples: examples.clone(),
             micro_batch: 1,
-        },
+        }),
     ) {
-        Ok(JobOutput::Evaluated { loss, .. }) => loss,
+        Ok(JobOutput::Measured(r)) => r.get::<SftEvalStats>().expect("sft eval").loss,
         other => panic!("eval failed: {other:?}"),
     };
     assert_eq!(eval("full"), eval("packed"));
@@ -923,7 +925,7 @@ fn a_packed_only_model_serves_inference_and_refuses_weight_changes() {
         Err(e) => e.to_string(),
         other => panic!("expected a refusal, got {other:?}"),
     };
-    let train = Job::TrainSft {
+    let train = Job::train(SftStep {
         examples: examples.clone(),
         micro_batch: 1,
         optim: OptimConfig {
@@ -931,7 +933,7 @@ fn a_packed_only_model_serves_inference_and_refuses_weight_changes() {
             weight_decay: 0.0,
             max_grad_norm: 1.0,
         },
-    };
+    });
     let e = refused(train);
     assert!(
         e.contains("model `packed` keeps only its packed inference weights"),
@@ -999,4 +1001,115 @@ fn a_shared_prefix_is_reused_across_calls_until_the_weights_change() {
     let after = answer(&model, &first);
     assert_eq!(model.prefix_tokens_reused(), 48, "recomputed, not served");
     assert_ne!(after, computed, "the update reached the answers");
+}
+
+/// Training algorithms are an open set: one defined here, outside the crate, runs through
+/// the worker like the built-in ones — its own optimiser slot, its own report type, saved
+/// and restored by name with the training state — with no change to `worker/` or `train/`.
+#[test]
+fn a_training_algorithm_from_outside_the_crate_runs_saves_and_resumes_through_the_worker() {
+    use cairn::model::generate::score_tensors;
+    use cairn::train::{Algorithm, OptimConfig, Report, Trainer};
+
+    /// Unlikelihood: lowers the log-probability of the given continuations.
+    #[derive(Debug)]
+    struct Unlikelihood(Vec<ScoreRequest>);
+    #[derive(Clone, Debug, PartialEq)]
+    struct UnlikelihoodStats {
+        logprob: f64,
+        step: u64,
+    }
+    impl Algorithm for Unlikelihood {
+        fn kind_name(&self) -> &'static str {
+            "unlikelihood step"
+        }
+        fn optimiser(&self) -> &'static str {
+            "unlikelihood"
+        }
+        fn optim(&self) -> OptimConfig {
+            OptimConfig {
+                lr: 3e-3,
+                weight_decay: 0.0,
+                max_grad_norm: 1.0,
+            }
+        }
+        fn sequences(&self) -> usize {
+            self.0.len()
+        }
+        fn step(&self, model: &Llama, trainer: &mut Trainer) -> Result<Report, ModelError> {
+            let config = self.optim();
+            trainer.begin_step(&config);
+            let (logprobs, _) = score_tensors(model, &self.0)?;
+            let total = logprobs.sum(tch::Kind::Float);
+            let logprob = total.double_value(&[]);
+            total.backward();
+            trainer.finish_step(&config);
+            Ok(Report::new(UnlikelihoodStats {
+                logprob,
+                step: trainer.steps(),
+            }))
+        }
+        fn stand_in(&self) -> Report {
+            Report::new(UnlikelihoodStats {
+                logprob: 0.0,
+                step: 0,
+            })
+        }
+    }
+
+    let spawn = || {
+        ModelWorker::spawn(
+            vec![(
+                "policy".into(),
+                Box::new(|device| {
+                    Ok(ServedModel::llama(
+                        Llama::random(LlamaConfig::tiny(VOCAB), 13, device)?,
+                        vec![],
+                    ))
+                }) as cairn::worker::ModelFactory,
+            )],
+            WorkerOptions::default(),
+        )
+        .expect("spawn")
+    };
+    let requests = vec![ScoreRequest {
+        context: vec![1, 2, 3],
+        continuation: vec![7, 8],
+    }];
+    let step = |h: &cairn::worker::WorkerHandle| match h
+        .call("policy", Job::train(Unlikelihood(requests.clone())))
+    {
+        Ok(JobOutput::Trained(r)) => r
+            .take::<UnlikelihoodStats>()
+            .expect("the algorithm's own report type"),
+        other => panic!("custom step failed: {other:?}"),
+    };
+    let worker = spawn();
+    let h = worker.handle();
+    let first = step(&h);
+    let second = step(&h);
+    let third = step(&h);
+    assert_eq!((first.step, second.step, third.step), (1, 2, 3));
+    assert!(
+        third.logprob < first.logprob,
+        "unlikelihood lowers the log-probability: {} -> {}",
+        first.logprob,
+        third.logprob
+    );
+
+    // Its optimiser slot is saved under its own name and restored with its step count.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    h.call("policy", Job::SaveState(state.clone()))
+        .expect("save state");
+    let resumed = spawn();
+    let r = resumed.handle();
+    r.call("policy", Job::LoadState(state)).expect("load state");
+    let fourth_resumed = step(&r);
+    let fourth = step(&h);
+    assert_eq!(
+        fourth_resumed, fourth,
+        "a restored state steps exactly as the original"
+    );
+    assert_eq!(fourth.step, 4);
 }

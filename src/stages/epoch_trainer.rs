@@ -1,4 +1,4 @@
-//! The skeleton the epoch-fed training stages (`sft`, `pm`) share: examples split into
+//! The skeleton the epoch-fed training stages (`sft`, `pm`, `ppo`) share: examples split into
 //! training and held-out sets by their key, training examples carried across epochs until a
 //! step is full, step keys derived from the step's inputs, the learning-rate schedule, and
 //! — when the schedule needs the total number of steps — training deferred until the input
@@ -65,6 +65,17 @@ impl<E: Clone> EpochTrainer<E> {
             held_out: Vec::new(),
             step_keys: Vec::new(),
         }
+    }
+
+    /// A trainer whose every epoch is one step, whatever its size, at a constant rate and
+    /// with nothing held out: `ppo`, whose update takes all of an epoch's rollouts.
+    pub fn one_step_per_epoch(name: &str, seed: u64, digest: u128) -> Self {
+        let schedule = Schedule {
+            epochs: 1,
+            warmup_steps: 0,
+            decay: schedule::Decay::Constant,
+        };
+        EpochTrainer::new(name, seed, digest, usize::MAX, 0.0, schedule)
     }
 
     /// Adds one example: held out when its key says so, else carried to the next step.
@@ -218,6 +229,25 @@ mod tests {
         assert!(steps.windows(2).all(|w| w[0].lr > w[1].lr), "{steps:?}");
         assert_eq!(steps[3].step, 4);
         assert!(t.steps(1.0, true).is_empty(), "nothing is trained twice");
+    }
+
+    #[test]
+    fn one_step_per_epoch_takes_each_epoch_whole_and_keys_it_like_any_step() {
+        let mut t = EpochTrainer::one_step_per_epoch("ppo", 9, 3);
+        for i in 0..5 {
+            t.add(key(i), i);
+        }
+        let first = t.steps(0.5, true);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].batch.len(), 5, "nothing held out, nothing carried");
+        assert_eq!((first[0].step, first[0].lr), (1, 0.5));
+        let expected =
+            crate::stages::step_key("ppo", 1, 9, 3, (0..5).map(key).collect::<Vec<_>>().iter());
+        assert_eq!(first[0].key, expected);
+        t.add(key(7), 7);
+        let second = t.steps(0.5, true);
+        assert_eq!((second.len(), second[0].step), (1, 2));
+        assert_eq!(t.step_keys(), &[first[0].key, second[0].key]);
     }
 
     #[test]

@@ -705,6 +705,20 @@ pub type TrainingBuilder = fn(
     ctx: &StageContext,
 ) -> Result<Box<dyn TrainingStage>, StageError>;
 
+/// Reads a training or measuring job's report as the type its algorithm answers, or says
+/// what came instead.
+pub fn expect_report<T: std::any::Any + Clone>(
+    stage: &str,
+    out: crate::worker::JobOutput,
+) -> Result<T, StageError> {
+    use crate::worker::JobOutput;
+    expect_output(stage, out, |o| match o {
+        JobOutput::Trained(r) => r.take::<T>().map_err(JobOutput::Trained),
+        JobOutput::Measured(r) => r.take::<T>().map_err(JobOutput::Measured),
+        other => Err(other),
+    })
+}
+
 /// Reads a model reply of the expected kind, or says what came instead.
 pub fn expect_output<T>(
     stage: &str,

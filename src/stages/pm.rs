@@ -15,11 +15,11 @@ use super::epoch_trainer::{EpochTrainer, Step};
 use super::rollout::pm_sequence;
 use super::settings_digest;
 use super::{
-    Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_output,
+    Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_report,
 };
 use crate::record::{Key, Payload, PmEvalRecord, PmStepRecord, PromptPurpose};
-use crate::train::{OptimConfig, PmExample};
-use crate::worker::{Job, JobOutput};
+use crate::train::{OptimConfig, PmEval, PmEvalStats, PmExample, PmStats, PmStep};
+use crate::worker::Job;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -268,15 +268,12 @@ impl PmStage {
             parents: vec![],
             model: self.settings.model.clone(),
             job: TrainJob::Measure {
-                job: Job::EvalPm {
+                job: Job::measure(PmEval {
                     examples: held_out.iter().map(|(_, e)| e.clone()).collect(),
                     micro_batch: self.settings.micro_batch,
-                },
+                }),
                 record: Box::new(move |out| {
-                    let s = expect_output(&name, out, |o| match o {
-                        JobOutput::PmEvaluated(s) => Ok(s),
-                        other => Err(other),
-                    })?;
+                    let s: PmEvalStats = expect_report(&name, out)?;
                     tracing::info!(
                         stage = name,
                         step,
@@ -316,16 +313,13 @@ impl PmStage {
             parents: batch.iter().map(|(k, _)| *k).collect(),
             model: s.model.clone(),
             job: TrainJob::Update {
-                job: Job::TrainPm {
+                job: Job::train(PmStep {
                     examples: batch.into_iter().map(|(_, e)| e).collect(),
                     micro_batch: s.micro_batch,
                     optim,
-                },
+                }),
                 record: Box::new(move |out| {
-                    let st = expect_output(&name, out, |o| match o {
-                        JobOutput::PmTrained(s) => Ok(s),
-                        other => Err(other),
-                    })?;
+                    let st: PmStats = expect_report(&name, out)?;
                     tracing::info!(
                         stage = name,
                         step,

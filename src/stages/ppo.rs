@@ -14,14 +14,15 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
+use super::epoch_trainer::{EpochTrainer, Step};
 use super::settings_digest;
 use super::{
-    Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_output,
+    Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_report,
 };
 use crate::record::{Key, Payload, PpoUpdateRecord};
 use crate::train::ppo::repetition;
-use crate::train::{PpoConfig, PpoRollout, PpoStats};
-use crate::worker::{Job, JobOutput};
+use crate::train::{PpoConfig, PpoRollout, PpoStats, PpoStep};
+use crate::worker::Job;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,8 +117,8 @@ pub struct PpoStage {
     settings: Settings,
     ctx: StageContext,
     digest: u128,
-    version: u64,
-    update_keys: Vec<Key>,
+    /// The whole of each epoch is one update: step numbers (policy versions) and keys.
+    trainer: EpochTrainer<PpoRollout>,
     history: Arc<Mutex<Vec<Seen>>>,
 }
 
@@ -141,13 +142,13 @@ pub fn build(
     if parsed.ppo_epochs == 0 || parsed.minibatch == 0 {
         return Err(bad("ppo_epochs and minibatch must be at least 1"));
     }
+    let digest = settings_digest(settings);
     Ok(Box::new(PpoStage {
         name: name.to_string(),
-        digest: settings_digest(settings),
+        digest,
+        trainer: EpochTrainer::one_step_per_epoch(name, ctx.seed, digest),
         settings: parsed,
         ctx: ctx.clone(),
-        version: 0,
-        update_keys: Vec::new(),
         history: Arc::new(Mutex::new(Vec::new())),
     }))
 }
@@ -205,28 +206,39 @@ impl TrainingStage for PpoStage {
     }
 
     fn add_epoch(&mut self, recs: Vec<Rec>) -> Result<Vec<TrainWork>, StageError> {
-        let mut rollouts = Vec::new();
-        let mut reps = Vec::new();
-        let mut parents = Vec::new();
-        for rec in &recs {
-            if let Payload::Rollout(r) = &rec.payload {
-                parents.push(rec.key);
-                reps.push(repetition(&r.tokens));
-                rollouts.push(PpoRollout {
-                    context: r.context.clone(),
-                    response: r.tokens.clone(),
-                    ref_logprobs: r.ref_logprobs.clone(),
-                    score: r.score,
-                });
-            }
-        }
-        if rollouts.iter().all(|r| r.response.is_empty()) {
+        let rollouts: Vec<(Key, PpoRollout)> = recs
+            .iter()
+            .filter_map(|rec| match &rec.payload {
+                Payload::Rollout(r) => Some((
+                    rec.key,
+                    PpoRollout {
+                        context: r.context.clone(),
+                        response: r.tokens.clone(),
+                        ref_logprobs: r.ref_logprobs.clone(),
+                        score: r.score,
+                    },
+                )),
+                _ => None,
+            })
+            .collect();
+        if rollouts.iter().all(|(_, r)| r.response.is_empty()) {
             return Ok(Vec::new());
         }
-        self.version += 1;
-        let version = self.version;
-        let key = super::step_key(&self.name, version, self.ctx.seed, self.digest, &parents);
-        self.update_keys.push(key);
+        for (key, rollout) in rollouts {
+            self.trainer.add(key, rollout);
+        }
+        let Some(Step {
+            key,
+            step: version,
+            batch,
+            ..
+        }) = self.trainer.steps(self.settings.lr, true).pop()
+        else {
+            return Ok(Vec::new());
+        };
+        let parents: Vec<Key> = batch.iter().map(|(k, _)| *k).collect();
+        let rollouts: Vec<PpoRollout> = batch.into_iter().map(|(_, r)| r).collect();
+        let reps: Vec<f64> = rollouts.iter().map(|r| repetition(&r.response)).collect();
         let s = &self.settings;
         let config = PpoConfig {
             lr: s.lr,
@@ -254,12 +266,9 @@ impl TrainingStage for PpoStage {
             parents,
             model: s.model.clone(),
             job: TrainJob::Update {
-                job: Job::TrainPpo { rollouts, config },
+                job: Job::train(PpoStep { rollouts, config }),
                 record: Box::new(move |out| {
-                    let st: PpoStats = expect_output(&name, out, |o| match o {
-                        JobOutput::PpoTrained(s) => Ok(s),
-                        other => Err(other),
-                    })?;
+                    let st: PpoStats = expect_report(&name, out)?;
                     let mut h = history.lock().unwrap_or_else(|p| p.into_inner());
                     h.push(Seen {
                         score: st.mean_score,
@@ -309,18 +318,19 @@ impl TrainingStage for PpoStage {
     }
 
     fn finish(&mut self) -> Result<Vec<TrainWork>, StageError> {
-        if self.version == 0 {
+        let updates = self.trainer.steps_taken();
+        if updates == 0 {
             return Ok(Vec::new());
         }
         let mut key = Key::builder(&self.name).str("checkpoint").u128(self.digest);
-        for k in &self.update_keys {
+        for k in self.trainer.step_keys() {
             key = key.key(*k);
         }
         Ok(vec![TrainWork {
             key: key.finish(),
             parents: vec![],
             model: self.settings.model.clone(),
-            job: TrainJob::Checkpoint { step: self.version },
+            job: TrainJob::Checkpoint { step: updates },
         }])
     }
 }

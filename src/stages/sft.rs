@@ -12,12 +12,12 @@ use serde::Deserialize;
 use super::epoch_trainer::{EpochTrainer, Step};
 use super::settings_digest;
 use super::{
-    Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_output,
+    Rec, StageContext, StageError, StageSettings, TrainJob, TrainWork, TrainingStage, expect_report,
 };
 use crate::model::{Message, Role};
 use crate::record::{Key, Payload, PromptPurpose, SftEvalRecord, SftStepRecord};
-use crate::train::{OptimConfig, SftExample};
-use crate::worker::{Job, JobOutput};
+use crate::train::{OptimConfig, SftEval, SftEvalStats, SftExample, SftStep, StepStats};
+use crate::worker::Job;
 
 /// Builds the stage (see [`SftStage::build`]).
 pub fn build(
@@ -221,7 +221,7 @@ impl SftStage {
                 parents: vec![],
                 model: self.settings.model.clone(),
                 job: TrainJob::Measure {
-                    job: Job::EvalSft {
+                    job: Job::measure(SftEval {
                         examples: self
                             .trainer
                             .held_out()
@@ -229,12 +229,9 @@ impl SftStage {
                             .map(|(_, e)| e.clone())
                             .collect(),
                         micro_batch: self.settings.micro_batch,
-                    },
+                    }),
                     record: Box::new(move |out| {
-                        let (loss, tokens) = expect_output(&name, out, |o| match o {
-                            JobOutput::Evaluated { loss, tokens } => Ok((loss, tokens)),
-                            other => Err(other),
-                        })?;
+                        let SftEvalStats { loss, tokens } = expect_report(&name, out)?;
                         tracing::info!(
                             stage = name,
                             step,
@@ -283,16 +280,13 @@ impl SftStage {
             parents: batch.iter().map(|(k, _)| *k).collect(),
             model: s.model.clone(),
             job: TrainJob::Update {
-                job: Job::TrainSft {
+                job: Job::train(SftStep {
                     examples: batch.into_iter().map(|(_, e)| e).collect(),
                     micro_batch: s.micro_batch,
                     optim,
-                },
+                }),
                 record: Box::new(move |out| {
-                    let stats = expect_output(&name, out, |o| match o {
-                        JobOutput::Trained(s) => Ok(s),
-                        other => Err(other),
-                    })?;
+                    let stats: StepStats = expect_report(&name, out)?;
                     tracing::info!(
                         stage = name,
                         step,

@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::sft::{OptimConfig, Trainer, global_grad_norm};
+use super::algorithm::{Algorithm, Measurement, Report};
+use super::sft::{OptimConfig, Trainer};
 use crate::model::ModelError;
 use crate::model::generate::{left_pad, to_vec_f32};
 use crate::model::llama::Llama;
@@ -134,9 +135,7 @@ impl Trainer {
         config: &OptimConfig,
     ) -> Result<PmStats, ModelError> {
         check_labels(examples)?;
-        self.opt.set_lr(config.lr);
-        self.opt.set_weight_decay(config.weight_decay);
-        self.opt.zero_grad();
+        self.begin_step(config);
         let n = examples.len() as f64;
         let mut total = 0.0;
         let (mut right, mut counted) = (0, 0);
@@ -148,12 +147,7 @@ impl Trainer {
             counted += c;
             (loss / n).backward();
         }
-        let grad_norm = global_grad_norm(&self.opt.trainable_variables());
-        if config.max_grad_norm > 0.0 {
-            self.opt.clip_grad_norm(config.max_grad_norm);
-        }
-        self.opt.step();
-        self.steps += 1;
+        let grad_norm = self.finish_step(config);
         Ok(PmStats {
             loss: total / n,
             accuracy: if counted == 0 {
@@ -200,6 +194,81 @@ pub fn pm_eval(
         ece: calibration_error(&predicted, &labels),
         examples: examples.len(),
     })
+}
+
+/// One preference-model optimiser step (the [`Algorithm`] behind a `pm` stage's steps).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PmStep {
+    /// Labelled comparisons.
+    pub examples: Vec<PmExample>,
+    /// Comparisons per forward/backward pass.
+    pub micro_batch: usize,
+    /// Optimiser settings for this step.
+    pub optim: OptimConfig,
+}
+
+impl Algorithm for PmStep {
+    fn kind_name(&self) -> &'static str {
+        "pm step"
+    }
+    fn optimiser(&self) -> &'static str {
+        "pm"
+    }
+    fn optim(&self) -> OptimConfig {
+        self.optim.clone()
+    }
+    fn sequences(&self) -> usize {
+        self.examples.len()
+    }
+    fn step(&self, model: &Llama, trainer: &mut Trainer) -> Result<Report, ModelError> {
+        trainer
+            .pm_step(model, &self.examples, self.micro_batch, &self.optim)
+            .map(Report::new)
+    }
+    fn stand_in(&self) -> Report {
+        Report::new(PmStats {
+            loss: std::f64::consts::LN_2,
+            accuracy: 0.0,
+            grad_norm: 0.0,
+            step: 0,
+        })
+    }
+}
+
+/// Held-out preference-model quality (a `pm` stage's evaluation).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PmEval {
+    /// Labelled comparisons.
+    pub examples: Vec<PmExample>,
+    /// Comparisons per forward pass.
+    pub micro_batch: usize,
+}
+
+impl Measurement for PmEval {
+    fn kind_name(&self) -> &'static str {
+        "pm eval"
+    }
+    fn sequences(&self) -> usize {
+        self.examples.len()
+    }
+    fn measure(&self, model: &Llama) -> Result<Report, ModelError> {
+        pm_eval(model, &self.examples, self.micro_batch).map(Report::new)
+    }
+    fn stand_in(&self) -> Report {
+        let n = self.examples.len().max(1) as f64;
+        Report::new(PmEvalStats {
+            loss: std::f64::consts::LN_2,
+            accuracy: 0.0,
+            brier: self
+                .examples
+                .iter()
+                .map(|e| (0.5 - f64::from(e.p_a)).powi(2))
+                .sum::<f64>()
+                / n,
+            ece: 0.0,
+            examples: self.examples.len(),
+        })
+    }
 }
 
 /// Expected calibration error: predictions binned into 10 equal-width bins; the

@@ -14,6 +14,8 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use super::algorithm::{Algorithm, Report};
+use super::sft::{OptimConfig, Trainer};
 use crate::model::ModelError;
 use crate::model::generate::{left_pad, to_vec_f32};
 use crate::model::llama::Llama;
@@ -191,6 +193,62 @@ pub fn repetition(tokens: &[u32]) -> f64 {
 /// ```
 pub fn k3(r: f64) -> f64 {
     r.exp_m1() - r
+}
+
+/// One PPO update (the [`Algorithm`] behind a `ppo` stage's updates): adds a value head on
+/// first use and keeps its own optimiser per model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PpoStep {
+    /// The rollouts.
+    pub rollouts: Vec<PpoRollout>,
+    /// PPO settings.
+    pub config: PpoConfig,
+}
+
+impl Algorithm for PpoStep {
+    fn kind_name(&self) -> &'static str {
+        "ppo update"
+    }
+    fn optimiser(&self) -> &'static str {
+        "ppo"
+    }
+    fn optim(&self) -> OptimConfig {
+        OptimConfig {
+            lr: self.config.lr,
+            weight_decay: 0.0,
+            max_grad_norm: self.config.max_grad_norm,
+        }
+    }
+    fn sequences(&self) -> usize {
+        self.rollouts.len()
+    }
+    fn prepare(&self, model: &mut Llama) {
+        // The value head shares the policy's trunk.
+        model.ensure_score_head();
+    }
+    fn step(&self, model: &Llama, trainer: &mut Trainer) -> Result<Report, ModelError> {
+        trainer.opt.set_lr(self.config.lr);
+        trainer.steps += 1;
+        ppo_update(model, &mut trainer.opt, &self.rollouts, &self.config).map(Report::new)
+    }
+    fn stand_in(&self) -> Report {
+        let n = self.rollouts.len().max(1) as f64;
+        Report::new(PpoStats {
+            mean_score: self
+                .rollouts
+                .iter()
+                .map(|r| f64::from(r.score))
+                .sum::<f64>()
+                / n,
+            response_length: self
+                .rollouts
+                .iter()
+                .map(|r| r.response.len() as f64)
+                .sum::<f64>()
+                / n,
+            ..PpoStats::default()
+        })
+    }
 }
 
 /// One PPO update of `model` (which must have a value head) with optimiser `opt`.

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::adamw::AdamW;
+use super::algorithm::{Algorithm, Measurement, Report};
 
 use crate::model::ModelError;
 use crate::model::generate::{ScoreRequest, score_tensors};
@@ -75,6 +76,32 @@ impl Trainer {
         Ok(Trainer { opt, steps: 0 })
     }
 
+    /// Starts an optimiser step: this step's learning rate and weight decay, gradients
+    /// zeroed. Backpropagate the step's loss(es), then call [`Trainer::finish_step`].
+    pub fn begin_step(&mut self, config: &OptimConfig) {
+        self.opt.set_lr(config.lr);
+        self.opt.set_weight_decay(config.weight_decay);
+        self.opt.zero_grad();
+    }
+
+    /// Ends an optimiser step: measures the gradient norm (returned, before clipping),
+    /// clips it to `config.max_grad_norm` (0: no clipping), updates the weights and counts
+    /// the step.
+    pub fn finish_step(&mut self, config: &OptimConfig) -> f64 {
+        let grad_norm = global_grad_norm(&self.opt.trainable_variables());
+        if config.max_grad_norm > 0.0 {
+            self.opt.clip_grad_norm(config.max_grad_norm);
+        }
+        self.opt.step();
+        self.steps += 1;
+        grad_norm
+    }
+
+    /// Optimiser steps taken so far (restored with a training state).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
     /// One optimiser step over `examples`, accumulated over micro-batches of `micro_batch`.
     pub fn sft_step(
         &mut self,
@@ -89,9 +116,7 @@ impl Trainer {
                 "an SFT step needs at least one target token".into(),
             ));
         }
-        self.opt.set_lr(config.lr);
-        self.opt.set_weight_decay(config.weight_decay);
-        self.opt.zero_grad();
+        self.begin_step(config);
         let mut total = 0.0;
         for chunk in examples.chunks(micro_batch.max(1)) {
             let (nll, _) = sum_nll(model, chunk)?;
@@ -99,12 +124,7 @@ impl Trainer {
             // Scale by the whole step's token count so accumulation equals one big batch.
             (nll / tokens as f64).backward();
         }
-        let grad_norm = global_grad_norm(&self.opt.trainable_variables());
-        if config.max_grad_norm > 0.0 {
-            self.opt.clip_grad_norm(config.max_grad_norm);
-        }
-        self.opt.step();
-        self.steps += 1;
+        let grad_norm = self.finish_step(config);
         Ok(StepStats {
             loss: total / tokens as f64,
             tokens,
@@ -134,6 +154,82 @@ pub fn sft_eval(
         ));
     }
     Ok((total / tokens as f64, tokens))
+}
+
+/// Held-out loss of an SFT evaluation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SftEvalStats {
+    /// Mean loss per target token.
+    pub loss: f64,
+    /// Target tokens.
+    pub tokens: usize,
+}
+
+/// One supervised optimiser step (the [`Algorithm`] behind an `sft` stage's steps).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SftStep {
+    /// The step's examples.
+    pub examples: Vec<SftExample>,
+    /// Examples per forward/backward pass (gradient accumulation).
+    pub micro_batch: usize,
+    /// Optimiser settings for this step.
+    pub optim: OptimConfig,
+}
+
+impl Algorithm for SftStep {
+    fn kind_name(&self) -> &'static str {
+        "sft step"
+    }
+    fn optimiser(&self) -> &'static str {
+        "sft"
+    }
+    fn optim(&self) -> OptimConfig {
+        self.optim.clone()
+    }
+    fn sequences(&self) -> usize {
+        self.examples.len()
+    }
+    fn step(&self, model: &Llama, trainer: &mut Trainer) -> Result<Report, ModelError> {
+        trainer
+            .sft_step(model, &self.examples, self.micro_batch, &self.optim)
+            .map(Report::new)
+    }
+    fn stand_in(&self) -> Report {
+        Report::new(StepStats {
+            loss: 0.0,
+            tokens: self.examples.iter().map(|e| e.target.len()).sum(),
+            grad_norm: 0.0,
+            step: 0,
+        })
+    }
+}
+
+/// Mean loss per target token, without training (an `sft` stage's held-out loss).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SftEval {
+    /// The examples.
+    pub examples: Vec<SftExample>,
+    /// Examples per forward pass.
+    pub micro_batch: usize,
+}
+
+impl Measurement for SftEval {
+    fn kind_name(&self) -> &'static str {
+        "sft eval"
+    }
+    fn sequences(&self) -> usize {
+        self.examples.len()
+    }
+    fn measure(&self, model: &Llama) -> Result<Report, ModelError> {
+        let (loss, tokens) = sft_eval(model, &self.examples, self.micro_batch)?;
+        Ok(Report::new(SftEvalStats { loss, tokens }))
+    }
+    fn stand_in(&self) -> Report {
+        Report::new(SftEvalStats {
+            loss: 0.0,
+            tokens: self.examples.iter().map(|e| e.target.len()).sum(),
+        })
+    }
 }
 
 /// Summed negative log-likelihood of the targets, and their count.

@@ -5,7 +5,6 @@
 
 use super::{Job, JobOutput, Reply};
 use crate::model::{Finish, Generation, ModelError, Scored};
-use crate::train::{PmEvalStats, PmStats, PpoStats, StepStats};
 
 /// The instant model's answers.
 pub(super) fn reply(job: &Job) -> Reply {
@@ -34,48 +33,13 @@ pub(super) fn reply(job: &Job) -> Reply {
         Job::ScoreChoices(r) => {
             JobOutput::ChoiceScores(r.iter().map(|r| vec![0.0; r.choices.len()]).collect())
         }
-        Job::TrainSft { examples, .. } => JobOutput::Trained(StepStats {
-            loss: 0.0,
-            tokens: examples.iter().map(|e| e.target.len()).sum(),
-            grad_norm: 0.0,
-            step: 0,
-        }),
-        Job::EvalSft { examples, .. } => JobOutput::Evaluated {
-            loss: 0.0,
-            tokens: examples.iter().map(|e| e.target.len()).sum(),
-        },
+        Job::Train(algorithm) => JobOutput::Trained(algorithm.stand_in()),
+        Job::Measure(measurement) => JobOutput::Measured(measurement.stand_in()),
         Job::Save(_) | Job::SaveState(_) | Job::LoadState(_) => {
             return Err(ModelError::InvalidRequest(
                 "the instant model has no weights to save or restore".into(),
             ));
         }
-        Job::TrainPm { .. } => JobOutput::PmTrained(PmStats {
-            loss: std::f64::consts::LN_2,
-            accuracy: 0.0,
-            grad_norm: 0.0,
-            step: 0,
-        }),
-        Job::EvalPm { examples, .. } => JobOutput::PmEvaluated(PmEvalStats {
-            loss: std::f64::consts::LN_2,
-            accuracy: 0.0,
-            brier: examples
-                .iter()
-                .map(|e| (0.5 - f64::from(e.p_a)).powi(2))
-                .sum::<f64>()
-                / examples.len().max(1) as f64,
-            ece: 0.0,
-            examples: examples.len(),
-        }),
-        Job::TrainPpo { rollouts, .. } => JobOutput::PpoTrained(PpoStats {
-            mean_score: rollouts.iter().map(|r| f64::from(r.score)).sum::<f64>()
-                / rollouts.len().max(1) as f64,
-            response_length: rollouts
-                .iter()
-                .map(|r| r.response.len() as f64)
-                .sum::<f64>()
-                / rollouts.len().max(1) as f64,
-            ..PpoStats::default()
-        }),
         Job::CopyFrom(_) => JobOutput::Copied,
     })
 }

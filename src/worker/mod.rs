@@ -30,13 +30,7 @@ use crate::model::llama::Llama;
 
 pub mod instant;
 mod merge;
-use crate::train::pm::pm_eval;
-use crate::train::ppo::ppo_update;
-use crate::train::sft::sft_eval;
-use crate::train::{
-    OptimConfig, PmEvalStats, PmExample, PmStats, PpoConfig, PpoRollout, PpoStats, SftExample,
-    StepStats, Trainer,
-};
+use crate::train::{Algorithm, Measurement, OptimConfig, Report, Trainer};
 
 /// A callback run after a job's reply has been sent.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -50,48 +44,13 @@ pub enum Job {
     Score(Vec<ScoreRequest>),
     /// Total log-probability of each choice after its context (one pass per context).
     ScoreChoices(Vec<ChoiceRequest>),
-    /// One supervised optimiser step (AdamW; the optimiser is created on first use and kept
-    /// by the worker for that model).
-    TrainSft {
-        /// The step's examples.
-        examples: Vec<SftExample>,
-        /// Examples per forward/backward pass (gradient accumulation).
-        micro_batch: usize,
-        /// Optimiser settings for this step.
-        optim: OptimConfig,
-    },
-    /// Mean loss per target token, without training (held-out loss).
-    EvalSft {
-        /// The examples.
-        examples: Vec<SftExample>,
-        /// Examples per forward pass.
-        micro_batch: usize,
-    },
+    /// One optimiser step of any training algorithm (`crate::train::Algorithm`). The
+    /// worker keeps one optimiser per model and algorithm slot, created on first use.
+    Train(Arc<dyn Algorithm>),
+    /// A read-only evaluation (`crate::train::Measurement`), such as a held-out loss.
+    Measure(Arc<dyn Measurement>),
     /// Write the model as a Hugging Face directory (`config.json`, `model.safetensors`).
     Save(PathBuf),
-    /// One preference-model step (AdamW, kept per model like `TrainSft`'s).
-    TrainPm {
-        /// Labelled comparisons.
-        examples: Vec<PmExample>,
-        /// Comparisons per forward/backward pass.
-        micro_batch: usize,
-        /// Optimiser settings for this step.
-        optim: OptimConfig,
-    },
-    /// Held-out preference-model quality.
-    EvalPm {
-        /// Labelled comparisons.
-        examples: Vec<PmExample>,
-        /// Comparisons per forward pass.
-        micro_batch: usize,
-    },
-    /// One PPO update (adds a value head on first use; its own AdamW per model).
-    TrainPpo {
-        /// The rollouts.
-        rollouts: Vec<PpoRollout>,
-        /// PPO settings.
-        config: PpoConfig,
-    },
     /// Replace this model's weights with a copy of another model's (e.g. freeze the SL-CAI
     /// policy as the RL reference before PPO changes it).
     CopyFrom(String),
@@ -103,6 +62,16 @@ pub enum Job {
 }
 
 impl Job {
+    /// A training job: one step of `algorithm`.
+    pub fn train(algorithm: impl Algorithm + 'static) -> Job {
+        Job::Train(Arc::new(algorithm))
+    }
+
+    /// A measuring job.
+    pub fn measure(measurement: impl Measurement + 'static) -> Job {
+        Job::Measure(Arc::new(measurement))
+    }
+
     fn tokens(&self) -> usize {
         match self {
             Job::Generate(r) => r
@@ -131,23 +100,12 @@ pub enum JobOutput {
     Scored(Vec<Scored>),
     /// Per request, the total log-probability of each choice.
     ChoiceScores(Vec<Vec<f32>>),
-    /// What a training step did.
-    Trained(StepStats),
-    /// Mean loss per target token and the token count.
-    Evaluated {
-        /// Mean loss.
-        loss: f64,
-        /// Target tokens.
-        tokens: usize,
-    },
+    /// What a training step did, as its algorithm reports it.
+    Trained(Report),
+    /// What a measurement found.
+    Measured(Report),
     /// Files written.
     Saved(Vec<PathBuf>),
-    /// What a preference-model step did.
-    PmTrained(PmStats),
-    /// Held-out preference-model quality.
-    PmEvaluated(PmEvalStats),
-    /// What a PPO update did.
-    PpoTrained(PpoStats),
     /// Weights copied.
     Copied,
     /// A training state restored.
@@ -469,14 +427,13 @@ fn run_alone(
         respond(s, reply);
         return;
     }
-    if matches!(s.job, Job::TrainPpo { .. })
+    if let Job::Train(algorithm) = &s.job
         && let Some(ServedModel {
             backend: Backend::Llama(m),
             ..
         }) = models.get_mut(&s.model)
     {
-        // PPO's value head shares the policy's trunk; it is added on first use.
-        m.ensure_score_head();
+        algorithm.prepare(m);
     }
     let Some(served) = models.get(&s.model) else {
         let name = s.model.clone();
@@ -503,41 +460,18 @@ fn run_alone(
     };
     let outcome = catch_unwind(AssertUnwindSafe(|| -> Reply {
         match &s.job {
-            Job::TrainSft {
-                examples,
-                micro_batch,
-                optim,
-            } => trainer(trainers, &s.model, "sft", model, optim)?
-                .sft_step(model, examples, *micro_batch, optim)
-                .map(JobOutput::Trained),
-            Job::TrainPm {
-                examples,
-                micro_batch,
-                optim,
-            } => trainer(trainers, &s.model, "pm", model, optim)?
-                .pm_step(model, examples, *micro_batch, optim)
-                .map(JobOutput::PmTrained),
-            Job::EvalPm {
-                examples,
-                micro_batch,
-            } => pm_eval(model, examples, *micro_batch).map(JobOutput::PmEvaluated),
-            Job::TrainPpo { rollouts, config } => {
-                let optim = OptimConfig {
-                    lr: config.lr,
-                    weight_decay: 0.0,
-                    max_grad_norm: config.max_grad_norm,
-                };
-                let t = trainer(trainers, &s.model, "ppo", model, &optim)?;
-                t.opt.set_lr(config.lr);
-                t.steps += 1;
-                ppo_update(model, &mut t.opt, rollouts, config).map(JobOutput::PpoTrained)
+            Job::Train(algorithm) => {
+                let t = trainer(
+                    trainers,
+                    &s.model,
+                    algorithm.optimiser(),
+                    model,
+                    &algorithm.optim(),
+                )?;
+                algorithm.step(model, t).map(JobOutput::Trained)
             }
+            Job::Measure(measurement) => measurement.measure(model).map(JobOutput::Measured),
             Job::CopyFrom(_) => Err(ModelError::InvalidRequest("handled above".into())),
-            Job::EvalSft {
-                examples,
-                micro_batch,
-            } => sft_eval(model, examples, *micro_batch)
-                .map(|(loss, tokens)| JobOutput::Evaluated { loss, tokens }),
             Job::Save(dir) => model.save_dir(dir).map(|()| {
                 JobOutput::Saved(vec![dir.join("config.json"), dir.join("model.safetensors")])
             }),
@@ -611,11 +545,7 @@ fn packed_only_refusal(
 ) -> Option<ModelError> {
     let packed_only = |name: &str| matches!(models.get(name), Some(ServedModel { backend: Backend::Llama(m), .. }) if m.is_packed_only());
     let involved: Vec<&str> = match &s.job {
-        Job::Generate(_)
-        | Job::Score(_)
-        | Job::ScoreChoices(_)
-        | Job::EvalSft { .. }
-        | Job::EvalPm { .. } => return None,
+        Job::Generate(_) | Job::Score(_) | Job::ScoreChoices(_) | Job::Measure(_) => return None,
         Job::CopyFrom(source) => vec![s.model.as_str(), source.as_str()],
         _ => vec![s.model.as_str()],
     };
