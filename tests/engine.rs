@@ -768,20 +768,20 @@ fn a_stage_mixing_pure_and_model_work_completes_every_task() {
                     key: Key::builder("mixed").key(rec.key).u64(1).finish(),
                     input: rec.clone(),
                     history: Vec::new(),
-                    work: Work::Generate {
-                        model: "policy".into(),
-                        request: GenerateRequest {
+                    work: Work::generate(
+                        "policy",
+                        GenerateRequest {
                             prompt: vec![1, 65, 66],
                             params: SamplingParams::greedy(2),
                         },
-                    },
+                    ),
                 },
             ])
         }
         fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError> {
-            let reason = match (&task.work, reply) {
-                (Work::Pure(_), Reply::Pure(_)) => "pure".to_string(),
-                (Work::Generate { .. }, Reply::Generated(g)) => {
+            let reason = match (&task.work, reply.generation(), &reply) {
+                (Work::Pure(_), _, Reply::Pure(_)) => "pure".to_string(),
+                (Work::Model { .. }, Some(g), _) => {
                     format!("generated {}", g.tokens.len())
                 }
                 _ => {

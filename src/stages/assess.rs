@@ -134,10 +134,7 @@ impl Stage for AssessStage {
         Ok(vec![Task::new(
             key,
             rec.clone(),
-            Work::ScoreChoices {
-                model: self.settings.model.clone(),
-                requests,
-            },
+            Work::score_choices(&self.settings.model, requests),
         )])
     }
 
@@ -147,7 +144,7 @@ impl Stage for AssessStage {
             key: task.input.key,
             message: message.into(),
         };
-        let (Payload::Pair(pair), Reply::ChoiceScores(scores)) = (&task.input.payload, reply)
+        let (Payload::Pair(pair), Some(scores)) = (&task.input.payload, reply.choice_scores())
         else {
             return Err(err("unexpected reply"));
         };

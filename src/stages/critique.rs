@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::settings_digest;
 use super::{
     ChatPrefix, GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings,
-    Task, Work, generate_task,
+    Task, generate_task,
 };
 use crate::constitution::{CritiquePrinciple, render};
 use crate::model::{Message, Role};
@@ -362,9 +362,11 @@ impl Stage for CritiqueStage {
             key: task.input.key,
             message: message.to_string(),
         };
-        let (Some((conversation, response)), Reply::Generated(g), Work::Generate { request, .. }) =
-            (self.latest(&task.input), reply, &task.work)
-        else {
+        let (Some((conversation, response)), Some(g), Some(request)) = (
+            self.latest(&task.input),
+            reply.into_generation(),
+            task.work.generate_request(),
+        ) else {
             return Err(err("unexpected reply"));
         };
         let principle = self.draw(task.input.key);

@@ -282,13 +282,13 @@ impl Stage for FilterStage {
                     .tokenizer(&self.name, model)?
                     .encode_chat(&[crate::model::Message::new(crate::model::Role::User, text)])
                     .map_err(|e| err(e.to_string()))?;
-                Work::ScoreChoices {
-                    model: model.clone(),
-                    requests: vec![crate::model::ChoiceRequest {
+                Work::score_choices(
+                    model,
+                    vec![crate::model::ChoiceRequest {
                         context,
                         choices: vec![yes.clone(), no.clone()],
                     }],
-                }
+                )
             }
             _ => Work::Pure(Payload::Target(target)),
         };
@@ -303,9 +303,13 @@ impl Stage for FilterStage {
         };
         match reply {
             Reply::Pure(p) => Ok(p),
-            Reply::ChoiceScores(scores) => {
-                let Some([yes, no]) = scores.first().map(|s| s.as_slice()) else {
-                    return Err(err("expected two choice scores"));
+            reply @ Reply::Model(_) => {
+                let Some([yes, no]) = reply
+                    .choice_scores()
+                    .and_then(|s| s.first())
+                    .map(|s| s.as_slice())
+                else {
+                    return Err(err("unexpected reply: expected two choice scores"));
                 };
                 let mut target = self
                     .check(&task.input)?
@@ -318,7 +322,6 @@ impl Stage for FilterStage {
                 }
                 Ok(Payload::Target(target))
             }
-            _ => Err(err("unexpected reply")),
         }
     }
 }

@@ -335,10 +335,7 @@ impl JudgeStage {
                 choices: vec![self.option_a.clone(), self.option_b.clone()],
             })
             .collect();
-        Work::ScoreChoices {
-            model: self.settings.model.clone(),
-            requests,
-        }
+        Work::score_choices(&self.settings.model, requests)
     }
 
     fn seed(&self, rec: &Rec) -> u64 {
@@ -348,7 +345,7 @@ impl JudgeStage {
     /// Reasoning texts decoded from the first call's reply, and the token ids that follow each
     /// question before the options: the reasoning and the answer lead.
     fn reasonings(&self, reply: &Reply) -> Result<Vec<(String, Vec<u32>)>, StageError> {
-        let Reply::GeneratedMany(gens) = reply else {
+        let Some(gens) = reply.generations() else {
             return Err(StageError::Config {
                 stage: self.name.clone(),
                 message: "expected the reasoning generations".into(),
@@ -395,9 +392,9 @@ impl Stage for JudgeStage {
             .finish();
         let work = if self.settings.cot {
             let seed = self.seed(rec);
-            Work::GenerateMany {
-                model: self.settings.model.clone(),
-                requests: questions
+            Work::generate_many(
+                &self.settings.model,
+                questions
                     .into_iter()
                     .enumerate()
                     .map(|(i, q)| GenerateRequest {
@@ -412,7 +409,7 @@ impl Stage for JudgeStage {
                         },
                     })
                     .collect(),
-            }
+            )
         } else {
             self.option_requests(questions.into_iter().map(|q| q.context).collect())
         };
@@ -445,7 +442,7 @@ impl Stage for JudgeStage {
         let Some(pair) = self.pair(&task.input) else {
             return Err(err("not a pair".into()));
         };
-        let Reply::ChoiceScores(scores) = reply else {
+        let Some(scores) = reply.choice_scores() else {
             return Err(err("expected option scores".into()));
         };
         let questions = self.questions(&task.input, pair)?;
@@ -467,7 +464,7 @@ impl Stage for JudgeStage {
         let clamp = self.settings.cot.then_some(self.settings.clamp);
         let votes: Vec<Vote> = questions
             .into_iter()
-            .zip(&scores)
+            .zip(scores)
             .zip(reasonings)
             .map(|((q, s), reasoning)| Vote {
                 p_first: first_probability(s[0], s[1], q.swapped, clamp),

@@ -83,112 +83,108 @@ impl<'de> serde::Deserialize<'de> for Rec {
     }
 }
 
-/// Model work a task needs.
+/// Model work a task needs: a worker [`Job`](crate::worker::Job) addressed to a model of
+/// the run by name, or nothing to compute. Stages and the worker share one request
+/// vocabulary; the engine merges a chunk's jobs into one model call and splits the answer
+/// back, one [`Reply`] per task.
+///
+/// ```
+/// use cairn::model::{GenerateRequest, SamplingParams};
+/// use cairn::stages::Work;
+/// let work = Work::generate(
+///     "policy",
+///     GenerateRequest { prompt: vec![1, 2], params: SamplingParams::default() },
+/// );
+/// assert_eq!((work.model(), work.requests()), (Some("policy"), 1));
+/// assert_eq!(work.generate_request().map(|r| r.prompt.len()), Some(2));
+/// ```
 #[derive(Clone, Debug)]
 pub enum Work {
-    /// Generate with the named model.
-    Generate {
+    /// A job for the named model.
+    Model {
         /// Model name in the run.
         model: String,
-        /// The request.
-        request: GenerateRequest,
-    },
-    /// Score with the named model.
-    Score {
-        /// Model name in the run.
-        model: String,
-        /// The request.
-        request: ScoreRequest,
-    },
-    /// Several generations with the named model, in one model call with the chunk.
-    GenerateMany {
-        /// Model name in the run.
-        model: String,
-        /// The requests.
-        requests: Vec<GenerateRequest>,
-    },
-    /// Several scorings with the named model, in one model call with the chunk.
-    ScoreMany {
-        /// Model name in the run.
-        model: String,
-        /// The requests.
-        requests: Vec<ScoreRequest>,
-    },
-    /// Multiple-choice questions for the named model: each context once, then its choices.
-    ScoreChoices {
-        /// Model name in the run.
-        model: String,
-        /// The questions.
-        requests: Vec<crate::model::ChoiceRequest>,
+        /// What it computes (generation, scoring or multiple-choice scoring).
+        job: crate::worker::Job,
     },
     /// No model work: the output is known already.
     Pure(Payload),
 }
 
 impl Work {
-    /// The worker job this work is (`None` for pure work): the stage's and the worker's
-    /// vocabularies are one, a `Work` being a job addressed to a model by name.
-    pub fn job(&self) -> Option<crate::worker::Job> {
-        use crate::worker::Job;
-        Some(match self {
-            Work::Generate { request, .. } => Job::Generate(vec![request.clone()]),
-            Work::GenerateMany { requests, .. } => Job::Generate(requests.clone()),
-            Work::Score { request, .. } => Job::Score(vec![request.clone()]),
-            Work::ScoreMany { requests, .. } => Job::Score(requests.clone()),
-            Work::ScoreChoices { requests, .. } => Job::ScoreChoices(requests.clone()),
-            Work::Pure(_) => return None,
-        })
+    /// One generation with `model`.
+    pub fn generate(model: &str, request: GenerateRequest) -> Work {
+        Work::generate_many(model, vec![request])
+    }
+
+    /// Several generations with `model`, in one model call with the rest of the chunk.
+    pub fn generate_many(model: &str, requests: Vec<GenerateRequest>) -> Work {
+        Work::Model {
+            model: model.to_string(),
+            job: crate::worker::Job::Generate(requests),
+        }
+    }
+
+    /// One scoring with `model`.
+    pub fn score(model: &str, request: ScoreRequest) -> Work {
+        Work::Model {
+            model: model.to_string(),
+            job: crate::worker::Job::Score(vec![request]),
+        }
+    }
+
+    /// Multiple-choice questions for `model`: each context once, then its choices.
+    pub fn score_choices(model: &str, requests: Vec<crate::model::ChoiceRequest>) -> Work {
+        Work::Model {
+            model: model.to_string(),
+            job: crate::worker::Job::ScoreChoices(requests),
+        }
+    }
+
+    /// The worker job this work is (`None` for pure work).
+    pub fn job(&self) -> Option<&crate::worker::Job> {
+        match self {
+            Work::Model { job, .. } => Some(job),
+            Work::Pure(_) => None,
+        }
     }
 
     /// How many requests the work's job carries (0 for pure work).
     pub fn requests(&self) -> usize {
-        match self {
-            Work::Generate { .. } | Work::Score { .. } => 1,
-            Work::GenerateMany { requests, .. } => requests.len(),
-            Work::ScoreMany { requests, .. } => requests.len(),
-            Work::ScoreChoices { requests, .. } => requests.len(),
-            Work::Pure(_) => 0,
+        self.job().map_or(0, |j| j.requests())
+    }
+
+    /// The first generation request, for work that generates.
+    pub fn generate_request(&self) -> Option<&GenerateRequest> {
+        match self.job() {
+            Some(crate::worker::Job::Generate(r)) => r.first(),
+            _ => None,
         }
     }
 
     /// The reply to this work, from the worker's output for [`Work::job`]; an output of
     /// another kind or size is an error saying what came.
     pub fn reply(&self, out: crate::worker::JobOutput) -> Result<Reply, String> {
-        use crate::worker::JobOutput;
-        match (self, out) {
-            (Work::Generate { .. }, JobOutput::Generated(mut g)) if g.len() == 1 => {
-                Ok(Reply::Generated(g.remove(0)))
-            }
-            (Work::GenerateMany { requests, .. }, JobOutput::Generated(g))
-                if g.len() == requests.len() =>
-            {
-                Ok(Reply::GeneratedMany(g))
-            }
-            (Work::Score { .. }, JobOutput::Scored(mut s)) if s.len() == 1 => {
-                Ok(Reply::Scored(s.remove(0)))
-            }
-            (Work::ScoreMany { requests, .. }, JobOutput::Scored(s))
-                if s.len() == requests.len() =>
-            {
-                Ok(Reply::ScoredMany(s))
-            }
-            (Work::ScoreChoices { requests, .. }, JobOutput::ChoiceScores(c))
-                if c.len() == requests.len() =>
-            {
-                Ok(Reply::ChoiceScores(c))
-            }
-            (work, out) => Err(format!("{out:?} does not answer {work:?}")),
+        use crate::worker::{Job, JobOutput};
+        let answers = match (self.job(), &out) {
+            (Some(Job::Generate(_)), JobOutput::Generated(g)) => g.len(),
+            (Some(Job::Score(_)), JobOutput::Scored(s)) => s.len(),
+            (Some(Job::ScoreChoices(_)), JobOutput::ChoiceScores(c)) => c.len(),
+            _ => return Err(format!("{out:?} does not answer {self:?}")),
+        };
+        if answers != self.requests() {
+            return Err(format!(
+                "{answers} answers to {} requests: {out:?} does not answer {self:?}",
+                self.requests()
+            ));
         }
+        Ok(Reply::Model(out))
     }
 
     /// The model the work runs on (`None` for pure work).
     pub fn model(&self) -> Option<&str> {
         match self {
-            Work::Generate { model, .. }
-            | Work::Score { model, .. }
-            | Work::GenerateMany { model, .. }
-            | Work::ScoreMany { model, .. }
-            | Work::ScoreChoices { model, .. } => Some(model),
+            Work::Model { model, .. } => Some(model),
             Work::Pure(_) => None,
         }
     }
@@ -220,21 +216,65 @@ impl Task {
     }
 }
 
-/// What the model answered for a task.
+/// What the model answered for a task: the worker's output for the task's job, one answer
+/// per request, in order.
 #[derive(Clone, Debug)]
 pub enum Reply {
-    /// For [`Work::Generate`].
-    Generated(Generation),
-    /// For [`Work::Score`].
-    Scored(Scored),
-    /// For [`Work::GenerateMany`], in request order.
-    GeneratedMany(Vec<Generation>),
-    /// For [`Work::ScoreMany`], in request order.
-    ScoredMany(Vec<Scored>),
-    /// For [`Work::ScoreChoices`]: per question, each choice's total log-probability.
-    ChoiceScores(Vec<Vec<f32>>),
+    /// For [`Work::Model`].
+    Model(crate::worker::JobOutput),
     /// For [`Work::Pure`].
     Pure(Payload),
+}
+
+impl Reply {
+    /// The generations, for generate work.
+    pub fn generations(&self) -> Option<&[Generation]> {
+        match self {
+            Reply::Model(crate::worker::JobOutput::Generated(g)) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The generation, for generate work of one request.
+    pub fn generation(&self) -> Option<&Generation> {
+        self.generations().filter(|g| g.len() == 1).map(|g| &g[0])
+    }
+
+    /// The generations, owned, for generate work.
+    pub fn into_generations(self) -> Option<Vec<Generation>> {
+        match self {
+            Reply::Model(crate::worker::JobOutput::Generated(g)) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The generation, owned, for generate work of one request.
+    pub fn into_generation(self) -> Option<Generation> {
+        self.into_generations()
+            .filter(|g| g.len() == 1)
+            .and_then(|g| g.into_iter().next())
+    }
+
+    /// The scores, for score work.
+    pub fn scores(&self) -> Option<&[Scored]> {
+        match self {
+            Reply::Model(crate::worker::JobOutput::Scored(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The score, for score work of one request.
+    pub fn scored(&self) -> Option<&Scored> {
+        self.scores().filter(|s| s.len() == 1).map(|s| &s[0])
+    }
+
+    /// Per question, each choice's total log-probability, for multiple-choice work.
+    pub fn choice_scores(&self) -> Option<&[Vec<f32>]> {
+        match self {
+            Reply::Model(crate::worker::JobOutput::ChoiceScores(c)) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 /// Errors of stages (configuration and record handling).
@@ -592,13 +632,13 @@ pub fn generate_task(
     Task::new(
         key,
         rec.clone(),
-        Work::Generate {
-            model: settings.model.clone(),
-            request: GenerateRequest {
+        Work::generate(
+            &settings.model,
+            GenerateRequest {
                 prompt,
                 params: settings.params(seed),
             },
-        },
+        ),
     )
 }
 
@@ -729,4 +769,61 @@ pub fn expect_output<T>(
         stage: stage.to_string(),
         message: format!("unexpected model reply {other:?}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Finish, SamplingParams};
+    use crate::worker::JobOutput;
+
+    fn generation(token: u32) -> Generation {
+        Generation {
+            tokens: vec![token],
+            logprobs: vec![0.0],
+            finish: Finish::Stop,
+        }
+    }
+
+    #[test]
+    fn a_reply_must_be_of_the_work_kind_with_one_answer_per_request() {
+        let request = GenerateRequest {
+            prompt: vec![1],
+            params: SamplingParams::greedy(1),
+        };
+        let one = Work::generate("policy", request.clone());
+        let reply = one
+            .reply(JobOutput::Generated(vec![generation(7)]))
+            .expect("one generation answers one request");
+        assert_eq!(reply.generation().map(|g| g.tokens[0]), Some(7));
+        assert!(reply.scored().is_none(), "not a score");
+
+        let two = JobOutput::Generated(vec![generation(7), generation(8)]);
+        let err = one
+            .reply(two.clone())
+            .expect_err("two answers to one request");
+        assert!(err.contains("2 answers to 1 requests"), "{err}");
+        let many = Work::generate_many("policy", vec![request.clone(), request]);
+        let reply = many.reply(two).expect("two answers to two requests");
+        assert!(reply.generation().is_none(), "two generations are not one");
+        assert_eq!(reply.generations().map(|g| g.len()), Some(2));
+
+        let scored = JobOutput::Scored(vec![Scored {
+            logprobs: vec![0.0],
+            total: 0.0,
+            value: None,
+        }]);
+        assert!(
+            one.reply(scored).is_err(),
+            "a score does not answer a generation"
+        );
+        assert!(
+            Work::Pure(Payload::Flag(crate::record::FlagRecord {
+                flagged: Key::builder("x").finish(),
+                reason: String::new(),
+            }))
+            .job()
+            .is_none()
+        );
+    }
 }

@@ -10,6 +10,7 @@ use super::{
 };
 use crate::model::GenerateRequest;
 use crate::record::{Conversation, Key, PairRecord, Payload, PromptPurpose};
+use crate::worker::Job;
 
 /// The `pairs` stage.
 pub struct PairsStage {
@@ -111,14 +112,8 @@ impl Stage for PairsStage {
             .finish();
         let work = match &self.model_b {
             // Two models: the first answer now, the second in a call of its own.
-            Some(_) => Work::Generate {
-                model: self.settings.model.clone(),
-                request: requests[0].clone(),
-            },
-            None => Work::GenerateMany {
-                model: self.settings.model.clone(),
-                requests,
-            },
+            Some(_) => Work::generate(&self.settings.model, requests[0].clone()),
+            None => Work::generate_many(&self.settings.model, requests),
         };
         Ok(vec![Task::new(key, rec.clone(), work)])
     }
@@ -132,24 +127,25 @@ impl Stage for PairsStage {
         let prompt = self
             .ctx
             .user_prompt(&self.name, model_b, task.input.key, &p.text)?;
-        Ok(Some(Work::Generate {
-            model: model_b.clone(),
-            request: GenerateRequest {
+        Ok(Some(Work::generate(
+            model_b,
+            GenerateRequest {
                 prompt,
                 params: self
                     .settings
                     .params(self.ctx.derive_seed(&self.name, task.input.key, 1)),
             },
-        }))
+        )))
     }
 
     fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError> {
-        if let (Some(model_b), [Reply::Generated(a)], Reply::Generated(b), Payload::Prompt(p)) = (
+        if let (Some(model_b), [first], Some(b), Payload::Prompt(p)) = (
             &self.model_b,
             task.history.as_slice(),
-            &reply,
+            reply.generation(),
             &task.input.payload,
-        ) {
+        ) && let Some(a) = first.generation()
+        {
             let tok_a = self.ctx.tokenizer(&self.name, &self.settings.model)?;
             let tok_b = self.ctx.tokenizer(&self.name, model_b)?;
             return Ok(Payload::Pair(PairRecord {
@@ -167,9 +163,11 @@ impl Stage for PairsStage {
                 ],
             }));
         }
-        let (Payload::Prompt(p), Reply::GeneratedMany(g), Work::GenerateMany { requests, .. }) =
-            (&task.input.payload, reply, &task.work)
-        else {
+        let (Payload::Prompt(p), Some(g), Some(Job::Generate(requests))) = (
+            &task.input.payload,
+            reply.into_generations(),
+            task.work.job(),
+        ) else {
             return Err(StageError::Record {
                 stage: self.name.clone(),
                 key: task.input.key,

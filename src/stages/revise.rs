@@ -8,7 +8,7 @@ use super::critique::{
 use super::settings_digest;
 use super::{
     ChatPrefix, GenerationSettings, Rec, Reply, Stage, StageContext, StageError, StageSettings,
-    Task, Work, generate_task,
+    Task, generate_task,
 };
 use crate::model::{Message, Role};
 use crate::record::{Payload, RevisionRecord};
@@ -144,9 +144,11 @@ impl Stage for ReviseStage {
     }
 
     fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError> {
-        let (Payload::Critique(c), Reply::Generated(g), Work::Generate { request, .. }) =
-            (&task.input.payload, reply, &task.work)
-        else {
+        let (Payload::Critique(c), Some(g), Some(request)) = (
+            &task.input.payload,
+            reply.into_generation(),
+            task.work.generate_request(),
+        ) else {
             return Err(StageError::Record {
                 stage: self.name.clone(),
                 key: task.input.key,

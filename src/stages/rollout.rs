@@ -113,10 +113,11 @@ impl RolloutStage {
         task: &'a Task,
         reply: &'a Reply,
     ) -> Result<&'a Generation, StageError> {
-        match task.history.first().unwrap_or(reply) {
-            Reply::Generated(g) => Ok(g),
-            _ => Err(self.err(task.input.key, "expected the policy's answer")),
-        }
+        task.history
+            .first()
+            .unwrap_or(reply)
+            .generation()
+            .ok_or_else(|| self.err(task.input.key, "expected the policy's answer"))
     }
 }
 
@@ -172,13 +173,13 @@ impl Stage for RolloutStage {
         Ok(vec![Task::new(
             key,
             rec.clone(),
-            Work::Generate {
-                model: self.generation.model.clone(),
-                request: GenerateRequest {
+            Work::generate(
+                &self.generation.model,
+                GenerateRequest {
                     prompt,
                     params: self.generation.params(seed),
                 },
-            },
+            ),
         )])
     }
 
@@ -195,33 +196,33 @@ impl Stage for RolloutStage {
                 let pm_tok = self.ctx.tokenizer(&self.name, &self.pm)?;
                 let (context, continuation) = pm_sequence(pm_tok, &p.text, &text)
                     .map_err(|e| self.err(task.input.key, e.to_string()))?;
-                Ok(Some(Work::Score {
-                    model: self.pm.clone(),
-                    request: ScoreRequest {
+                Ok(Some(Work::score(
+                    &self.pm,
+                    ScoreRequest {
                         context,
                         continuation,
                     },
-                }))
+                )))
             }
             // After the score: the reference's log-probabilities of the same tokens.
             1 => {
                 let g = self.generation(task, reply)?;
-                let Work::Score { .. } = &task.work else {
+                if !matches!(task.work.job(), Some(Job::Score(_))) {
                     return Err(self.err(task.input.key, "unexpected work"));
-                };
+                }
                 let context = self.ctx.user_prompt(
                     &self.name,
                     &self.generation.model,
                     task.input.key,
                     &p.text,
                 )?;
-                Ok(Some(Work::Score {
-                    model: self.reference.clone(),
-                    request: ScoreRequest {
+                Ok(Some(Work::score(
+                    &self.reference,
+                    ScoreRequest {
                         context,
                         continuation: g.tokens.clone(),
                     },
-                }))
+                )))
             }
             _ => Ok(None),
         }
@@ -229,9 +230,14 @@ impl Stage for RolloutStage {
 
     fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError> {
         let key = task.input.key;
-        let (Some(p), [Reply::Generated(g), Reply::Scored(pm)], Reply::Scored(reference)) =
-            (self.prompt(&task.input), task.history.as_slice(), reply)
-        else {
+        let (Some(p), [answer, pm], Some(reference)) = (
+            self.prompt(&task.input),
+            task.history.as_slice(),
+            reply.scored(),
+        ) else {
+            return Err(self.err(key, "unexpected replies"));
+        };
+        let (Some(g), Some(pm)) = (answer.generation(), pm.scored()) else {
             return Err(self.err(key, "unexpected replies"));
         };
         let score = pm
@@ -241,9 +247,9 @@ impl Stage for RolloutStage {
         let context = self
             .ctx
             .user_prompt(&self.name, &self.generation.model, key, &p.text)?;
-        let Work::Score { .. } = &task.work else {
+        if !matches!(task.work.job(), Some(Job::Score(_))) {
             return Err(self.err(key, "unexpected work"));
-        };
+        }
         // Updates arrive only after every rollout of the epoch is done: still the plan's version.
         let version = self.version.load(Ordering::SeqCst);
         Ok(Payload::Rollout(RolloutRecord {
@@ -256,7 +262,7 @@ impl Stage for RolloutStage {
             tokens: g.tokens.clone(),
             context,
             score,
-            ref_logprobs: reference.logprobs,
+            ref_logprobs: reference.logprobs.clone(),
             seed: self.ctx.derive_seed(&self.name, key, version),
         }))
     }

@@ -62,20 +62,22 @@ impl Stage for SampleStage {
             key,
             input: rec.clone(),
             history: Vec::new(),
-            work: Work::Generate {
-                model: self.settings.model.clone(),
-                request: GenerateRequest {
+            work: Work::generate(
+                &self.settings.model,
+                GenerateRequest {
                     prompt,
                     params: self.settings.params(seed),
                 },
-            },
+            ),
         }])
     }
 
     fn complete(&self, task: &Task, reply: Reply) -> Result<Payload, StageError> {
-        let (Payload::Prompt(p), Reply::Generated(g), Work::Generate { request, .. }) =
-            (&task.input.payload, reply, &task.work)
-        else {
+        let (Payload::Prompt(p), Some(g), Some(request)) = (
+            &task.input.payload,
+            reply.into_generation(),
+            task.work.generate_request(),
+        ) else {
             return Err(StageError::Record {
                 stage: self.name.clone(),
                 key: task.input.key,

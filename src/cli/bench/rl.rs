@@ -49,6 +49,7 @@ pub(super) fn run(args: RlBench) -> anyhow::Result<ExitCode> {
     use cairn::stages::{Rec, StageContext, Work};
     use cairn::train::ppo::ppo_update;
     use cairn::train::{PpoConfig, PpoRollout};
+    use cairn::worker::Job;
 
     let path = args.model.clone().unwrap_or_else(paths::default_model);
     anyhow::ensure!(
@@ -147,7 +148,10 @@ pub(super) fn run(args: RlBench) -> anyhow::Result<ExitCode> {
         let requests: Vec<cairn::model::ChoiceRequest> = chunk
             .iter()
             .flat_map(|t| match &t.work {
-                Work::ScoreChoices { requests, .. } => requests.clone(),
+                Work::Model {
+                    job: Job::ScoreChoices(requests),
+                    ..
+                } => requests.clone(),
                 _ => Vec::new(),
             })
             .collect();

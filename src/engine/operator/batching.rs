@@ -20,9 +20,16 @@ pub(in crate::engine) fn chunks(tasks: Vec<Task>, batch: usize) -> Vec<Vec<Task>
 pub(super) fn work_group(work: &Work) -> (u8, String) {
     match work {
         Work::Pure(_) => (0, String::new()),
-        Work::Generate { model, .. } | Work::GenerateMany { model, .. } => (1, model.clone()),
-        Work::Score { model, .. } | Work::ScoreMany { model, .. } => (2, model.clone()),
-        Work::ScoreChoices { model, .. } => (3, model.clone()),
+        Work::Model { model, job } => {
+            let kind = match job {
+                Job::Generate(_) => 1,
+                Job::Score(_) => 2,
+                Job::ScoreChoices(_) => 3,
+                // Not model calls a stage makes; kept apart so they never merge.
+                _ => 4,
+            };
+            (kind, model.clone())
+        }
     }
 }
 
@@ -43,6 +50,7 @@ pub(in crate::engine) fn model_job(
         .map(|t| {
             t.work
                 .job()
+                .cloned()
                 .ok_or_else(|| bad("pure work in a chunk of model work".into()))
         })
         .collect::<Result<Vec<Job>, _>>()?;
@@ -85,13 +93,13 @@ mod tests {
         Task::new(Key::builder("out").u64(i).finish(), input, work)
     }
     fn generate(model: &str, first_token: u32) -> Work {
-        Work::Generate {
-            model: model.into(),
-            request: GenerateRequest {
+        Work::generate(
+            model,
+            GenerateRequest {
                 prompt: vec![first_token],
                 params: SamplingParams::greedy(1),
             },
-        }
+        )
     }
     fn generation(token: u32) -> Generation {
         Generation {
@@ -109,13 +117,13 @@ mod tests {
                 reason: String::new(),
             }))
         };
-        let score = Work::Score {
-            model: "pm".into(),
-            request: ScoreRequest {
+        let score = Work::score(
+            "pm",
+            ScoreRequest {
                 context: vec![1],
                 continuation: vec![2],
             },
-        };
+        );
         let tasks = vec![
             task(0, generate("policy", 0)),
             task(1, pure(1)),
@@ -148,9 +156,9 @@ mod tests {
 
     #[test]
     fn a_chunk_is_one_job_and_its_reply_splits_back_per_task() {
-        let many = Work::GenerateMany {
-            model: "policy".into(),
-            requests: vec![
+        let many = Work::generate_many(
+            "policy",
+            vec![
                 GenerateRequest {
                     prompt: vec![11],
                     params: SamplingParams::greedy(1),
@@ -160,7 +168,7 @@ mod tests {
                     params: SamplingParams::greedy(1),
                 },
             ],
-        };
+        );
         let tasks = vec![task(0, generate("policy", 10)), task(1, many)];
         let (model, job) = model_job("s", &tasks)
             .expect("merges")
@@ -178,8 +186,8 @@ mod tests {
             generation(12),
         ]));
         let replies = split_reply("s", &tasks, reply).expect("split");
-        match (&replies[0], &replies[1]) {
-            (Reply::Generated(a), Reply::GeneratedMany(b)) => {
+        match (replies[0].generation(), replies[1].generations()) {
+            (Some(a), Some(b)) if b.len() == 2 => {
                 assert_eq!(a.tokens, vec![10]);
                 assert_eq!(
                     b.iter().map(|g| g.tokens[0]).collect::<Vec<_>>(),
