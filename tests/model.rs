@@ -976,11 +976,21 @@ fn a_shared_prefix_is_reused_across_calls_until_the_weights_change() {
     };
     let computed = answer(&model, &first);
     assert_eq!(model.prefix_tokens_reused(), 0);
+    assert_eq!(
+        model.prompt_tokens_prefilled(),
+        24 + 6,
+        "the prefix once, then each row's own tokens"
+    );
     let served = answer(&model, &first);
     assert_eq!(
         model.prefix_tokens_reused(),
         24,
         "the second call reuses the prefix"
+    );
+    assert_eq!(
+        model.prompt_tokens_prefilled(),
+        30 + 6,
+        "only the own tokens"
     );
     assert_eq!(computed, served, "served from memory, the same bits");
     // Another batch behind the same prefix reuses it too, and matches a fresh model's answer.
@@ -991,6 +1001,16 @@ fn a_shared_prefix_is_reused_across_calls_until_the_weights_change() {
     fresh.set_share_prefix(true);
     assert_eq!(answer(&fresh, &other), reused);
     assert_eq!(fresh.prefix_tokens_reused(), 0);
+    assert_eq!(fresh.prompt_tokens_prefilled(), 24 + 3);
+    assert_eq!(model.prompt_tokens_prefilled(), 36 + 3);
+    let mut unshared = tiny(21);
+    unshared.set_share_prefix(false);
+    answer(&unshared, &first);
+    assert_eq!(
+        unshared.prompt_tokens_prefilled(),
+        3 * 24 + 6,
+        "without sharing every row prefills the prefix"
+    );
     // A weight update (what an optimiser step does) invalidates what was kept.
     {
         let _g = tch::no_grad_guard();
@@ -1000,6 +1020,7 @@ fn a_shared_prefix_is_reused_across_calls_until_the_weights_change() {
     }
     let after = answer(&model, &first);
     assert_eq!(model.prefix_tokens_reused(), 48, "recomputed, not served");
+    assert_eq!(model.prompt_tokens_prefilled(), 39 + 30);
     assert_ne!(after, computed, "the update reached the answers");
 }
 

@@ -229,6 +229,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         summary.wall_seconds,
         100.0 * summary.share_outside_model()
     );
+    for (model, p) in &summary.prefill {
+        println!(
+            "prompt tokens prefilled by `{model}`: {} computed, {} of shared prefixes served \
+             from memory",
+            p.computed, p.reused
+        );
+    }
     if !summary.aggregates.is_empty() {
         println!("records by stage and principle / purpose / kind:");
         for ((stage, label), n) in &summary.aggregates {

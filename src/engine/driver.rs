@@ -140,5 +140,6 @@ pub(super) fn drive(
         aggregates: shared.aggregates(),
         wall_seconds: 0.0,
         model_seconds: 0.0,
+        prefill: Default::default(),
     })
 }

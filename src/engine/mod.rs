@@ -107,6 +107,29 @@ pub struct RunSummary {
     pub wall_seconds: f64,
     /// Seconds the model worker spent in model calls meanwhile.
     pub model_seconds: f64,
+    /// Per model, prompt tokens prefilled and shared-prefix tokens served from memory during
+    /// the dataflow.
+    pub prefill: BTreeMap<String, crate::worker::PrefillCount>,
+}
+
+/// What each model prefilled between two readings of the worker's counters.
+pub(crate) fn prefill_during(
+    before: &crate::worker::WorkerStats,
+    after: &crate::worker::WorkerStats,
+) -> BTreeMap<String, crate::worker::PrefillCount> {
+    after
+        .prefill
+        .iter()
+        .map(|(name, a)| {
+            let b = before.prefill.get(name).copied().unwrap_or_default();
+            let count = crate::worker::PrefillCount {
+                computed: a.computed - b.computed,
+                reused: a.reused - b.reused,
+            };
+            (name.clone(), count)
+        })
+        .filter(|(_, c)| c.computed + c.reused > 0)
+        .collect()
 }
 
 impl RunSummary {
@@ -501,7 +524,8 @@ pub fn run_with(
     let follow_spec = spec.clone();
     let writer_for_run = writer.clone();
     let opts_for_run = opts.clone();
-    let busy_before = handle.stats()?.busy_ns;
+    let before = handle.stats()?;
+    let busy_before = before.busy_ns;
     let wall = std::time::Instant::now();
     let stats_handle = handle.clone();
     let result = timely::execute_directly(move |timely_worker| {
@@ -532,7 +556,9 @@ pub fn run_with(
     });
     let mut summary = result?;
     summary.wall_seconds = wall.elapsed().as_secs_f64();
-    summary.model_seconds = (stats_handle.stats()?.busy_ns - busy_before) as f64 / 1e9;
+    let after = stats_handle.stats()?;
+    summary.model_seconds = (after.busy_ns - busy_before) as f64 / 1e9;
+    summary.prefill = prefill_during(&before, &after);
     writer.close()?;
     drop(worker);
     Ok(summary)

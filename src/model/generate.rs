@@ -157,6 +157,7 @@ fn prefill(
         let (tokens, positions, valid, len) = left_pad(prompts, device);
         let mut cache = model.new_cache(prompts.len() as i64, len + extra);
         let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+        model.count_prefilled(prompts.iter().map(|p| p.len()).sum());
         return Ok((hidden.select(1, len - 1), cache, len));
     }
     let own: Vec<&[u32]> = prompts.iter().map(|p| &p[shared..]).collect();
@@ -169,6 +170,7 @@ fn prefill(
     let (tokens, positions, valid, _) = left_pad(&own, device);
     let positions = positions + shared as i64;
     let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+    model.count_prefilled(own.iter().map(|p| p.len()).sum());
     Ok((hidden.select(1, own_len - 1), cache, len))
 }
 

@@ -71,6 +71,9 @@ pub struct Llama {
     prefixes: Mutex<Vec<CachedPrefix>>,
     /// Prefix tokens served from `prefixes` instead of computed, over the model's life.
     prefix_tokens_reused: std::sync::atomic::AtomicU64,
+    /// Prompt tokens run through the model by prefills (padding and served prefixes not
+    /// counted).
+    prompt_tokens_prefilled: std::sync::atomic::AtomicU64,
     /// Inference on the CPU: each weight matrix repacked, in its format, into the column
     /// panels of [`super::fused::linear_packed`], by the address of the matrix's tensor
     /// handle (a field of this struct), with the version counter and storage it was packed
@@ -366,6 +369,7 @@ impl Llama {
             share_prefix: false,
             prefixes: Mutex::new(Vec::new()),
             prefix_tokens_reused: std::sync::atomic::AtomicU64::new(0),
+            prompt_tokens_prefilled: std::sync::atomic::AtomicU64::new(0),
             packed: Mutex::new(HashMap::new()),
             packed_only: false,
         })
@@ -536,6 +540,7 @@ impl Llama {
         let mut cache = self.new_cache(1, n);
         // Only the cache matters: the prefix's own outputs predict nothing.
         let _ = self.forward(&tokens, &positions, &valid, Some(&mut cache))?;
+        self.count_prefilled(prefix.len());
         let out = cache.broadcast(rows, capacity);
         let mut kept = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
         kept.insert(
@@ -549,6 +554,20 @@ impl Llama {
         );
         kept.truncate(PREFIXES_KEPT);
         Ok(out)
+    }
+
+    /// Counts prompt tokens a prefill ran through the model.
+    pub(crate) fn count_prefilled(&self, tokens: usize) {
+        self.prompt_tokens_prefilled
+            .fetch_add(tokens as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Prompt tokens run through the model by prefills so far: every row's own tokens, and
+    /// a shared prefix once per call unless it was served from memory. Padding is not
+    /// counted. (Training and scoring passes outside generation are not prefills.)
+    pub fn prompt_tokens_prefilled(&self) -> u64 {
+        self.prompt_tokens_prefilled
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Prefix tokens served from memory instead of computed, so far.

@@ -197,6 +197,36 @@ pub struct WorkerStats {
     pub sequences: u64,
     /// Time spent in model calls, in nanoseconds.
     pub busy_ns: u64,
+    /// Per model, the prompt tokens its prefills computed and the shared-prefix tokens it
+    /// served from memory instead, since it was loaded.
+    pub prefill: std::collections::BTreeMap<String, PrefillCount>,
+}
+
+/// Prompt tokens of one model's prefills.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefillCount {
+    /// Tokens run through the model (each row's own tokens, a shared prefix once per call
+    /// unless served from memory; padding not counted).
+    pub computed: u64,
+    /// Shared-prefix tokens served from memory.
+    pub reused: u64,
+}
+
+/// The counters, with each model's prefill counts read now.
+fn stats_now(stats: &WorkerStats, models: &HashMap<String, ServedModel>) -> WorkerStats {
+    let mut out = stats.clone();
+    for (name, served) in models {
+        if let Backend::Llama(m) = &served.backend {
+            out.prefill.insert(
+                name.clone(),
+                PrefillCount {
+                    computed: m.prompt_tokens_prefilled(),
+                    reused: m.prefix_tokens_reused(),
+                },
+            );
+        }
+    }
+    out
 }
 
 /// A cheap, cloneable handle for submitting jobs.
@@ -357,7 +387,7 @@ fn serve(mut models: HashMap<String, ServedModel>, rx: Receiver<Message>, opts: 
             match rx.recv() {
                 Ok(Message::Work(s)) => pending.push(s),
                 Ok(Message::Stats(tx)) => {
-                    let _ = tx.send(stats.clone());
+                    let _ = tx.send(stats_now(&stats, &models));
                     continue;
                 }
                 Err(_) => return,
@@ -368,7 +398,7 @@ fn serve(mut models: HashMap<String, ServedModel>, rx: Receiver<Message>, opts: 
             match msg {
                 Message::Work(s) => pending.push(s),
                 Message::Stats(tx) => {
-                    let _ = tx.send(stats.clone());
+                    let _ = tx.send(stats_now(&stats, &models));
                 }
             }
         }
