@@ -881,10 +881,14 @@ fn replay_rebuilds_the_run_and_verify_reexecutes_logged_steps() {
     assert!(page.contains("id=\"no-rl\""));
     assert!(page.contains("SFT training loss") && page.contains("class=\"lineage\""));
 
-    let report = cairn::engine::verify(&log, 6, None).expect("verify");
+    let report = cairn::engine::verify(&log, 6, None, &[]).expect("verify");
     assert!(report.checked >= 6, "{report:?}");
     assert!(report.diverged.is_empty(), "{:?}", report.diverged);
     assert_eq!(report.skipped, Vec::<String>::new());
+    // A model override must name a model of the recorded spec.
+    let unknown = vec![("nope".to_string(), std::path::PathBuf::from("elsewhere"))];
+    let err = cairn::engine::verify(&log, 6, None, &unknown).expect_err("unknown model");
+    assert!(err.to_string().contains("no model `nope`"), "{err}");
 
     // Alter one logged critique: verify must name it.
     let altered = fx.dir.path().join("altered");
@@ -912,7 +916,7 @@ fn replay_rebuilds_the_run_and_verify_reexecutes_logged_steps() {
         writer.append(ev).expect("append");
     }
     writer.close().expect("close");
-    let report = cairn::engine::verify(&altered, 100, None).expect("verify altered");
+    let report = cairn::engine::verify(&altered, 100, None, &[]).expect("verify altered");
     let target = target.expect("a critique");
     let diverged: Vec<Key> = report.diverged.iter().map(|(k, _, _)| *k).collect();
     assert!(diverged.contains(&target), "{:?}", report.diverged);

@@ -975,7 +975,7 @@ fn eval_compares_two_models_with_confidence_intervals_and_elo() {
     assert!(page.contains("id=\"evals\"") && page.contains("red_team"));
 
     // Its model steps re-execute exactly — both answers (two models) and the judgements.
-    let verified = cairn::engine::verify(&eval_log, 12, None).expect("verify the eval");
+    let verified = cairn::engine::verify(&eval_log, 12, None, &[]).expect("verify the eval");
     assert!(
         verified.checked >= 12 && verified.diverged.is_empty(),
         "{verified:?}"

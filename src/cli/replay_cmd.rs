@@ -28,6 +28,10 @@ pub struct ReplayArgs {
     /// where their spec was.
     #[arg(long)]
     base: Option<PathBuf>,
+    /// With `--verify`: the model overrides the run was started with (`cairn run --model
+    /// NAME=PATH`; the recorded spec does not carry them), e.g. `--model feedback=feedback`.
+    #[arg(long = "model", value_name = "NAME=PATH")]
+    models: Vec<String>,
 }
 
 /// Runs `cairn replay`.
@@ -99,7 +103,18 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         println!("wrote {}", dir.display());
     }
     if args.verify > 0 {
-        let report = engine::verify(&args.log, args.verify, args.base.as_deref())
+        let models = args
+            .models
+            .iter()
+            .map(|m| {
+                let (name, path) = m
+                    .split_once('=')
+                    .with_context(|| format!("--model `{m}`: expected NAME=PATH"))?;
+                let path = cairn::paths::named_model(path).unwrap_or_else(|| PathBuf::from(path));
+                Ok((name.to_string(), path))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let report = engine::verify(&args.log, args.verify, args.base.as_deref(), &models)
             .with_context(|| format!("verifying {}", args.log.display()))?;
         println!(
             "verify: re-executed {} model step(s) in {} chunk(s): {} identical, {} diverged{}",
@@ -120,6 +135,12 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             println!("  diverged: {key} ({stage}): {what}");
         }
         if !report.diverged.is_empty() {
+            if args.models.is_empty() {
+                eprintln!(
+                    "note: a run started with `cairn run --model NAME=PATH` records its spec \
+                     without the override; pass the same `--model` to `cairn replay --verify`"
+                );
+            }
             return Ok(ExitCode::FAILURE);
         }
     }

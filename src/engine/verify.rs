@@ -45,8 +45,14 @@ fn rec(env: &Envelope) -> Rec {
 
 /// Re-executes about `n` logged model steps of the run in `log` (see the module docs).
 /// `base` resolves the recorded spec's relative paths for logs that do not record where the
-/// spec was.
-pub fn verify(log: &Path, n: usize, base: Option<&Path>) -> Result<VerifyReport, EngineError> {
+/// spec was. `models` replaces model paths by name, as `cairn run --model NAME=PATH` did for
+/// the run (the recorded spec is the file as written, without the run's overrides).
+pub fn verify(
+    log: &Path,
+    n: usize,
+    base: Option<&Path>,
+    models: &[(String, PathBuf)],
+) -> Result<VerifyReport, EngineError> {
     let (_, text, source) = super::fork::recorded_run(log)?;
     let recorded = source.is_some();
     let spec_path = match (base, source) {
@@ -54,7 +60,17 @@ pub fn verify(log: &Path, n: usize, base: Option<&Path>) -> Result<VerifyReport,
         (None, Some(s)) => s,
         (None, None) => PathBuf::from("spec.toml"),
     };
-    let spec = Spec::parse(&text, &spec_path).map_err(|e| EngineError::Input(e.to_string()))?;
+    let mut spec = Spec::parse(&text, &spec_path).map_err(|e| EngineError::Input(e.to_string()))?;
+    for (name, path) in models {
+        let Some(model) = spec.models.iter_mut().find(|m| &m.name == name) else {
+            let known: Vec<&str> = spec.models.iter().map(|m| m.name.as_str()).collect();
+            return Err(EngineError::Input(format!(
+                "--model {name}=…: the recorded spec has no model `{name}` (it has: {})",
+                known.join(", ")
+            )));
+        };
+        model.path = path.clone();
+    }
     let constitution = Arc::new(Constitution::load(&spec.constitution).map_err(|e| {
         EngineError::Input(if recorded {
             e.to_string()
