@@ -1125,7 +1125,7 @@ fn dataflow_events(log: &Path) -> BTreeMap<String, (String, Vec<String>, String)
 fn four_workers_give_the_events_of_one() {
     let fx = Fixture::new();
     let spec = fx.write_spec("flow.toml", 13, "");
-    fx.run(&spec, "one").expect("one worker");
+    let one = fx.run(&spec, "one").expect("one worker");
     let parsed = Spec::load(&spec).expect("spec");
     let opts = RunOptions {
         log: fx.dir.path().join("four"),
@@ -1143,6 +1143,9 @@ fn four_workers_give_the_events_of_one() {
     };
     let summary = engine::run(&parsed, &opts).expect("four workers");
     assert_eq!(summary.prompts, 7);
+    // The same requests, spread over four model workers, prefill the same prompt tokens.
+    assert!(!one.prefill.is_empty(), "prefills are counted");
+    assert_eq!(summary.prefill, one.prefill);
     let four = fx.dir.path().join("four");
     assert_eq!(cairn::log::partitions(&four).expect("parts").len(), 4);
     assert_eq!(

@@ -225,6 +225,12 @@ pub fn run_cluster(
             let into = summary.aggregates.entry(k).or_insert(0);
             *into = (*into).max(n);
         }
+        // Each timely worker has its own model worker: their prefills add up.
+        for (model, p) in part.prefill {
+            let into = summary.prefill.entry(model).or_default();
+            into.computed += p.computed;
+            into.reused += p.reused;
+        }
     }
     summary.wall_seconds = wall.elapsed().as_secs_f64();
     summary.model_seconds = *busy.lock().unwrap_or_else(|p| p.into_inner()) as f64 / 1e9;
@@ -284,7 +290,8 @@ fn run_worker(
         },
     )?;
     let handle = model_worker.handle();
-    let busy_before = handle.stats()?.busy_ns;
+    let before = handle.stats()?;
+    let busy_before = before.busy_ns;
     let env = operator::Env {
         writer: writer.clone(),
         worker: handle.clone(),
@@ -300,8 +307,10 @@ fn run_worker(
         epoch_size: spec.prompts.epoch_size,
         follow: None,
     };
-    let summary = super::driver::drive(timely_worker, plan, env, &writer, feed, opts)?;
-    let spent = handle.stats()?.busy_ns - busy_before;
+    let mut summary = super::driver::drive(timely_worker, plan, env, &writer, feed, opts)?;
+    let after = handle.stats()?;
+    summary.prefill = super::prefill_during(&before, &after);
+    let spent = after.busy_ns - busy_before;
     *busy.lock().unwrap_or_else(|p| p.into_inner()) += spent;
     writer.close()?;
     drop(model_worker);
