@@ -97,3 +97,19 @@ pub fn init_tracing(verbose: u8, quiet: bool) {
         .with_target(false)
         .try_init();
 }
+
+/// `--model NAME=PATH` arguments as (name, path) pairs; a named model (`default`,
+/// `feedback`) resolves to its fetched file.
+fn model_overrides(args: &[String]) -> anyhow::Result<Vec<(String, std::path::PathBuf)>> {
+    use anyhow::Context;
+    args.iter()
+        .map(|m| {
+            let (name, path) = m
+                .split_once('=')
+                .with_context(|| format!("--model `{m}`: expected NAME=PATH"))?;
+            let path =
+                cairn::paths::named_model(path).unwrap_or_else(|| std::path::PathBuf::from(path));
+            Ok((name.to_string(), path))
+        })
+        .collect()
+}

@@ -103,17 +103,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         println!("wrote {}", dir.display());
     }
     if args.verify > 0 {
-        let models = args
-            .models
-            .iter()
-            .map(|m| {
-                let (name, path) = m
-                    .split_once('=')
-                    .with_context(|| format!("--model `{m}`: expected NAME=PATH"))?;
-                let path = cairn::paths::named_model(path).unwrap_or_else(|| PathBuf::from(path));
-                Ok((name.to_string(), path))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let models = super::model_overrides(&args.models)?;
         let report = engine::verify(&args.log, args.verify, args.base.as_deref(), &models)
             .with_context(|| format!("verifying {}", args.log.display()))?;
         println!(

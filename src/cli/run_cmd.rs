@@ -91,19 +91,9 @@ fn cluster_secret(file: Option<&std::path::Path>) -> anyhow::Result<Option<Vec<u
 /// Runs `cairn run`.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut spec = Spec::load(&args.spec)?;
-    for m in &args.models {
-        let (name, path) = m
-            .split_once('=')
-            .with_context(|| format!("--model `{m}`: expected NAME=PATH"))?;
-        let Some(model) = spec.models.iter_mut().find(|x| x.name == name) else {
-            let known: Vec<&str> = spec.models.iter().map(|x| x.name.as_str()).collect();
-            anyhow::bail!(
-                "--model `{m}`: {} has no model `{name}` (it has: {})",
-                args.spec.display(),
-                known.join(", ")
-            );
-        };
-        model.path = cairn::paths::named_model(path).unwrap_or_else(|| PathBuf::from(path));
+    for (name, path) in super::model_overrides(&args.models)? {
+        spec.set_model_path(&name, path)
+            .map_err(|e| anyhow::anyhow!("--model {name}=…: {e}"))?;
     }
     let log = args
         .log

@@ -62,14 +62,8 @@ pub fn verify(
     };
     let mut spec = Spec::parse(&text, &spec_path).map_err(|e| EngineError::Input(e.to_string()))?;
     for (name, path) in models {
-        let Some(model) = spec.models.iter_mut().find(|m| &m.name == name) else {
-            let known: Vec<&str> = spec.models.iter().map(|m| m.name.as_str()).collect();
-            return Err(EngineError::Input(format!(
-                "--model {name}=…: the recorded spec has no model `{name}` (it has: {})",
-                known.join(", ")
-            )));
-        };
-        model.path = path.clone();
+        spec.set_model_path(name, path.clone())
+            .map_err(|e| EngineError::Input(format!("--model {name}=…: recorded spec {e}")))?;
     }
     let constitution = Arc::new(Constitution::load(&spec.constitution).map_err(|e| {
         EngineError::Input(if recorded {

@@ -164,6 +164,21 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 impl Spec {
+    /// Points model `name` at `path` (a `--model NAME=PATH` override); an unknown name is an
+    /// error listing the spec's models.
+    pub fn set_model_path(&mut self, name: &str, path: PathBuf) -> Result<(), String> {
+        let Some(model) = self.models.iter_mut().find(|m| m.name == name) else {
+            let known: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+            return Err(format!(
+                "{} has no model `{name}` (it has: {})",
+                self.path.display(),
+                known.join(", ")
+            ));
+        };
+        model.path = path;
+        Ok(())
+    }
+
     /// Reads and checks a spec file.
     pub fn load(path: &Path) -> Result<Spec, SpecError> {
         let text = std::fs::read_to_string(path).map_err(|e| SpecError {

@@ -752,20 +752,12 @@ pub fn expect_report<T: std::any::Any + Clone>(
     out: crate::worker::JobOutput,
 ) -> Result<T, StageError> {
     use crate::worker::JobOutput;
-    expect_output(stage, out, |o| match o {
+    let picked = match out {
         JobOutput::Trained(r) => r.take::<T>().map_err(JobOutput::Trained),
         JobOutput::Measured(r) => r.take::<T>().map_err(JobOutput::Measured),
         other => Err(other),
-    })
-}
-
-/// Reads a model reply of the expected kind, or says what came instead.
-pub fn expect_output<T>(
-    stage: &str,
-    out: crate::worker::JobOutput,
-    pick: impl FnOnce(crate::worker::JobOutput) -> Result<T, crate::worker::JobOutput>,
-) -> Result<T, StageError> {
-    pick(out).map_err(|other| StageError::Config {
+    };
+    picked.map_err(|other| StageError::Config {
         stage: stage.to_string(),
         message: format!("unexpected model reply {other:?}"),
     })

@@ -32,8 +32,8 @@ pub trait Algorithm: Send + Sync + fmt::Debug {
     fn optim(&self) -> OptimConfig;
     /// How many sequences (examples, comparisons, rollouts) the step reads.
     fn sequences(&self) -> usize;
-    /// Adds what the model needs before its first step (PPO: a value head). Nothing by
-    /// default.
+    /// Adds what the model needs to take the step (PPO: a value head). Called before every
+    /// step, so it must do nothing once the model has it. Nothing by default.
     fn prepare(&self, _model: &mut Llama) {}
     /// Runs the step: gradients, clipping, the optimiser update, the trainer's step count.
     fn step(&self, model: &Llama, trainer: &mut Trainer) -> Result<Report, ModelError>;

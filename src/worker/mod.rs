@@ -565,7 +565,6 @@ fn load_state(
     Ok(JobOutput::Restored)
 }
 
-/// Copies `source`'s weights into `target` (same architecture; by variable name).
 /// A model that keeps only packed weights (`Llama::keep_only_packed`) answers inference and
 /// held-out evaluation; a job that would change, save or copy its weights is refused with
 /// the model's name rather than run on released matrices.
@@ -588,6 +587,7 @@ fn packed_only_refusal(
     })
 }
 
+/// Copies `source`'s weights into `target` (same architecture; by variable name).
 fn copy_weights(models: &mut HashMap<String, ServedModel>, target: &str, source: &str) -> Reply {
     let missing =
         |name: &str| ModelError::InvalidRequest(format!("no model named `{name}` on this worker"));
