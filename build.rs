@@ -73,6 +73,9 @@ fn build_kernels(lib: &std::path::Path) {
             .flag_if_supported("-Wno-unused-parameter")
             // v16 values never cross a call boundary between clones of different ISAs.
             .flag_if_supported("-Wno-psabi")
+            // GCC 12's own _mm512_cvtph_ps starts from _mm512_undefined_ps, which it then
+            // reports as maybe uninitialised once inlined.
+            .flag_if_supported("-Wno-maybe-uninitialized")
             .opt_level(3)
             .debug(false);
         b

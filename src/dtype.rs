@@ -48,3 +48,60 @@ impl std::str::FromStr for Dtype {
         }
     }
 }
+
+/// What a spec's `dtype` or a command's `--dtype` names: a number format, and whether an
+/// inference-only model keeps its GGUF file's quantised blocks instead of dequantised
+/// matrices (`quantised`, computing in bf16; `quantised-f32`, computing in f32). A quantised
+/// model gives the same results, bit for bit, as the same format without it; it holds the
+/// projection matrices in about the file's size, and cannot be trained.
+///
+/// ```
+/// use cairn::dtype::{Dtype, WeightFormat};
+/// let q: WeightFormat = "quantised".parse().unwrap();
+/// assert_eq!((q.dtype, q.quantised), (Dtype::Bf16, true));
+/// assert_eq!("bf16".parse::<WeightFormat>().unwrap().quantised, false);
+/// assert_eq!(q.to_string(), "quantised");
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WeightFormat {
+    /// The number format products compute in.
+    pub dtype: Dtype,
+    /// Keep the file's quantised blocks (inference-only models).
+    pub quantised: bool,
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.quantised, self.dtype) {
+            (false, d) => write!(f, "{d}"),
+            (true, Dtype::Bf16) => f.write_str("quantised"),
+            (true, Dtype::F32) => f.write_str("quantised-f32"),
+        }
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<WeightFormat, String> {
+        let quantised = |dtype| WeightFormat {
+            dtype,
+            quantised: true,
+        };
+        match s {
+            "quantised" | "quantized" | "q" => Ok(quantised(Dtype::Bf16)),
+            "quantised-f32" | "quantized-f32" => Ok(quantised(Dtype::F32)),
+            other => other
+                .parse()
+                .map(|dtype| WeightFormat {
+                    dtype,
+                    quantised: false,
+                })
+                .map_err(|_| {
+                    format!(
+                        "unknown dtype `{other}` (expected f32, bf16, quantised or quantised-f32)"
+                    )
+                }),
+        }
+    }
+}

@@ -485,6 +485,34 @@ fn configuration_errors_name_the_place_and_leave_the_log_untouched() {
         err.contains("bf16.toml:") && err.contains("a trained model needs dtype f32"),
         "{err}"
     );
+    // A quantised model cannot be trained either, nor keep unpacked matrices it never has.
+    for (extra, needle) in [
+        (
+            "dtype = \"quantised\"",
+            "loaded as quantised; a trained model needs dtype f32",
+        ),
+        (
+            "dtype = \"quantised\"\nkeep_unpacked = true",
+            "keep_unpacked = true contradicts",
+        ),
+    ] {
+        let text = fx.spec_text(7, "").replace(
+            "[models.sft]\npath = \"tiny.gguf\"",
+            &format!("[models.sft]\npath = \"tiny.gguf\"\n{extra}"),
+        );
+        assert!(text.contains(extra));
+        let q_path = fx.dir.path().join("quantised.toml");
+        std::fs::write(&q_path, text).expect("write");
+        // The contradiction is the spec's own; training is checked when the run is planned.
+        let err = match Spec::load(&q_path) {
+            Err(e) => e.to_string(),
+            Ok(_) => fx.run(&q_path, "log").expect_err(needle).to_string(),
+        };
+        assert!(
+            err.contains("quantised.toml:") && err.contains(needle),
+            "{err}"
+        );
+    }
 
     let changed = fx.write_spec("changed.toml", 8, "");
     let err = fx.run(&changed, "log").expect_err("settings changed");

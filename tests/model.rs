@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use cairn::model::gguf::{GgufFile, GgufWriter, MetaValue};
+use cairn::model::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue};
 use cairn::model::llama::{KvCache, Llama};
 use cairn::model::load::{load_gguf, load_hf_weights};
 use cairn::model::{Dtype, GenerateRequest, LlamaConfig, ModelError, SamplingParams, ScoreRequest};
@@ -437,6 +437,65 @@ fn gguf_models_load_with_llama_cpp_row_order_undone() {
         .err()
         .expect("unsupported architecture");
     assert!(err.to_string().contains("mamba"), "{err}");
+}
+
+/// A model loaded from a quantised GGUF and kept as the file's blocks gives the logits and
+/// tokens of the same file kept as packed panels, bit for bit, in f32 and bf16; matrices
+/// whose rows are not whole blocks stay packed.
+#[test]
+fn quantised_models_answer_as_the_packed_model_of_the_same_file() {
+    let model = tiny(8);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q8.gguf");
+    common::write_llama_gguf_as(&model, &path, GgmlType::Q8_0);
+    let ids = [3u32, 99, 150, 2, 77, 31, 5, 200];
+    for dtype in [Dtype::F32, Dtype::Bf16] {
+        let mut packed = cairn::model::load::load_as(&path, Device::Cpu, dtype).expect("load");
+        let kept = packed
+            .model
+            .keep_only_packed_with(|_| Ok(None))
+            .expect("packs");
+        assert_eq!(kept.quantised, 0);
+        let mut quant = cairn::model::load::load_as(&path, Device::Cpu, dtype).expect("load");
+        let kept = cairn::model::load::keep_quantised(&mut quant).expect("keeps blocks");
+        // Per layer: q/k/v, o and gate/up have 32 inputs (one Q8_0 block); down has 48.
+        assert_eq!((kept.quantised, kept.packed), (6, 2), "{kept:?}");
+        assert!(quant.model.is_packed_only());
+        let (a, b) = (
+            full_logits(&packed.model, &ids),
+            full_logits(&quant.model, &ids),
+        );
+        assert!(
+            a.equal(&b),
+            "{dtype}: logits differ by {}",
+            max_abs_diff(&a, &b)
+        );
+        // And close to the f32 original (Q8_0 rounding only).
+        assert!(max_abs_diff(&full_logits(&model, &ids), &b) < 0.1);
+        let requests: Vec<GenerateRequest> = (0..3)
+            .map(|i| GenerateRequest {
+                prompt: ids[..4 + i].to_vec(),
+                params: SamplingParams {
+                    seed: i as u64,
+                    temperature: 0.8,
+                    ..SamplingParams::greedy(12)
+                },
+            })
+            .collect();
+        let ga = cairn::model::generate::generate(&packed.model, &[], &requests).expect("gen");
+        let gb = cairn::model::generate::generate(&quant.model, &[], &requests).expect("gen");
+        for (x, y) in ga.iter().zip(&gb) {
+            assert_eq!(x.tokens, y.tokens);
+            assert_eq!(x.logprobs, y.logprobs);
+        }
+    }
+    // A model directory has no blocks to keep: it is only packed.
+    let hf = dir.path().join("hf");
+    let original = load_gguf(&path, Device::Cpu).expect("load");
+    cairn::model::load::save_dir(&original.model, &original.tokenizer, &hf).expect("save");
+    let mut from_dir = cairn::model::load::load_as(&hf, Device::Cpu, Dtype::F32).expect("load");
+    let kept = cairn::model::load::keep_quantised(&mut from_dir).expect("packs");
+    assert_eq!((kept.quantised, kept.packed), (0, 8));
 }
 
 #[test]

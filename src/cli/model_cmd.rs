@@ -18,9 +18,11 @@ pub struct ModelArgs {
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Weight format: f32 (exact) or bf16 (faster inference, bfloat16 rounding).
+    /// Weight format: f32 (exact), bf16 (faster inference, bfloat16 rounding), quantised (bf16
+    /// results with the GGUF file's quantised blocks kept: about the file's size in memory) or
+    /// quantised-f32.
     #[arg(long, default_value = "f32")]
-    pub dtype: model::Dtype,
+    pub dtype: cairn::dtype::WeightFormat,
 }
 
 impl ModelArgs {
@@ -47,9 +49,12 @@ impl ModelArgs {
             );
         }
         let device = model::parse_device(&self.device)?;
-        let mut loaded = model::load(&path, device)
+        let mut loaded = model::load::load_as(&path, device, self.dtype.dtype)
             .with_context(|| format!("loading model {}", path.display()))?;
-        loaded.model.set_dtype(self.dtype);
+        if self.dtype.quantised {
+            model::load::keep_quantised(&mut loaded)
+                .with_context(|| format!("keeping the quantised blocks of {}", path.display()))?;
+        }
         Ok(loaded)
     }
 }

@@ -418,6 +418,7 @@ fn model_factories(
             let dtype = m.dtype;
             let share_prefix = m.share_prefix;
             let packed_only = !m.keep_unpacked && !changing.contains(&m.name);
+            let quantised = m.quantised;
             let name = m.name.clone();
             let factory: ModelFactory = Box::new(move |device| {
                 if instant {
@@ -428,7 +429,23 @@ fn model_factories(
                     loaded.model.ensure_score_head();
                 }
                 loaded.model.set_share_prefix(share_prefix);
-                if packed_only {
+                if quantised && !packed_only {
+                    return Err(crate::model::ModelError::InvalidRequest(format!(
+                        "model `{name}` is quantised, but the run copies weights into it; \
+                         only a model the run never changes can keep quantised blocks"
+                    )));
+                }
+                if quantised {
+                    let kept = crate::model::load::keep_quantised(&mut loaded)?;
+                    tracing::info!(
+                        model = name,
+                        quantised = kept.quantised,
+                        packed = kept.packed,
+                        held_mb = kept.held / (1 << 20),
+                        released_mb = kept.released / (1 << 20),
+                        "inference-only model: keeps its file's quantised blocks"
+                    );
+                } else if packed_only {
                     let released = loaded.model.keep_only_packed()?;
                     if released > 0 {
                         tracing::info!(

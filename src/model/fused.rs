@@ -14,6 +14,7 @@
 use std::ffi::{CStr, c_char};
 use std::ptr;
 
+use super::quantised::QuantMatrix;
 use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
 
@@ -63,6 +64,19 @@ unsafe extern "C" {
     fn cairn_linear_packed(
         x: *const C_tensor,
         packed: *const C_tensor,
+        n: i64,
+        bias: *const C_tensor,
+        into: *mut C_tensor,
+        out_bf16: i32,
+        isa: i32,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn cairn_linear_quant(
+        x: *const C_tensor,
+        data: *const u8,
+        bytes: i64,
+        offsets: *const i64,
+        types: *const i32,
         n: i64,
         bias: *const C_tensor,
         into: *mut C_tensor,
@@ -362,9 +376,81 @@ pub fn add_linear_packed_(
     })
 }
 
+/// `x · wᵀ (+ bias)` as [`linear_packed`], for `w` kept as quantised panels
+/// ([`super::quantised::pack_quantised`]): each panel is dequantised, as the reference
+/// dequantiser does, into the packed layout of `x`'s format just before its tiles run, so
+/// the result equals [`linear_packed`] over `pack_linear` of the dequantised matrix (in
+/// `x`'s format) bit for bit, while only the quantised blocks stay in memory.
+pub fn linear_quant(
+    x: &Tensor,
+    w: &QuantMatrix,
+    bias: Option<&Tensor>,
+    out: Kind,
+) -> Result<Tensor, ModelError> {
+    let kind = out;
+    let mut out = ptr::null_mut();
+    quant_call(x, w, bias, ptr::null_mut(), bf16(kind), &mut out)?;
+    owned(out)
+}
+
+/// `into += x · wᵀ (+ bias)` in place, as [`add_linear_packed_`] for quantised panels.
+pub fn add_linear_quant_(
+    into: &mut Tensor,
+    x: &Tensor,
+    w: &QuantMatrix,
+    bias: Option<&Tensor>,
+) -> Result<(), ModelError> {
+    if into.size().last().copied() != Some(w.rows() as i64) {
+        return Err(ModelError::InvalidRequest(format!(
+            "accumulator {:?} does not have {} columns",
+            into.size(),
+            w.rows()
+        )));
+    }
+    let mut unused = ptr::null_mut();
+    quant_call(x, w, bias, into.as_mut_ptr(), 0, &mut unused)
+}
+
+fn quant_call(
+    x: &Tensor,
+    w: &QuantMatrix,
+    bias: Option<&Tensor>,
+    into: *mut C_tensor,
+    out_bf16: i32,
+    out: &mut *mut C_tensor,
+) -> Result<(), ModelError> {
+    if x.size().last().copied() != Some(w.cols() as i64) {
+        return Err(ModelError::InvalidRequest(format!(
+            "input {:?} does not have the {} columns of the quantised weight",
+            x.size(),
+            w.cols()
+        )));
+    }
+    let bias = bias.map_or(ptr::null(), |b| b.as_ptr());
+    // SAFETY: `w`'s vectors hold one type and offset per panel of its `rows` (the kernel
+    // checks every panel lies inside `data` before reading); the tensors outlive the call.
+    check(unsafe {
+        cairn_linear_quant(
+            x.as_ptr(),
+            w.data.as_ptr(),
+            w.data.len() as i64,
+            w.offsets.as_ptr(),
+            w.types.as_ptr(),
+            w.rows() as i64,
+            bias,
+            into,
+            out_bf16,
+            level(),
+            out,
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::gguf::{GgmlType, dequantize_bytes};
+    use crate::model::quantised::{QuantRows, pack_quantised};
     use tch::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -795,6 +881,178 @@ mod tests {
         .expect("kernel runs");
         assert_eq!(got.size(), vec![2, 3, 40]);
         assert!(max_diff(&got, &x.matmul(&w.tr())) < 1e-4);
+    }
+
+    /// Random blocks of `t` for `rows` rows of `cols` values, their f16 scales finite and
+    /// small (random bytes there could be NaN, which no equality sees).
+    fn random_blocks(t: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let block = t.type_size().expect("a block type");
+        let per_row = cols / t.block_size().expect("a block type");
+        let mut state = seed;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u8
+        };
+        let mut bytes: Vec<u8> = (0..rows * per_row * block).map(|_| next()).collect();
+        let halves: &[usize] = match t {
+            GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            GgmlType::Q6_K => &[208],
+            _ => &[0],
+        };
+        for b in bytes.chunks_mut(block) {
+            for &at in halves {
+                // Sign, exponent 2^-13 .. 2^-6 (normal and a few subnormal-free values).
+                let v = half::f16::from_f32(f32::from(next()) / 255.0 * 0.01 - 0.004);
+                b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn quantised_products_equal_the_packed_product_of_the_dequantised_matrix() {
+        tch::manual_seed(12);
+        let types = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ];
+        for (i, &t) in types.iter().enumerate() {
+            let block = t.block_size().expect("a block type");
+            // Rows around the 32-row panels; inner sizes of one and several super-blocks.
+            for (n, k) in [(1, block), (33, 2 * block), (70, 3 * block)] {
+                let bytes = random_blocks(t, n, k, 7 + i as u64 * 131 + n as u64);
+                let parts = [QuantRows {
+                    ggml_type: t,
+                    bytes: &bytes,
+                    rows: n,
+                    row_of: None,
+                }];
+                let q = pack_quantised(&parts, k)
+                    .expect("sizes agree")
+                    .expect("readable");
+                let dense = dequantize_bytes(t, &bytes, n * k).expect("reference");
+                let w = Tensor::from_slice(&dense).view([n as i64, k as i64]);
+                let bias = Tensor::randn([n as i64], (Kind::Float, Device::Cpu));
+                for kind in [Kind::Float, Kind::BFloat16] {
+                    let packed = pack_linear(&w.to_kind(kind)).expect("a matrix");
+                    for m in [1, 5, 13, 130] {
+                        let x =
+                            Tensor::randn([m, k as i64], (Kind::Float, Device::Cpu)).to_kind(kind);
+                        for isa in levels() {
+                            at_level(isa, || {
+                                let want =
+                                    linear_packed(&x, &packed, n as i64, Some(&bias), Kind::Float)
+                                        .expect("kernel runs");
+                                let got = linear_quant(&x, &q, Some(&bias), Kind::Float)
+                                    .expect("kernel runs");
+                                assert!(got.equal(&want), "{t} {kind:?} {isa:?} n={n} k={k} m={m}");
+                                let mut a =
+                                    Tensor::randn([m, n as i64], (Kind::Float, Device::Cpu));
+                                let mut b = a.copy();
+                                add_linear_packed_(&mut a, &x, &packed, None).expect("kernel runs");
+                                add_linear_quant_(&mut b, &x, &q, None).expect("kernel runs");
+                                assert!(a.equal(&b), "{t} {kind:?} {isa:?} accumulating");
+                                if kind == Kind::BFloat16 {
+                                    let half =
+                                        linear_quant(&x, &q, None, kind).expect("kernel runs");
+                                    let want = linear_packed(&x, &packed, n as i64, None, kind)
+                                        .expect("kernel runs");
+                                    assert!(half.equal(&want));
+                                }
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantised_matrices_keep_their_row_order_and_refuse_mixed_panels() {
+        // Two parts (as q and k of a fused projection), the second with its rows reversed.
+        let (k, first, second) = (64usize, 40usize, 24usize);
+        let a = random_blocks(GgmlType::Q8_0, first, k, 3);
+        let b = random_blocks(GgmlType::Q8_0, second, k, 4);
+        let order: Vec<usize> = (0..second).rev().collect();
+        let parts = [
+            QuantRows {
+                ggml_type: GgmlType::Q8_0,
+                bytes: &a,
+                rows: first,
+                row_of: None,
+            },
+            QuantRows {
+                ggml_type: GgmlType::Q8_0,
+                bytes: &b,
+                rows: second,
+                row_of: Some(order.clone()),
+            },
+        ];
+        let q = pack_quantised(&parts, k)
+            .expect("sizes agree")
+            .expect("readable");
+        let da = Tensor::from_slice(&dequantize_bytes(GgmlType::Q8_0, &a, first * k).expect("ok"))
+            .view([first as i64, k as i64]);
+        let db = Tensor::from_slice(&dequantize_bytes(GgmlType::Q8_0, &b, second * k).expect("ok"))
+            .view([second as i64, k as i64])
+            .flip([0]);
+        let w = Tensor::cat(&[da, db], 0);
+        let x = Tensor::randn([3, k as i64], (Kind::Float, Device::Cpu));
+        let want = linear_packed(
+            &x,
+            &pack_linear(&w).expect("a matrix"),
+            64,
+            None,
+            Kind::Float,
+        )
+        .expect("kernel runs");
+        assert!(
+            linear_quant(&x, &q, None, Kind::Float)
+                .expect("runs")
+                .equal(&want)
+        );
+        // A panel holding rows of two types cannot be kept quantised (rows 32..64 would mix).
+        let c = random_blocks(GgmlType::Q4_0, second, k, 5);
+        let mixed = [
+            QuantRows {
+                ggml_type: GgmlType::Q8_0,
+                bytes: &a,
+                rows: first,
+                row_of: None,
+            },
+            QuantRows {
+                ggml_type: GgmlType::Q4_0,
+                bytes: &c,
+                rows: second,
+                row_of: None,
+            },
+        ];
+        assert!(pack_quantised(&mixed, k).expect("sizes agree").is_none());
+        // Types the products do not read, and sizes that do not match, are told apart.
+        let f32s = vec![0u8; 4 * k];
+        let plain = [QuantRows {
+            ggml_type: GgmlType::F32,
+            bytes: &f32s,
+            rows: 1,
+            row_of: None,
+        }];
+        assert!(pack_quantised(&plain, k).expect("no error").is_none());
+        let short = [QuantRows {
+            ggml_type: GgmlType::Q8_0,
+            bytes: &a[1..],
+            rows: first,
+            row_of: None,
+        }];
+        assert!(pack_quantised(&short, k).is_err());
+        // An input of the wrong width is an error, not a read past the weight.
+        let wrong = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
+        assert!(linear_quant(&wrong, &q, None, Kind::Float).is_err());
     }
 
     #[test]

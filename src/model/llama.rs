@@ -9,11 +9,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tch::{Device, Kind, Tensor, nn};
 
 use super::config::LlamaConfig;
+use super::quantised::QuantMatrix;
 use super::{Dtype, ModelError};
 
 struct Block {
@@ -32,10 +33,26 @@ struct Block {
 /// the source's version counter (bumped by in-place updates) and storage address.
 struct PackedWeight {
     source: (i64, usize),
-    panels: Tensor,
+    panels: Panels,
     /// Output rows of the matrix (kept here so the products need not read the source,
     /// which an inference-only model releases).
     rows: i64,
+}
+
+/// What a packed product reads: panels in the model's number format, or the file's quantised
+/// blocks (an inference-only model loaded with `Llama::keep_only_packed_with`).
+enum Panels {
+    Dense(Tensor),
+    Quantised(Arc<QuantMatrix>),
+}
+
+impl Panels {
+    fn shallow_clone(&self) -> Panels {
+        match self {
+            Panels::Dense(t) => Panels::Dense(t.shallow_clone()),
+            Panels::Quantised(q) => Panels::Quantised(Arc::clone(q)),
+        }
+    }
 }
 
 /// The keys and values of a shared prompt prefix, with what they were computed from.
@@ -82,6 +99,19 @@ pub struct Llama {
     /// The projection matrices were released after packing ([`Llama::keep_only_packed`]):
     /// the packed copies are the weights, and nothing may train, save or copy them.
     packed_only: bool,
+}
+
+/// What [`Llama::keep_only_packed_with`] did with the projection matrices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeptWeights {
+    /// Matrices kept as quantised panels.
+    pub quantised: usize,
+    /// Matrices kept as packed panels in the model's number format.
+    pub packed: usize,
+    /// Bytes of the released matrices.
+    pub released: u64,
+    /// Bytes the kept forms hold.
+    pub held: u64,
 }
 
 /// Keys and values of past positions, per layer: `[batch, kv_heads, capacity, head_dim]`,
@@ -445,7 +475,12 @@ impl Llama {
             Dtype::Bf16 => x.to_kind(Kind::BFloat16),
         };
         if let Some((panels, n)) = self.packed_weight(w) {
-            match super::fused::linear_packed(&x.contiguous(), &panels, n, bias, packed_out) {
+            let x = x.contiguous();
+            let y = match &panels {
+                Panels::Dense(t) => super::fused::linear_packed(&x, t, n, bias, packed_out),
+                Panels::Quantised(q) => super::fused::linear_quant(&x, q, bias, packed_out),
+            };
+            match y {
                 Ok(y) => return y,
                 Err(e) => tracing::warn!("packed product failed, using the tensor op: {e}"),
             }
@@ -463,7 +498,11 @@ impl Llama {
     fn add_linear_(&self, x: &mut Tensor, y: &Tensor, w: &Tensor) {
         if let Some((panels, _)) = self.packed_weight(w).filter(|_| x.is_contiguous()) {
             let y = y.to_kind(self.dtype.kind()).contiguous();
-            match super::fused::add_linear_packed_(x, &y, &panels, None) {
+            let done = match &panels {
+                Panels::Dense(t) => super::fused::add_linear_packed_(x, &y, t, None),
+                Panels::Quantised(q) => super::fused::add_linear_quant_(x, &y, q, None),
+            };
+            match done {
                 Ok(()) => return,
                 Err(e) => tracing::warn!("packed product failed, using the tensor op: {e}"),
             }
@@ -891,7 +930,7 @@ impl Llama {
     /// The copy costs the matrix's size again and is rebuilt, on first use, whenever the
     /// matrix's version counter (every in-place update, optimizer steps included) or storage
     /// (`set_data`, `set_dtype`, reloads) changes.
-    fn packed_weight(&self, w: &Tensor) -> Option<(Tensor, i64)> {
+    fn packed_weight(&self, w: &Tensor) -> Option<(Panels, i64)> {
         if !self.fused || self.device() != Device::Cpu || super::fused::grad_enabled() {
             return None;
         }
@@ -908,12 +947,12 @@ impl Llama {
             .entry(w.as_ptr() as usize)
             .or_insert_with(|| PackedWeight {
                 source: (-1, 0),
-                panels: Tensor::new(),
+                panels: Panels::Dense(Tensor::new()),
                 rows: 0,
             });
         if entry.source != source {
             match super::fused::pack_linear(w) {
-                Ok(panels) => entry.panels = panels,
+                Ok(panels) => entry.panels = Panels::Dense(panels),
                 Err(e) => {
                     tracing::warn!("cannot pack a weight, using the tensor op: {e}");
                     return None;
@@ -932,42 +971,105 @@ impl Llama {
     /// saved, copied or converted ([`Llama::is_packed_only`]). Returns the bytes released;
     /// 0 where the packed kernels do not run (another device, or fused kernels off).
     pub fn keep_only_packed(&mut self) -> Result<u64, ModelError> {
+        self.keep_only_packed_with(|_| Ok(None))
+            .map(|kept| kept.released)
+    }
+
+    /// The Hugging Face names of the tensors each projection matrix is made of, in the
+    /// order [`Llama::keep_only_packed_with`] asks for them: per block the fused q/k/v
+    /// projection (`q_proj`, `k_proj`, `v_proj` rows stacked), `o_proj`, the fused gate/up
+    /// projection and `down_proj`; then the untied head (`lm_head.weight`), if any.
+    pub fn projection_parts(&self) -> Vec<Vec<String>> {
+        let mut out = Vec::with_capacity(self.blocks.len() * 4 + 1);
+        for i in 0..self.blocks.len() {
+            let p = format!("model.layers.{i}");
+            out.push(vec![
+                format!("{p}.self_attn.q_proj.weight"),
+                format!("{p}.self_attn.k_proj.weight"),
+                format!("{p}.self_attn.v_proj.weight"),
+            ]);
+            out.push(vec![format!("{p}.self_attn.o_proj.weight")]);
+            out.push(vec![
+                format!("{p}.mlp.gate_proj.weight"),
+                format!("{p}.mlp.up_proj.weight"),
+            ]);
+            out.push(vec![format!("{p}.mlp.down_proj.weight")]);
+        }
+        if self.lm_head.is_some() {
+            out.push(vec!["lm_head.weight".to_owned()]);
+        }
+        out
+    }
+
+    /// [`Llama::keep_only_packed`], with each projection matrix (in the order of
+    /// [`Llama::projection_parts`]) kept as the quantised panels `quantised(i)` gives where it
+    /// gives some, else packed. A quantised matrix must hold exactly the values of the
+    /// matrix it replaces (its dequantisation, which is what a GGUF model was loaded from):
+    /// products are then unchanged, bit for bit. A matrix of another shape is an error.
+    pub fn keep_only_packed_with(
+        &mut self,
+        mut quantised: impl FnMut(usize) -> Result<Option<QuantMatrix>, ModelError>,
+    ) -> Result<KeptWeights, ModelError> {
+        let mut kept = KeptWeights::default();
         if self.packed_only || !self.fused || self.device() != Device::Cpu {
-            return Ok(0);
+            return Ok(kept);
         }
         let _guard = tch::no_grad_guard();
-        let mut released = 0u64;
         let matrices = projections(&mut self.blocks, &mut self.lm_head);
         // One matrix at a time, packed then released, so the model never holds both forms
         // of all its matrices at once. A failure part-way leaves a model that must not be
         // used; the error reaches the caller, which gives up on it.
         let packed = self.packed.get_mut().unwrap_or_else(|e| e.into_inner());
-        for t in matrices {
+        for (i, t) in matrices.into_iter().enumerate() {
             let handle = t.as_ptr() as usize;
             let source = (t.internal_version(), t.data_ptr() as usize);
             let rows = t.size()[0];
-            let fresh = packed
-                .get(&handle)
-                .is_some_and(|e| e.source == source && e.rows == rows);
-            if !fresh {
-                let panels = super::fused::pack_linear(t)
-                    .map_err(|e| ModelError::InvalidRequest(format!("packing a weight: {e}")))?;
+            if let Some(q) = quantised(i)? {
+                if [q.rows() as i64, q.cols() as i64] != t.size().as_slice() {
+                    return Err(ModelError::InvalidRequest(format!(
+                        "quantised projection {i} is [{}, {}], the matrix {:?}",
+                        q.rows(),
+                        q.cols(),
+                        t.size()
+                    )));
+                }
+                kept.quantised += 1;
+                kept.held += q.bytes() as u64;
                 packed.insert(
                     handle,
                     PackedWeight {
                         source,
-                        panels,
+                        panels: Panels::Quantised(Arc::new(q)),
                         rows,
                     },
                 );
+            } else {
+                let fresh = packed
+                    .get(&handle)
+                    .is_some_and(|e| e.source == source && e.rows == rows);
+                if !fresh {
+                    let panels = super::fused::pack_linear(t).map_err(|e| {
+                        ModelError::InvalidRequest(format!("packing a weight: {e}"))
+                    })?;
+                    packed.insert(
+                        handle,
+                        PackedWeight {
+                            source,
+                            panels: Panels::Dense(panels),
+                            rows,
+                        },
+                    );
+                }
+                kept.packed += 1;
+                kept.held += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
             }
-            released += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+            kept.released += (t.numel() * t.kind().elt_size_in_bytes()) as u64;
             // `set_data` empties the variable itself, which the var store shares.
             let empty = Tensor::empty([0], (t.kind(), Device::Cpu));
             t.set_data(&empty);
         }
         self.packed_only = true;
-        Ok(released)
+        Ok(kept)
     }
 
     /// Whether the model keeps only packed projection matrices (inference only).

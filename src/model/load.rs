@@ -9,7 +9,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::LlamaConfig;
 use super::gguf::GgufFile;
-use super::llama::{Llama, WeightSource};
+use super::llama::{KeptWeights, Llama, WeightSource};
+use super::quantised::{QuantRows, pack_quantised};
 use super::tokenizer::Tokenizer;
 use super::{Dtype, ModelError};
 
@@ -47,6 +48,83 @@ pub fn load_as(path: &Path, device: Device, dtype: Dtype) -> Result<LoadedModel,
         });
     }
     load_gguf_as(path, device, dtype)
+}
+
+/// Makes a loaded inference-only model keep its projection matrices as the GGUF file's
+/// quantised blocks ([`super::quantised`]) where the file has them in a type the quantised
+/// products read, and packed panels elsewhere; the unpacked matrices are released
+/// ([`Llama::keep_only_packed_with`]). The model must have been loaded from that file
+/// unchanged: products stay bit for bit what they were. A model directory (no quantised
+/// blocks) is only packed.
+pub fn keep_quantised(loaded: &mut LoadedModel) -> Result<KeptWeights, ModelError> {
+    if loaded.path.is_dir() {
+        return loaded.model.keep_only_packed_with(|_| Ok(None));
+    }
+    let file = GgufFile::open(&loaded.path).map_err(ModelError::Gguf)?;
+    let config = loaded.model.config().clone();
+    let permuted_qk = config.model_type == "llama";
+    let parts = loaded.model.projection_parts();
+    loaded.model.keep_only_packed_with(|i| {
+        let mut rows = Vec::new();
+        let mut cols = None;
+        for hf in &parts[i] {
+            let Some(name) = gguf_name(hf) else {
+                return Ok(None);
+            };
+            let Some(info) = file.tensor_info(&name) else {
+                return Ok(None);
+            };
+            let [n, k] = info.shape()[..] else {
+                return Ok(None);
+            };
+            if cols.is_some_and(|c| c != k) {
+                return Ok(None);
+            }
+            cols = Some(k);
+            let heads = if hf.ends_with("q_proj.weight") {
+                Some(config.num_attention_heads)
+            } else if hf.ends_with("k_proj.weight") {
+                Some(config.num_key_value_heads)
+            } else {
+                None
+            };
+            let row_of = heads
+                .filter(|_| permuted_qk)
+                .map(|h| interleaved_rows(n, h));
+            rows.push(QuantRows {
+                ggml_type: info.ggml_type,
+                bytes: file.tensor_bytes(&name).map_err(ModelError::Gguf)?,
+                rows: n,
+                row_of,
+            });
+        }
+        let Some(k) = cols else {
+            return Ok(None);
+        };
+        pack_quantised(&rows, k).map_err(|message| ModelError::Weights {
+            path: loaded_path(&file),
+            message,
+        })
+    })
+}
+
+/// The file a GGUF was opened from, for errors.
+fn loaded_path(file: &GgufFile) -> PathBuf {
+    PathBuf::from(file.label())
+}
+
+/// For `n` rows of `heads` heads in the rotate-half layout, the llama.cpp (interleaved
+/// pair) row holding each: row `h·d + a·d/2 + b` of a head of `d` rows is stored at
+/// `h·d + 2b + a` (the inverse of [`unpermute_rows`]).
+fn interleaved_rows(n: usize, heads: usize) -> Vec<usize> {
+    let d = n / heads.max(1);
+    (0..n)
+        .map(|r| {
+            let (h, within) = (r / d, r % d);
+            let (a, b) = (within / (d / 2), within % (d / 2));
+            h * d + 2 * b + a
+        })
+        .collect()
 }
 
 /// Loads only the tokenizer of a GGUF file or model directory (cheap: no weights).

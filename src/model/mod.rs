@@ -4,7 +4,8 @@
 //!
 //! - [`gguf`]: GGUF reader and dequantisation.
 //! - [`config`], [`tokenizer`], [`load`](mod@load): configurations, tokenizers and chat format, loading.
-//! - [`llama`]: the decoder and its KV cache; [`fused`]: its fused CPU inference kernels.
+//! - [`llama`]: the decoder and its KV cache; [`fused`]: its fused CPU inference kernels;
+//!   [`quantised`]: weight matrices kept as their file's quantised blocks.
 //! - [`sampling`], [`generate`]: seeded sampling, batched generation and scoring.
 //! - [`worker`]: the thread that owns the models and batches requests.
 
@@ -14,6 +15,7 @@ pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod load;
+pub mod quantised;
 pub mod sampling;
 pub mod tokenizer;
 

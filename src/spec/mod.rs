@@ -50,6 +50,10 @@ pub struct ModelSpec {
     /// Number format of the weight matrices (`dtype = "bf16"` for faster inference; a model
     /// a stage trains must stay `f32`).
     pub dtype: crate::dtype::Dtype,
+    /// Keep the GGUF file's quantised blocks instead of dequantised matrices (`dtype =
+    /// "quantised"`, computing in bf16, or `"quantised-f32"`): the same results in about the
+    /// file's size, for a model nothing in the run trains or copies into.
+    pub quantised: bool,
     /// Compute the common prefix of a batch's prompts (the few-shot examples) once and share
     /// its keys and values across the rows (`share_prefix = true`): much less prefill for
     /// critique, revision and judge calls; results within floating-point rounding of the
@@ -219,6 +223,21 @@ impl Spec {
                 err(models_line, format!("model `{name}`: {}", e.message()))
             })?;
             let path = crate::paths::named_model(&m.path).unwrap_or_else(|| resolve(base, &m.path));
+            let format: crate::dtype::WeightFormat = match &m.dtype {
+                None => Default::default(),
+                Some(d) => d
+                    .parse()
+                    .map_err(|e: String| err(models_line, format!("model `{name}`: {e}")))?,
+            };
+            if format.quantised && m.keep_unpacked {
+                return Err(err(
+                    models_line,
+                    format!(
+                        "model `{name}`: dtype `{format}` keeps only quantised blocks, which \
+                         keep_unpacked = true contradicts"
+                    ),
+                ));
+            }
             models.push(ModelSpec {
                 name: name.clone(),
                 path,
@@ -226,12 +245,8 @@ impl Spec {
                 score_head: m.score_head,
                 share_prefix: m.share_prefix,
                 keep_unpacked: m.keep_unpacked,
-                dtype: match &m.dtype {
-                    None => crate::dtype::Dtype::F32,
-                    Some(d) => d
-                        .parse()
-                        .map_err(|e: String| err(models_line, format!("model `{name}`: {e}")))?,
-                },
+                dtype: format.dtype,
+                quantised: format.quantised,
             });
         }
         if models.is_empty() {

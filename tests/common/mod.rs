@@ -16,6 +16,12 @@ pub const VOCAB: usize = 258;
 /// Writes `model` as a GGUF file the way llama.cpp's converter would: Q/K rows permuted for
 /// adjacent-pair RoPE, a byte-level BPE tokenizer with ChatML control tokens.
 pub fn write_llama_gguf(model: &Llama, path: &Path) {
+    write_llama_gguf_as(model, path, GgmlType::F32);
+}
+
+/// [`write_llama_gguf`] with the projection and head matrices stored as `matrices` (F32, F16
+/// or Q8_0) where their rows are whole blocks of it; embeddings and norms stay F32.
+pub fn write_llama_gguf_as(model: &Llama, path: &Path, matrices: GgmlType) {
     let c = model.config().clone();
     let mut w = GgufWriter::new();
     let u32v = |v: usize| MetaValue::U32(v as u32);
@@ -90,8 +96,16 @@ pub fn write_llama_gguf(model: &Llama, path: &Path) {
         };
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let data = Vec::<f32>::try_from(&t.flatten(0, -1)).expect("data");
-        // Norms stay F32 (as in real files); matrices as F32 here, see the quantised check below.
-        w.add_tensor_f32(gguf_name(&name), &shape, &data, GgmlType::F32)
+        // Norms and the embedding stay F32 (as in real files); matrices as asked where whole
+        // blocks fit their rows.
+        let is_matrix = shape.len() == 2 && name.contains("layers.") || name == "lm_head.weight";
+        let block = matrices.block_size().unwrap_or(1);
+        let ty = if is_matrix && shape[1] % block == 0 {
+            matrices
+        } else {
+            GgmlType::F32
+        };
+        w.add_tensor_f32(gguf_name(&name), &shape, &data, ty)
             .expect("add tensor");
     }
     w.write(path).expect("write gguf");

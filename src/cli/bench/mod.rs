@@ -9,10 +9,12 @@ use clap::Subcommand;
 
 mod engine;
 mod generate;
+mod quantised;
 mod rl;
 
 pub use engine::EngineBench;
 pub use generate::GenerateBench;
+pub use quantised::QuantisedBench;
 pub use rl::RlBench;
 
 /// Benchmarks.
@@ -24,6 +26,9 @@ pub enum BenchCommand {
     Engine(EngineBench),
     /// RL-CAI: judgements/s and PPO update time against the raw model cost of the same work.
     Rl(RlBench),
+    /// A GGUF model held as its quantised blocks against packed panels: same results, speed
+    /// and weight memory.
+    Quantised(QuantisedBench),
 }
 
 /// Runs a benchmark.
@@ -32,6 +37,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Generate(args) => generate::run(args),
         BenchCommand::Engine(args) => engine::run(args),
         BenchCommand::Rl(args) => rl::run(args),
+        BenchCommand::Quantised(args) => quantised::run(args),
     }
 }
 

@@ -93,12 +93,15 @@ impl Plan {
                     let stage = builder(&s.name, &settings, ctx).map_err(located)?;
                     let m = stage.trained_model();
                     if let Some(model) = spec.models.iter().find(|x| x.name == m)
-                        && model.dtype != crate::model::Dtype::F32
+                        && (model.dtype != crate::model::Dtype::F32 || model.quantised)
                     {
+                        let format = crate::dtype::WeightFormat {
+                            dtype: model.dtype,
+                            quantised: model.quantised,
+                        };
                         return Err(at(format!(
-                            "trains model `{m}`, which is loaded as {}; a trained model needs \
-                             dtype f32",
-                            model.dtype
+                            "trains model `{m}`, which is loaded as {format}; a trained model \
+                             needs dtype f32"
                         )));
                     }
                     stages.push(Built::Training {

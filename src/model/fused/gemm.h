@@ -12,6 +12,23 @@
 // zero.
 constexpr int64_t kPanelCols = 32;
 
+// A weight matrix kept as its file's quantised blocks, re-laid per column panel by
+// quantised.rs (`pack_quantised`, which documents the layouts): panel p has ggml type
+// types[p] and starts at data + offsets[p]. Each product dequantises one panel at a time into
+// the packed f32 or bf16 layout above, exactly as the f32 dequantiser and f32→bf16 rounding
+// would, so its results are those of the packed path over the dequantised matrix, bit for
+// bit.
+struct QuantPanels {
+  const uint8_t* data;
+  const int64_t* offsets;
+  const int32_t* types;
+};
+
+// Values per super-block of a quantised panel's ggml type along k (0: not a type the
+// quantised products read), and bytes per super-block of a 32-column panel.
+int64_t quant_block_values(int32_t type);
+int64_t quant_block_bytes(int32_t type);
+
 #define CAIRN_DECLARE_GEMM(ns)                                                                 \
   namespace ns {                                                                               \
   /* y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias[n]) (+ y when `accumulate`), for the output        \
@@ -29,6 +46,16 @@ constexpr int64_t kPanelCols = 32;
   void linear_panels_bf16_dot(const uint16_t* x, int64_t m, int64_t k, const uint16_t* packed,  \
                               int64_t n, const float* bias, float* y32, uint16_t* y16,          \
                               bool accumulate, int64_t panel_begin, int64_t panel_end);         \
+  /* linear_panels, linear_panels_bf16 and linear_panels_bf16_dot over quantised panels. */   \
+  void linear_quant(const float* x, int64_t m, int64_t k, const QuantPanels& w, int64_t n,     \
+                    const float* bias, float* y, bool accumulate, int64_t panel_begin,         \
+                    int64_t panel_end);                                                        \
+  void linear_quant_bf16(const uint16_t* x, int64_t m, int64_t k, const QuantPanels& w,        \
+                         int64_t n, const float* bias, float* y32, uint16_t* y16,               \
+                         bool accumulate, int64_t panel_begin, int64_t panel_end);              \
+  void linear_quant_bf16_dot(const uint16_t* x, int64_t m, int64_t k, const QuantPanels& w,    \
+                             int64_t n, const float* bias, float* y32, uint16_t* y16,           \
+                             bool accumulate, int64_t panel_begin, int64_t panel_end);          \
   }
 
 CAIRN_DECLARE_GEMM(isa_v4)

@@ -33,6 +33,26 @@
 
 using at::Tensor;
 
+int64_t quant_block_values(int32_t type) {
+  switch (type) {
+    case 2: case 3: case 8: return 32;     // Q4_0, Q4_1, Q8_0
+    case 12: case 13: case 14: return 256;  // Q4_K, Q5_K, Q6_K
+    default: return 0;
+  }
+}
+
+int64_t quant_block_bytes(int32_t type) {
+  switch (type) {
+    case 2: return 64 + 32 * 16;                      // Q4_0: d, nibbles
+    case 3: return 128 + 32 * 16;                     // Q4_1: d, m, nibbles
+    case 8: return 64 + 32 * 32;                      // Q8_0: d, bytes
+    case 12: return 128 + 256 + 256 + 256 * 16;       // Q4_K: d, dmin, scales, mins, nibbles
+    case 13: return 128 + 256 + 256 + 256 * 32;       // Q5_K: as Q4_K with bytes
+    case 14: return 64 + 16 * 32 + 256 * 32;          // Q6_K: d, scales, bytes
+    default: return 0;
+  }
+}
+
 namespace {
 
 // The kernels of attention.inc and gemm.inc, compiled per instruction set.
@@ -42,19 +62,25 @@ struct IsaKernels {
   decltype(&isa_base::store_f16) store_f16;
   decltype(&isa_base::linear_panels) linear_f32;
   decltype(&isa_base::linear_panels_bf16) linear_bf16;
+  decltype(&isa_base::linear_quant) quant_f32;
+  decltype(&isa_base::linear_quant_bf16) quant_bf16;
 };
 
-#define CAIRN_ISA_KERNELS(ns, bf16)                                                        \
+#define CAIRN_ISA_KERNELS(ns, bf16, quant_bf16)                                            \
   IsaKernels {                                                                            \
-    ns::attend_f32, ns::attend_f16, ns::store_f16, ns::linear_panels, bf16               \
+    ns::attend_f32, ns::attend_f16, ns::store_f16, ns::linear_panels, bf16,              \
+        ns::linear_quant, quant_bf16                                                     \
   }
-constexpr IsaKernels kIsaBase = CAIRN_ISA_KERNELS(isa_base, isa_base::linear_panels_bf16);
-constexpr IsaKernels kIsaV3 = CAIRN_ISA_KERNELS(isa_v3, isa_v3::linear_panels_bf16);
-constexpr IsaKernels kIsaV4 = CAIRN_ISA_KERNELS(isa_v4, isa_v4::linear_panels_bf16);
+constexpr IsaKernels kIsaBase =
+    CAIRN_ISA_KERNELS(isa_base, isa_base::linear_panels_bf16, isa_base::linear_quant_bf16);
+constexpr IsaKernels kIsaV3 =
+    CAIRN_ISA_KERNELS(isa_v3, isa_v3::linear_panels_bf16, isa_v3::linear_quant_bf16);
+constexpr IsaKernels kIsaV4 =
+    CAIRN_ISA_KERNELS(isa_v4, isa_v4::linear_panels_bf16, isa_v4::linear_quant_bf16);
 // x86-64-v4 plus AVX512-BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids): bf16 products
 // on VDPBF16PS.
-constexpr IsaKernels kIsaV4Bf16 =
-    CAIRN_ISA_KERNELS(isa_v4, isa_v4_bf16::linear_panels_bf16_dot);
+constexpr IsaKernels kIsaV4Bf16 = CAIRN_ISA_KERNELS(isa_v4, isa_v4_bf16::linear_panels_bf16_dot,
+                                                    isa_v4_bf16::linear_quant_bf16_dot);
 #undef CAIRN_ISA_KERNELS
 
 // The set for `isa`: 0 baseline, 1 x86-64-v3, 2 x86-64-v4, 3 x86-64-v4 with AVX512-BF16, -1
@@ -477,6 +503,78 @@ char* cairn_rms_norm(const Tensor* x, const Tensor* w, double eps, int out_bf16,
       run(o.data_ptr<float>());
     }
     *out = new Tensor(std::move(o));
+  });
+}
+
+// y = x · Wᵀ (+ bias) as cairn_linear_packed, for W [n, k] kept as quantised panels
+// (gemm.h's QuantPanels; `bytes` is the size of `data`, `types` and `offsets` hold one entry
+// per panel). Every panel is checked to lie inside `data` before anything is computed.
+char* cairn_linear_quant(const Tensor* x, const uint8_t* data, int64_t bytes,
+                         const int64_t* offsets, const int32_t* types, int64_t n,
+                         const Tensor* bias, Tensor* into, int out_bf16, int isa,
+                         Tensor** out) {
+  return guarded([&] {
+    check_f32_or_bf16(*x, "linear input");
+    const bool half = x->scalar_type() == at::kBFloat16;
+    TORCH_CHECK(x->dim() >= 1, "linear input must have a last dimension");
+    TORCH_CHECK(!out_bf16 || (half && into == nullptr), "only a bf16 product is written as bf16");
+    TORCH_CHECK(n >= 0 && bytes >= 0, "negative sizes");
+    const int64_t k = x->size(-1);
+    const int64_t panels = (n + kPanelCols - 1) / kPanelCols;
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t values = quant_block_values(types[p]);
+      TORCH_CHECK(values > 0, "panel ", p, " has ggml type ", types[p],
+                  ", which the quantised products do not read");
+      TORCH_CHECK(k % values == 0, "k = ", k, " is not a whole number of ", values,
+                  "-value blocks (panel ", p, ")");
+      const int64_t size = k / values * quant_block_bytes(types[p]);
+      TORCH_CHECK(offsets[p] >= 0 && offsets[p] <= bytes && size <= bytes - offsets[p],
+                  "panel ", p, " (", size, " bytes at ", offsets[p], ") lies outside the ",
+                  bytes, " bytes of the weight");
+    }
+    const int64_t rows = k == 0 ? 0 : x->numel() / k;
+    const float* bp = nullptr;
+    if (bias != nullptr) {
+      check_f32_cpu(*bias, "linear bias");
+      TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "linear bias must be [", n, "]");
+      bp = bias->data_ptr<float>();
+    }
+    Tensor o;
+    if (into != nullptr) {
+      check_f32_cpu(*into, "linear accumulator");
+      TORCH_CHECK(into->dim() >= 1 && into->size(-1) == n && into->numel() == rows * n,
+                  "linear accumulator ", into->sizes(), " is not [", rows, ", ", n, "]");
+      o = *into;
+    } else {
+      std::vector<int64_t> shape(x->sizes().begin(), x->sizes().end());
+      shape.back() = n;
+      o = at::empty(shape, x->options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+    }
+    if (rows > 0 && n > 0 && k > 0) {
+      const IsaKernels& kernels = isa_kernels(isa);
+      const bool accumulate = into != nullptr;
+      const QuantPanels w{data, offsets, types};
+      if (half) {
+        const auto* xp = reinterpret_cast<const uint16_t*>(x->data_ptr<c10::BFloat16>());
+        float* y32 = out_bf16 ? nullptr : o.data_ptr<float>();
+        uint16_t* y16 =
+            out_bf16 ? reinterpret_cast<uint16_t*>(o.data_ptr<c10::BFloat16>()) : nullptr;
+        at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+          kernels.quant_bf16(xp, rows, k, w, n, bp, y32, y16, accumulate, begin, end);
+        });
+      } else {
+        const float* xp = x->data_ptr<float>();
+        float* op = o.data_ptr<float>();
+        at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+          kernels.quant_f32(xp, rows, k, w, n, bp, op, accumulate, begin, end);
+        });
+      }
+    } else if (into == nullptr && n > 0) {
+      o.zero_();
+    }
+    if (into == nullptr) {
+      *out = new Tensor(std::move(o));
+    }
   });
 }
 

@@ -128,7 +128,7 @@ pub(super) fn dequant_q8_0(b: &[u8; 34], y: &mut [f32; 32]) {
 /// j + 4; sub-blocks 4-7 combine a nibble of byte j + 4 with the top two bits of bytes
 /// j - 4 (scale) and j (minimum).
 #[inline(always)]
-pub(super) fn scale_min_k4(j: usize, s: &[u8; 12]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, s: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 0x3F, s[j + 4] & 0x3F)
     } else {

@@ -134,7 +134,7 @@ impl GgmlType {
     }
 
     /// The same type in canonical form (`Other(8)` becomes `Q8_0`).
-    pub(super) fn canonical(self) -> Self {
+    pub(crate) fn canonical(self) -> Self {
         Self::from_id(self.id())
     }
 }
