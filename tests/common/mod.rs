@@ -100,7 +100,7 @@ pub fn write_llama_gguf_as(model: &Llama, path: &Path, matrices: GgmlType) {
         // blocks fit their rows.
         let is_matrix = shape.len() == 2 && name.contains("layers.") || name == "lm_head.weight";
         let block = matrices.block_size().unwrap_or(1);
-        let ty = if is_matrix && shape[1] % block == 0 {
+        let ty = if is_matrix && shape[1].is_multiple_of(block) {
             matrices
         } else {
             GgmlType::F32
