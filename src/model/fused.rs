@@ -941,7 +941,7 @@ mod tests {
                 let bias = Tensor::randn([n as i64], (Kind::Float, Device::Cpu));
                 for kind in [Kind::Float, Kind::BFloat16] {
                     let packed = pack_linear(&w.to_kind(kind)).expect("a matrix");
-                    for m in [1, 5, 13, 130] {
+                    for m in [1, 5, 8, 12, 13, 130] {
                         let x =
                             Tensor::randn([m, k as i64], (Kind::Float, Device::Cpu)).to_kind(kind);
                         for isa in levels() {
