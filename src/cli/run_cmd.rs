@@ -221,9 +221,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     for (model, p) in &summary.prefill {
         println!(
-            "prompt tokens prefilled by `{model}`: {} computed, {} of shared prefixes served \
-             from memory",
-            p.computed, p.reused
+            "prompt tokens prefilled by `{model}`: {} computed in {:.1} s, {} of shared \
+             prefixes served from memory",
+            p.computed,
+            p.seconds(),
+            p.reused
         );
     }
     if !summary.aggregates.is_empty() {

@@ -230,6 +230,7 @@ pub fn run_cluster(
             let into = summary.prefill.entry(model).or_default();
             into.computed += p.computed;
             into.reused += p.reused;
+            into.nanos += p.nanos;
         }
     }
     summary.wall_seconds = wall.elapsed().as_secs_f64();

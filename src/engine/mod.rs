@@ -15,6 +15,7 @@ mod driver;
 mod fork;
 pub mod links;
 mod operator;
+pub mod probe;
 mod train_state;
 mod verify;
 
@@ -125,6 +126,7 @@ pub(crate) fn prefill_during(
             let count = crate::worker::PrefillCount {
                 computed: a.computed - b.computed,
                 reused: a.reused - b.reused,
+                nanos: a.nanos.saturating_sub(b.nanos),
             };
             (name.clone(), count)
         })

@@ -147,6 +147,17 @@ fn prefill(
     prompts: &[&[u32]],
     extra: i64,
 ) -> Result<(Tensor, super::KvCache, i64), ModelError> {
+    let started = std::time::Instant::now();
+    let out = prefill_untimed(model, prompts, extra);
+    model.count_prefill_time(started.elapsed());
+    out
+}
+
+fn prefill_untimed(
+    model: &Llama,
+    prompts: &[&[u32]],
+    extra: i64,
+) -> Result<(Tensor, super::KvCache, i64), ModelError> {
     let device = model.device();
     let shared = if model.shares_prefix() && prompts.len() > 1 {
         common_prefix(prompts)

@@ -91,6 +91,9 @@ pub struct Llama {
     /// Prompt tokens run through the model by prefills (padding and served prefixes not
     /// counted).
     prompt_tokens_prefilled: std::sync::atomic::AtomicU64,
+    /// Wall time spent in those prefills (shared prefixes included), in nanoseconds: what a
+    /// benchmark subtracts from a call's time to see its decode steps alone.
+    prefill_nanos: std::sync::atomic::AtomicU64,
     /// Inference on the CPU: each weight matrix repacked, in its format, into the column
     /// panels of [`super::fused::linear_packed`], by the address of the matrix's tensor
     /// handle (a field of this struct), with the version counter and storage it was packed
@@ -400,6 +403,7 @@ impl Llama {
             prefixes: Mutex::new(Vec::new()),
             prefix_tokens_reused: std::sync::atomic::AtomicU64::new(0),
             prompt_tokens_prefilled: std::sync::atomic::AtomicU64::new(0),
+            prefill_nanos: std::sync::atomic::AtomicU64::new(0),
             packed: Mutex::new(HashMap::new()),
             packed_only: false,
         })
@@ -607,6 +611,22 @@ impl Llama {
     pub fn prompt_tokens_prefilled(&self) -> u64 {
         self.prompt_tokens_prefilled
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Adds the wall time of one prefill.
+    pub(crate) fn count_prefill_time(&self, elapsed: std::time::Duration) {
+        self.prefill_nanos.fetch_add(
+            elapsed.as_nanos().min(u128::from(u64::MAX)) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Wall time spent in prefills so far, in seconds (generation and multiple-choice
+    /// scoring; a shared prefix computed for a call counts in that call's prefill).
+    pub fn prefill_seconds(&self) -> f64 {
+        self.prefill_nanos
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            / 1e9
     }
 
     /// Prefix tokens served from memory instead of computed, so far.

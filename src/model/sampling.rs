@@ -136,12 +136,18 @@ impl Sampler {
             }
             chosen
         } else {
+            // The whole vocabulary's mass, summed once: over a 150k-token vocabulary these
+            // exponentials are most of a draw's cost (`cairn bench pipeline`).
+            let mut vocab_total = None;
+            let mut whole = || {
+                *vocab_total
+                    .get_or_insert_with(|| -> f64 { logits.iter().map(|&l| weight(l)).sum() })
+            };
             let candidates = if p.top_k > 0 {
                 top_candidates(logits, p.top_k)
             } else {
                 let mut c = top_candidates(logits, NUCLEUS_CANDIDATES);
-                let total: f64 = logits.iter().map(|&l| weight(l)).sum();
-                let mass: f64 = c.iter().map(|&i| weight(logits[i])).sum::<f64>() / total;
+                let mass: f64 = c.iter().map(|&i| weight(logits[i])).sum::<f64>() / whole();
                 if mass < p.top_p as f64 && c.len() < logits.len() {
                     c = top_candidates(logits, logits.len());
                 }
@@ -151,7 +157,7 @@ impl Sampler {
             let total: f64 = if p.top_k > 0 {
                 candidates.iter().map(|&i| weight(logits[i])).sum()
             } else {
-                logits.iter().map(|&l| weight(l)).sum()
+                whole()
             };
             let mut kept = Vec::with_capacity(candidates.len());
             let mut before = 0.0;

@@ -210,6 +210,15 @@ pub struct PrefillCount {
     pub computed: u64,
     /// Shared-prefix tokens served from memory.
     pub reused: u64,
+    /// Wall time of those prefills, in nanoseconds.
+    pub nanos: u64,
+}
+
+impl PrefillCount {
+    /// Wall time of the prefills, in seconds.
+    pub fn seconds(&self) -> f64 {
+        self.nanos as f64 / 1e9
+    }
 }
 
 /// The counters, with each model's prefill counts read now.
@@ -222,6 +231,7 @@ fn stats_now(stats: &WorkerStats, models: &HashMap<String, ServedModel>) -> Work
                 PrefillCount {
                     computed: m.prompt_tokens_prefilled(),
                     reused: m.prefix_tokens_reused(),
+                    nanos: (m.prefill_seconds() * 1e9) as u64,
                 },
             );
         }

@@ -175,7 +175,7 @@ fn peer_key(name: &str, dtype: Dtype) -> String {
     }
 }
 
-fn run_peer(
+pub(super) fn run_peer(
     python: &std::path::Path,
     script: &str,
     args: &[String],

@@ -9,11 +9,13 @@ use clap::Subcommand;
 
 mod engine;
 mod generate;
+mod pipeline;
 mod quantised;
 mod rl;
 
 pub use engine::EngineBench;
 pub use generate::GenerateBench;
+pub use pipeline::PipelineBench;
 pub use quantised::QuantisedBench;
 pub use rl::RlBench;
 
@@ -29,6 +31,9 @@ pub enum BenchCommand {
     /// A GGUF model held as its quantised blocks against packed panels: same results, speed
     /// and weight memory.
     Quantised(QuantisedBench),
+    /// A spec's stages call by call (sample, critique, revise, judge, …) beside the greedy
+    /// bench, the same prompts decoded greedily, and peers replaying the same calls.
+    Pipeline(PipelineBench),
 }
 
 /// Runs a benchmark.
@@ -38,6 +43,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Engine(args) => engine::run(args),
         BenchCommand::Rl(args) => rl::run(args),
         BenchCommand::Quantised(args) => quantised::run(args),
+        BenchCommand::Pipeline(args) => pipeline::run(args),
     }
 }
 

@@ -58,6 +58,36 @@ pub(in crate::engine) fn model_job(
     Ok(Some((model.to_string(), job)))
 }
 
+/// A chunk's tasks after their replies: the tasks done, each with its last reply, and the
+/// tasks with another call to make ([`Stage::more`]), their reply kept in the history and
+/// their work replaced by the next call.
+pub(in crate::engine) type Advanced = (Vec<Task>, Vec<Reply>, Vec<Task>);
+
+/// Sorts a chunk's tasks after their replies into done and continuing ([`Advanced`]).
+pub(in crate::engine) fn advance_tasks(
+    stage: &dyn Stage,
+    tasks: Vec<Task>,
+    replies: Vec<Reply>,
+) -> Result<Advanced, StageError> {
+    let mut done_tasks = Vec::new();
+    let mut done_replies = Vec::new();
+    let mut going = Vec::new();
+    for (mut task, reply) in tasks.into_iter().zip(replies) {
+        match stage.more(&task, &reply)? {
+            Some(work) => {
+                task.history.push(reply);
+                task.work = work;
+                going.push(task);
+            }
+            None => {
+                done_tasks.push(task);
+                done_replies.push(reply);
+            }
+        }
+    }
+    Ok((done_tasks, done_replies, going))
+}
+
 /// Splits a worker reply back into one [`Reply`] per task.
 pub(in crate::engine) fn split_reply(
     name: &str,

@@ -45,7 +45,7 @@ mod side_input;
 mod training_op;
 
 use aggregates::*;
-pub(super) use batching::{chunks, model_job, split_reply};
+pub(super) use batching::{advance_tasks, chunks, model_job, split_reply};
 pub use env::*;
 use model_op::*;
 pub(super) use plan::Built;

@@ -223,22 +223,7 @@ pub(super) fn advance(
     replies: Vec<Reply>,
     batch: usize,
 ) -> Result<(Vec<Rec>, Vec<Chunk>), EngineError> {
-    let mut done_tasks = Vec::new();
-    let mut done_replies = Vec::new();
-    let mut going = Vec::new();
-    for (mut task, reply) in tasks.into_iter().zip(replies) {
-        match stage.more(&task, &reply)? {
-            Some(work) => {
-                task.history.push(reply);
-                task.work = work;
-                going.push(task);
-            }
-            None => {
-                done_tasks.push(task);
-                done_replies.push(reply);
-            }
-        }
-    }
+    let (done_tasks, done_replies, going) = advance_tasks(stage, tasks, replies)?;
     let out = complete_tasks(
         stage,
         name,
