@@ -252,7 +252,7 @@ pub fn measured_call(
     job: Job,
 ) -> Result<(JobOutput, CallMeasure), EngineError> {
     let before = handle.stats()?;
-    let (rows, prompt_tokens, padding_tokens) = shape(&job);
+    let (rows, prompt_tokens, padding_tokens) = prompt_batch_shape(&job);
     let started = Instant::now();
     let out = handle.call(model, job.clone())?;
     let seconds = started.elapsed().as_secs_f64();
@@ -279,8 +279,9 @@ pub fn measured_call(
     Ok((out, measure))
 }
 
-/// Rows, prompt tokens and padding positions of a job's prompt batch (contexts for scoring).
-fn shape(job: &Job) -> (usize, u64, u64) {
+/// Rows, prompt tokens and padding positions of a job's prompt batch (contexts for scoring):
+/// the shape [`CallMeasure`] reports, for callers that time a job some other way.
+pub fn prompt_batch_shape(job: &Job) -> (usize, u64, u64) {
     let lens: Vec<u64> = match job {
         Job::Generate(r) => r.iter().map(|r| r.prompt.len() as u64).collect(),
         Job::Score(r) => r

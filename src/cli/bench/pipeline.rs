@@ -23,7 +23,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 
-use cairn::engine::probe::{CallMeasure, ProbeOptions, StageMeasure, StageProbe};
+use cairn::engine::probe::{
+    CallMeasure, ProbeOptions, StageMeasure, StageProbe, prompt_batch_shape,
+};
 use cairn::model::{self, GenerateRequest, Llama, Message, Role, SamplingParams};
 use cairn::spec::Spec;
 use cairn::worker::Job;
@@ -141,18 +143,18 @@ impl Baseline {
         let started = std::time::Instant::now();
         let out = model::generate::generate(&self.model, &[], requests)?;
         let seconds = started.elapsed().as_secs_f64();
-        let lens: Vec<u64> = requests.iter().map(|r| r.prompt.len() as u64).collect();
-        let longest = lens.iter().copied().max().unwrap_or(0);
+        let job = Job::Generate(requests.to_vec());
+        let (rows, prompt_tokens, padding_tokens) = prompt_batch_shape(&job);
         Ok(CallMeasure {
             model: String::new(),
-            job: Job::Generate(Vec::new()),
-            rows: requests.len(),
+            job,
+            rows,
             seconds,
             prefill_seconds: (self.model.prefill_seconds() - prefill_before).min(seconds),
-            prompt_tokens: lens.iter().sum(),
+            prompt_tokens,
             prefilled_tokens: self.model.prompt_tokens_prefilled() - prefilled_before,
             reused_tokens: 0,
-            padding_tokens: longest * lens.len() as u64 - lens.iter().sum::<u64>(),
+            padding_tokens,
             new_tokens: out.iter().map(|g| g.tokens.len() as u64).sum(),
         })
     }
@@ -318,7 +320,13 @@ pub(super) fn run(args: PipelineBench) -> anyhow::Result<ExitCode> {
         args.spec.display()
     );
     let mut probe = StageProbe::new(&spec, &cairn::stages::registry(), &opts)?;
-    let names = opts.stages.clone().unwrap_or_else(|| probe.stage_names());
+    // In spec order, whatever order `--stages` names them in: a stage reads what earlier
+    // stages produced.
+    let names: Vec<String> = probe
+        .stage_names()
+        .into_iter()
+        .filter(|n| opts.stages.as_ref().is_none_or(|s| s.contains(n)))
+        .collect();
     let mut baselines: std::collections::HashMap<String, Baseline> = Default::default();
     let mut measures = Vec::new();
     let mut rows_json = Vec::new();
