@@ -657,30 +657,49 @@ fn follow_mode_reads_appended_prompts_and_sigterm_stops_cleanly() {
     assert_eq!(prompts.len(), 9);
 }
 
-/// With `merge_model_calls`, chunks of different stages share model calls: the run completes
-/// with the same records (counts and keys), in fewer worker batches.
+/// On the CPU a record's bits do not depend on what shared its model call. Merging chunks of
+/// different stages into one call (`merge_model_calls`), decoding one row at a time with the
+/// others joining as rows finish (`decode_rows = 1`), and computing the few-shot prefix once
+/// per batch (`share_prefix`) each give the plain run's events, payload for payload, through
+/// SFT's checkpoint hashes.
 #[test]
-fn merged_model_calls_produce_the_same_records() {
+fn batching_choices_change_no_event() {
     let fx = Fixture::new();
     let plain = fx.write_spec("plain.toml", 4, "");
-    let merged_text = fx
-        .spec_text(4, "")
-        .replace("seed = 4", "seed = 4\nmerge_model_calls = true");
-    let merged = fx.dir.path().join("merged.toml");
-    std::fs::write(&merged, merged_text).expect("write");
-    let a = fx.run(&plain, "a").expect("plain");
-    let b = fx.run(&merged, "b").expect("merged");
-    for (stage, s) in &a.stages {
-        assert_eq!(b.stages[stage].computed, s.computed, "{stage}");
+    let a = fx.run(&plain, "plain").expect("plain");
+    let base = fx.spec_text(4, "");
+    let policy = "[models.policy]\npath = \"tiny.gguf\"";
+    assert!(base.contains(policy), "the fixture's policy model");
+    let variants = [
+        (
+            "merged",
+            base.replace("seed = 4", "seed = 4\nmerge_model_calls = true"),
+        ),
+        (
+            "rows",
+            base.replace(policy, &format!("{policy}\ndecode_rows = 1")),
+        ),
+        (
+            "shared",
+            base.replace(policy, &format!("{policy}\nshare_prefix = true")),
+        ),
+    ];
+    let want = dataflow_events(&fx.dir.path().join("plain"));
+    assert!(want.values().any(|(s, _, _)| s == "sft"), "the run trained");
+    for (name, text) in variants {
+        assert_ne!(text, base, "{name}: the variant changes the spec");
+        let path = fx.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).expect("write");
+        let b = fx.run(&path, name).expect(name);
+        for (stage, s) in &a.stages {
+            assert_eq!(b.stages[stage].computed, s.computed, "{name}: {stage}");
+        }
+        let got = dataflow_events(&fx.dir.path().join(name));
+        assert_eq!(got.len(), want.len(), "{name}: event count");
+        for (key, event) in &want {
+            assert_eq!(got.get(key), Some(event), "{name}: event {key}");
+        }
     }
-    let keys = |log: &str| {
-        events(&fx.dir.path().join(log))
-            .into_iter()
-            .filter(|(_, (s, _, _))| s != "run" && s != "sft")
-            .map(|(k, (s, _, _))| (k, s))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(keys("a"), keys("b"));
 }
 
 /// `cairn export --what sft` writes exactly the examples the SFT steps trained on, and

@@ -419,6 +419,7 @@ fn model_factories(
             let score_head = m.score_head;
             let dtype = m.dtype;
             let share_prefix = m.share_prefix;
+            let decode_rows = m.decode_rows;
             let packed_only = !m.keep_unpacked && !changing.contains(&m.name);
             let quantised = m.quantised;
             let name = m.name.clone();
@@ -431,6 +432,7 @@ fn model_factories(
                     loaded.model.ensure_score_head();
                 }
                 loaded.model.set_share_prefix(share_prefix);
+                loaded.model.set_decode_rows(decode_rows);
                 if quantised && !packed_only {
                     return Err(crate::model::ModelError::InvalidRequest(format!(
                         "model `{name}` is quantised, but the run copies weights into it; \

@@ -47,6 +47,17 @@ unsafe extern "C" {
         isa: i32,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
+    fn cairn_prefill_attention(
+        q: *const C_tensor,
+        k_cache: *const C_tensor,
+        v_cache: *const C_tensor,
+        valid: *const C_tensor,
+        past: i64,
+        scale: f64,
+        out_bf16: i32,
+        isa: i32,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
     fn cairn_rms_norm(
         x: *const C_tensor,
         w: *const C_tensor,
@@ -215,6 +226,41 @@ pub fn decode_attention(
             v_cache.as_ptr(),
             valid.as_ptr(),
             total,
+            scale,
+            bf16(kind),
+            level(),
+            &mut out,
+        )
+    })?;
+    owned(out)
+}
+
+/// Attention of a prefill's `t` new queries `q` `[b, nh, t, hd]` (f32, contiguous), already
+/// appended to the caches at columns `past..past + t`: each query attends over the unmasked
+/// columns up to its own, through the decode step's kernel. A token's attention is thus
+/// computed alike in a prefill and a decode step, and does not depend on the padding or
+/// shared prefix around it (sums run over unmasked columns in column order), which keeps a
+/// row's results independent of its batch-mates. Returns `[b, t, nh·hd]` as `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    valid: &Tensor,
+    past: i64,
+    scale: f64,
+    out: Kind,
+) -> Result<Tensor, ModelError> {
+    let kind = out;
+    let mut out = ptr::null_mut();
+    // SAFETY: as in `rope_append`; nothing is written but the new output.
+    check(unsafe {
+        cairn_prefill_attention(
+            q.as_ptr(),
+            k_cache.as_ptr(),
+            v_cache.as_ptr(),
+            valid.as_ptr(),
+            past,
             scale,
             bf16(kind),
             level(),

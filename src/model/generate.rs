@@ -142,28 +142,35 @@ pub fn common_prefix(prompts: &[&[u32]]) -> usize {
 /// are copied into every row, and only each row's own tokens follow — laid out as
 /// `[prefix | padding | own tokens]`, the padding masked and positions kept, so attention
 /// sees what it would see without sharing.
-fn prefill(
+pub(super) fn prefill(
     model: &Llama,
     prompts: &[&[u32]],
     extra: i64,
+    shared: usize,
 ) -> Result<(Tensor, super::KvCache, i64), ModelError> {
     let started = std::time::Instant::now();
-    let out = prefill_untimed(model, prompts, extra);
+    let out = prefill_untimed(model, prompts, extra, shared);
     model.count_prefill_time(started.elapsed());
     out
+}
+
+/// The prefix [`prefill`] shares among `prompts`: their common prefix when the model shares
+/// prefixes and there is more than one prompt, else nothing.
+pub(super) fn shared_prefix_len(model: &Llama, prompts: &[&[u32]]) -> usize {
+    if model.shares_prefix() && prompts.len() > 1 {
+        common_prefix(prompts)
+    } else {
+        0
+    }
 }
 
 fn prefill_untimed(
     model: &Llama,
     prompts: &[&[u32]],
     extra: i64,
+    shared: usize,
 ) -> Result<(Tensor, super::KvCache, i64), ModelError> {
     let device = model.device();
-    let shared = if model.shares_prefix() && prompts.len() > 1 {
-        common_prefix(prompts)
-    } else {
-        0
-    };
     if shared < MIN_SHARED_PREFIX {
         let (tokens, positions, valid, len) = left_pad(prompts, device);
         let mut cache = model.new_cache(prompts.len() as i64, len + extra);
@@ -185,7 +192,7 @@ fn prefill_untimed(
     Ok((hidden.select(1, own_len - 1), cache, len))
 }
 
-/// How many prompt tokens [`prefill`] runs through the model for `prompts` (for reports),
+/// How many prompt tokens a prefill runs through the model for `prompts` (for reports),
 /// counting a shared prefix once; a prefix served from an earlier call
 /// ([`Llama::prefix_tokens_reused`]) is counted too.
 pub fn prefill_tokens(model: &Llama, prompts: &[&[u32]]) -> usize {
@@ -213,7 +220,7 @@ pub(crate) fn to_vec_f32(t: &Tensor) -> Result<Vec<f32>, ModelError> {
 /// One decode step's logits, reduced on the device: the log-normaliser and the argmax of
 /// every row come from batched tensor ops; rows are copied to the host only when some
 /// sequence samples (greedy sequences need just the argmax and its log-probability).
-struct StepLogits {
+pub(super) struct StepLogits {
     log_z: Vec<f32>,
     argmax: Vec<i64>,
     max_logit: Vec<f32>,
@@ -221,10 +228,10 @@ struct StepLogits {
 }
 
 impl StepLogits {
-    fn new(
+    /// The summary of `logits` `[rows, vocab]`, row `i` drawn by `samplers[i]`.
+    pub(super) fn new(
         logits: &Tensor,
-        active: &[usize],
-        samplers: &[Sampler],
+        samplers: &[&Sampler],
         fused: bool,
     ) -> Result<StepLogits, ModelError> {
         // On the CPU one fused pass per row replaces the log-sum-exp's and the max's kernels,
@@ -249,9 +256,7 @@ impl StepLogits {
         let argmax =
             Vec::<i64>::try_from(&argmax.to_device(Device::Cpu)).map_err(ModelError::Torch)?;
         let max_logit = to_vec_f32(&max_logit)?;
-        let sampling = active
-            .iter()
-            .any(|&r| samplers[r].params().temperature > 0.0);
+        let sampling = samplers.iter().any(|s| s.params().temperature > 0.0);
         let rows = if sampling {
             // `to_vec_f32` widens bf16 rows on the way to the host.
             Some(to_vec_f32(logits)?)
@@ -266,7 +271,13 @@ impl StepLogits {
         })
     }
 
-    fn draw(&self, sampler: &mut Sampler, row: usize, vocab: usize) -> super::sampling::Draw {
+    /// Row `row`'s next token, drawn by `sampler` (greedy: the argmax).
+    pub(super) fn draw(
+        &self,
+        sampler: &mut Sampler,
+        row: usize,
+        vocab: usize,
+    ) -> super::sampling::Draw {
         match &self.rows {
             Some(rows) if sampler.params().temperature > 0.0 => sampler.sample_with_log_z(
                 &rows[row * vocab..(row + 1) * vocab],
@@ -280,7 +291,33 @@ impl StepLogits {
     }
 }
 
-/// Generates a continuation for every request, batched.
+/// Checks one request: a prompt, valid sampling settings, token ids in the vocabulary, and
+/// room in the context for its new tokens (`i` names it in the error).
+pub(super) fn check_request(
+    model: &Llama,
+    r: &GenerateRequest,
+    i: usize,
+) -> Result<(), ModelError> {
+    if r.prompt.is_empty() {
+        return Err(ModelError::InvalidRequest(format!(
+            "request {i}: empty prompt"
+        )));
+    }
+    r.params
+        .validate()
+        .map_err(|m| ModelError::InvalidRequest(format!("request {i}: {m}")))?;
+    check_tokens(
+        model,
+        &r.prompt,
+        r.params.max_new_tokens,
+        &format!("request {i}"),
+    )
+}
+
+/// Generates a continuation for every request, batched. With a row limit
+/// ([`Llama::decode_rows`]) smaller than the number of requests, the first `rows` requests
+/// start together and each finished one makes room for the next waiting request
+/// ([`super::decoder::Decoder`]).
 pub fn generate(
     model: &Llama,
     eos: &[u32],
@@ -289,103 +326,20 @@ pub fn generate(
     if requests.is_empty() {
         return Ok(Vec::new());
     }
-    for (i, r) in requests.iter().enumerate() {
-        if r.prompt.is_empty() {
-            return Err(ModelError::InvalidRequest(format!(
-                "request {i}: empty prompt"
-            )));
+    let mut decoder = super::decoder::Decoder::new(model, eos);
+    decoder.add(requests)?;
+    let mut out: Vec<Option<Generation>> = vec![None; requests.len()];
+    while !decoder.is_idle() {
+        for (id, generation) in decoder.step()? {
+            out[id] = Some(generation);
         }
-        r.params
-            .validate()
-            .map_err(|m| ModelError::InvalidRequest(format!("request {i}: {m}")))?;
-        check_tokens(
-            model,
-            &r.prompt,
-            r.params.max_new_tokens,
-            &format!("request {i}"),
-        )?;
     }
-    let _guard = tch::no_grad_guard();
-    let device = model.device();
-    let vocab = model.config().vocab_size;
-    let prompts: Vec<&[u32]> = requests.iter().map(|r| r.prompt.as_slice()).collect();
-    let max_new = requests
-        .iter()
-        .map(|r| r.params.max_new_tokens)
-        .max()
-        .unwrap_or(0) as i64;
-    let mut outputs: Vec<Generation> = requests
-        .iter()
-        .map(|_| Generation {
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-            finish: Finish::Length,
+    out.into_iter()
+        .enumerate()
+        .map(|(i, g)| {
+            g.ok_or_else(|| ModelError::InvalidRequest(format!("request {i} never finished")))
         })
-        .collect();
-    let mut samplers: Vec<Sampler> = requests
-        .iter()
-        .map(|r| Sampler::new(r.params.clone()))
-        .collect();
-    // Requests with nothing to generate are done before they start.
-    let mut active: Vec<usize> = (0..requests.len()).collect();
-    let mut next_pos: Vec<i64> = requests.iter().map(|r| r.prompt.len() as i64).collect();
-    let (last, mut cache, _) = prefill(model, &prompts, max_new.max(1))?;
-    let mut step = StepLogits::new(
-        &model.logits_raw(&last),
-        &active,
-        &samplers,
-        model.fused_kernels(),
-    )?;
-    loop {
-        let mut still = Vec::with_capacity(active.len());
-        let mut keep_rows = Vec::with_capacity(active.len());
-        let mut last_tokens = Vec::with_capacity(active.len());
-        for (row, &req) in active.iter().enumerate() {
-            let params = samplers[req].params();
-            if params.max_new_tokens == 0 {
-                continue;
-            }
-            let draw = step.draw(&mut samplers[req], row, vocab);
-            let out = &mut outputs[req];
-            out.tokens.push(draw.token);
-            out.logprobs.push(draw.logprob);
-            let params = samplers[req].params();
-            if eos.contains(&draw.token) || params.stop.contains(&draw.token) {
-                out.finish = Finish::Stop;
-            } else if out.tokens.len() >= params.max_new_tokens {
-                out.finish = Finish::Length;
-            } else {
-                still.push(req);
-                keep_rows.push(row as i64);
-                last_tokens.push(draw.token as i64);
-            }
-        }
-        if still.is_empty() {
-            break;
-        }
-        if still.len() < active.len() {
-            cache.retain_rows(&Tensor::from_slice(&keep_rows).to_device(device));
-        }
-        active = still;
-        let b = active.len() as i64;
-        let step_pos: Vec<i64> = active.iter().map(|&r| next_pos[r]).collect();
-        for &r in &active {
-            next_pos[r] += 1;
-        }
-        let tokens = Tensor::from_slice(&last_tokens)
-            .view([b, 1])
-            .to_device(device);
-        let positions = Tensor::from_slice(&step_pos).view([b, 1]).to_device(device);
-        let valid = Tensor::ones([b, 1], (Kind::Bool, device));
-        let hidden = model.forward(&tokens, &positions, &valid, Some(&mut cache))?;
-        step = StepLogits::new(
-            &model.logits_raw(&hidden.select(1, 0)),
-            &active,
-            &samplers,
-            model.fused_kernels(),
-        )?;
-    }
-    Ok(outputs)
+        .collect()
 }
 
 /// The total log-probability of each choice after its context, batched. Each context runs
@@ -415,7 +369,8 @@ pub fn score_choices(
     let _guard = tch::no_grad_guard();
     let device = model.device();
     let contexts: Vec<&[u32]> = requests.iter().map(|r| r.context.as_slice()).collect();
-    let (last, mut cache, _) = prefill(model, &contexts, longest as i64)?;
+    let shared = shared_prefix_len(model, &contexts);
+    let (last, mut cache, _) = prefill(model, &contexts, longest as i64, shared)?;
     // The first token of every choice is predicted by its context's last position.
     let first = model.logits(&last).log_softmax(-1, Kind::Float);
     // One cache row per (request, choice).

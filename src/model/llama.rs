@@ -83,6 +83,9 @@ pub struct Llama {
     fused: bool,
     /// Compute a prompt batch's common prefix once and share its keys and values.
     share_prefix: bool,
+    /// The most sequences a generation call decodes at once (`None`: all of them); the
+    /// rest wait and start as running ones finish (see [`Llama::decode_rows`]).
+    decode_rows: Option<usize>,
     /// Shared prefixes computed by earlier calls, most recent first, each with the weights
     /// it was computed from (see [`Llama::cached_prefix`]).
     prefixes: Mutex<Vec<CachedPrefix>>,
@@ -224,6 +227,77 @@ impl KvCache {
             len: self.len,
             capacity,
         }
+    }
+
+    /// How many trailing columns hold every row's tokens: the columns before them are
+    /// padding in every row and can be dropped.
+    fn used_span(&self) -> Result<i64, ModelError> {
+        if self.len == 0 {
+            return Ok(0);
+        }
+        let any = self
+            .valid
+            .narrow(1, 0, self.len)
+            .any_dim(0, false)
+            .to_device(Device::Cpu);
+        let any = Vec::<bool>::try_from(&any).map_err(ModelError::Torch)?;
+        let first = any.iter().position(|&v| v).unwrap_or(any.len());
+        Ok(self.len - first as i64)
+    }
+
+    /// One cache holding `self`'s rows, then `other`'s, with room for `extra` more
+    /// positions. Each side's used columns ([`KvCache::used_span`]) are copied so that
+    /// both end at the same column; the columns in front are masked padding. A row's
+    /// positions travel with its keys (rotary embedding is applied before caching), so
+    /// where its columns sit changes nothing but which columns are masked.
+    pub(crate) fn join(&self, other: &KvCache, extra: i64) -> Result<KvCache, ModelError> {
+        let (span_a, span_b) = (self.used_span()?, other.used_span()?);
+        let len = span_a.max(span_b);
+        let capacity = len + extra.max(0);
+        let rows_a = self.valid.size()[0];
+        let rows_b = other.valid.size()[0];
+        let place = |a: &Tensor, b: &Tensor| {
+            let mut size = a.size();
+            size[0] = rows_a + rows_b;
+            size[2] = capacity;
+            let out = Tensor::zeros(size.as_slice(), (a.kind(), a.device()));
+            out.narrow(0, 0, rows_a)
+                .narrow(2, len - span_a, span_a)
+                .copy_(&a.narrow(2, self.len - span_a, span_a));
+            out.narrow(0, rows_a, rows_b)
+                .narrow(2, len - span_b, span_b)
+                .copy_(&b.narrow(2, other.len - span_b, span_b));
+            out
+        };
+        let valid = Tensor::zeros(
+            [rows_a + rows_b, capacity],
+            (Kind::Bool, self.valid.device()),
+        );
+        valid
+            .narrow(0, 0, rows_a)
+            .narrow(1, len - span_a, span_a)
+            .copy_(&self.valid.narrow(1, self.len - span_a, span_a));
+        valid
+            .narrow(0, rows_a, rows_b)
+            .narrow(1, len - span_b, span_b)
+            .copy_(&other.valid.narrow(1, other.len - span_b, span_b));
+        Ok(KvCache {
+            k: self
+                .k
+                .iter()
+                .zip(&other.k)
+                .map(|(a, b)| place(a, b))
+                .collect(),
+            v: self
+                .v
+                .iter()
+                .zip(&other.v)
+                .map(|(a, b)| place(a, b))
+                .collect(),
+            valid,
+            len,
+            capacity,
+        })
     }
 
     /// Keeps only the given rows (sequences that are still running), so finished
@@ -400,6 +474,7 @@ impl Llama {
             dtype,
             fused: true,
             share_prefix: false,
+            decode_rows: None,
             prefixes: Mutex::new(Vec::new()),
             prefix_tokens_reused: std::sync::atomic::AtomicU64::new(0),
             prompt_tokens_prefilled: std::sync::atomic::AtomicU64::new(0),
@@ -531,6 +606,29 @@ impl Llama {
     /// Turns prefix sharing on or off (see [`Llama::shares_prefix`]).
     pub fn set_share_prefix(&mut self, on: bool) {
         self.share_prefix = on;
+    }
+
+    /// The most sequences one generation call decodes at once, or `None` for all of them.
+    /// With a limit, a call given more requests starts the first `rows` and, as each one
+    /// finishes, prefills the next waiting request and adds it to the running batch
+    /// (continuous batching), so the batch stays full instead of thinning out as short
+    /// answers end. Which requests share a step depends only on the requests and the
+    /// tokens drawn, so the results are as deterministic as without a limit.
+    pub fn decode_rows(&self) -> Option<usize> {
+        self.decode_rows
+    }
+
+    /// Whether a generated row's results are the same bits whatever rows share its batch:
+    /// true on the CPU's fused kernels (products sum over k in one order for any number of
+    /// rows; attention sums a row's unmasked columns in column order), so merging calls or
+    /// joining a running batch cannot change a record. Elsewhere they agree within rounding.
+    pub fn batch_invariant(&self) -> bool {
+        self.fused && self.device() == Device::Cpu
+    }
+
+    /// Sets [`Llama::decode_rows`] (`Some(0)` is taken as 1).
+    pub fn set_decode_rows(&mut self, rows: Option<usize>) {
+        self.decode_rows = rows.map(|r| r.max(1));
     }
 
     /// What the weights are now: every variable's version counter and storage address. Any
@@ -855,10 +953,6 @@ impl Llama {
         let past = cache.len;
         cache.admit(t, valid)?;
         let total = past + t;
-        let group = nh / nkv;
-        // Prefill attends through libtorch's kernel with an additive mask, as in `forward`.
-        let prefill_mask =
-            (t > 1).then(|| additive_mask(&cache.valid.narrow(1, 0, total), past, t, group));
         let positions = positions.contiguous();
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false)
@@ -885,8 +979,10 @@ impl Llama {
                 past,
                 (nh, nkv),
             )?;
-            let attn = match &prefill_mask {
-                None => fused::decode_attention(
+            // Prefill and decode attend through the same per-query kernel, over the
+            // unmasked columns in order, so padding and shared prefixes change no bits.
+            let attn = if t == 1 {
+                fused::decode_attention(
                     &q,
                     &cache.k[layer],
                     &cache.v[layer],
@@ -894,23 +990,17 @@ impl Llama {
                     total,
                     scale,
                     kind,
-                )?,
-                Some(mask) => {
-                    let (keys, values) = cache.attended(layer, total);
-                    Tensor::f_scaled_dot_product_attention(
-                        &q.reshape([b, nkv, group * t, hd]),
-                        &keys,
-                        &values,
-                        Some(mask),
-                        0.0,
-                        false,
-                        None::<f64>,
-                        false,
-                    )
-                    .map_err(ModelError::Torch)?
-                    .reshape([b, nh, t, hd])
-                    .transpose(1, 2)
-                }
+                )?
+            } else {
+                fused::prefill_attention(
+                    &q.contiguous(),
+                    &cache.k[layer],
+                    &cache.v[layer],
+                    &cache.valid,
+                    past,
+                    scale,
+                    kind,
+                )?
             };
             self.add_linear_(&mut x, &attn.reshape([b * t, nh * hd]), &blk.wo);
             let hidden = fused::rms_norm(&x, &blk.ffn_norm, c.rms_norm_eps, kind)?;

@@ -6,10 +6,12 @@
 //! - [`config`], [`tokenizer`], [`load`](mod@load): configurations, tokenizers and chat format, loading.
 //! - [`llama`]: the decoder and its KV cache; [`fused`]: its fused CPU inference kernels;
 //!   [`quantised`]: weight matrices kept as their file's quantised blocks.
-//! - [`sampling`], [`generate`]: seeded sampling, batched generation and scoring.
-//! - [`worker`]: the thread that owns the models and batches requests.
+//! - [`sampling`], [`generate`]: seeded sampling, batched generation and scoring;
+//!   [`decoder`]: a generation that requests join between steps (continuous batching).
+//! - [`crate::worker`]: the thread that owns the models and batches requests.
 
 pub mod config;
+pub mod decoder;
 pub mod fused;
 pub mod generate;
 pub mod gguf;

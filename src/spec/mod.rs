@@ -59,6 +59,11 @@ pub struct ModelSpec {
     /// critique, revision and judge calls; results within floating-point rounding of the
     /// unshared path (still deterministic run to run).
     pub share_prefix: bool,
+    /// The most sequences a generation call decodes at once (`decode_rows = 8`); a stage
+    /// whose `batch` is larger sends that many requests per call, and each one that
+    /// finishes makes room for the next (continuous batching). Unset: a call decodes all
+    /// its requests together and the batch thins out as they finish.
+    pub decode_rows: Option<usize>,
     /// Keep the unpacked projection matrices of a model that nothing in the run trains or
     /// copies into (`keep_unpacked = true`). By default, on the CPU, such a model keeps only
     /// the packed copy its products read: the same results with the weights held once.
@@ -156,6 +161,8 @@ struct RawModel {
     #[serde(default)]
     share_prefix: bool,
     #[serde(default)]
+    decode_rows: Option<usize>,
+    #[serde(default)]
     keep_unpacked: bool,
 }
 
@@ -229,6 +236,12 @@ impl Spec {
                     .parse()
                     .map_err(|e: String| err(models_line, format!("model `{name}`: {e}")))?,
             };
+            if m.decode_rows == Some(0) {
+                return Err(err(
+                    models_line,
+                    format!("model `{name}`: decode_rows must be at least 1"),
+                ));
+            }
             if format.quantised && m.keep_unpacked {
                 return Err(err(
                     models_line,
@@ -244,6 +257,7 @@ impl Spec {
                 instant: m.instant,
                 score_head: m.score_head,
                 share_prefix: m.share_prefix,
+                decode_rows: m.decode_rows,
                 keep_unpacked: m.keep_unpacked,
                 dtype: format.dtype,
                 quantised: format.quantised,

@@ -10,6 +10,10 @@
 //! calls the job's wake-up callback — how a timely operator blocked on results is
 //! re-scheduled (`SyncActivator::activate`).
 //!
+//! A model with a row limit (`decode_rows`) streams instead (`stream.rs`): generation jobs
+//! that arrive while it decodes join the running batch as rows free up, and each is
+//! answered as soon as its own requests finish.
+//!
 //! - [`instant`]: the stand-in backend that answers without computing (`cairn bench engine`).
 
 use std::collections::HashMap;
@@ -30,6 +34,7 @@ use crate::model::llama::Llama;
 
 pub mod instant;
 mod merge;
+mod stream;
 use crate::train::{Algorithm, Measurement, OptimConfig, Report, Trainer};
 
 /// A callback run after a job's reply has been sent.
@@ -434,6 +439,10 @@ fn serve(mut models: HashMap<String, ServedModel>, rx: Receiver<Message>, opts: 
             } else {
                 i += 1;
             }
+        }
+        if let Some(served) = stream::streams(&models, &batch, opts) {
+            stream::serve_streaming(served, &models, batch, &rx, &mut pending, &mut stats);
+            continue;
         }
         run_batch(&models, batch, &mut stats);
     }

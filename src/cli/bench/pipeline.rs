@@ -121,6 +121,7 @@ impl Baseline {
         let mut loaded = model::load::load_as(&m.path, device, m.dtype)
             .with_context(|| format!("loading {} for the baselines", m.path.display()))?;
         loaded.model.set_share_prefix(m.share_prefix);
+        loaded.model.set_decode_rows(m.decode_rows);
         if m.quantised {
             model::load::keep_quantised(&mut loaded)?;
         } else {

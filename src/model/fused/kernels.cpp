@@ -417,6 +417,77 @@ char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tenso
   });
 }
 
+// Attention of a prefill's t new queries per sequence, each over the cached columns up to
+// its own (causal by column): q [b, nh, t, hd] f32, caches [b, nkv, capacity, hd] holding
+// columns [0, past + t), valid [b, capacity]. Each (sequence, kv head, query) runs the decode
+// step's kernel over exactly the columns it may see, so a token's attention is computed the
+// same way whether it arrives in a prefill or a decode step, and whatever padding or shared
+// prefix surrounds it: masked columns are skipped, and the sums run over the unmasked ones
+// in column order. Returns [b, t, nh·hd] in f32 or bf16.
+char* cairn_prefill_attention(const Tensor* q, const Tensor* k_cache, const Tensor* v_cache,
+                              const Tensor* valid, int64_t past, double scale, int out_bf16,
+                              int isa, Tensor** out) {
+  return guarded([&] {
+    check_f32_cpu(*q, "queries");
+    check_cache(*k_cache, *v_cache);
+    TORCH_CHECK(valid->scalar_type() == at::kBool && valid->is_contiguous(),
+                "validity must be contiguous bool");
+    TORCH_CHECK(q->dim() == 4, "queries must be [b, heads, t, hd]");
+    TORCH_CHECK(k_cache->dim() == 4 && v_cache->sizes() == k_cache->sizes(), "cache shapes");
+    const int64_t b = q->size(0), nh = q->size(1), t = q->size(2), hd = q->size(3);
+    const int64_t nkv = k_cache->size(1), cap = k_cache->size(2);
+    TORCH_CHECK(k_cache->size(0) == b && k_cache->size(3) == hd, "cache does not match queries");
+    TORCH_CHECK(nkv > 0 && nh % nkv == 0, "query heads must be a multiple of kv heads");
+    TORCH_CHECK(valid->dim() == 2 && valid->size(0) == b && valid->size(1) == cap,
+                "validity shape");
+    TORCH_CHECK(t >= 1 && past >= 0 && past + t <= cap, "queries outside the cache");
+    const int64_t group = nh / nkv;
+    Tensor o = at::empty({b, t, nh * hd}, q->options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+    const float* qp = q->data_ptr<float>();
+    const bool half = k_cache->scalar_type() == at::kHalf;
+    const char* kp = static_cast<const char*>(k_cache->data_ptr());
+    const char* vp = static_cast<const char*>(v_cache->data_ptr());
+    const int64_t row_bytes = cap * hd * k_cache->element_size();
+    const IsaKernels& kernels = isa_kernels(isa);
+    const bool* vm = valid->data_ptr<bool>();
+    const float sc = static_cast<float>(scale);
+    // Items in (sequence, kv head, query) order: neighbouring items read the same cached rows.
+    at::parallel_for(0, b * nkv * t, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(group * (past + t));
+      std::vector<float> queries(group * hd);
+      std::vector<float> rows(group * hd);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t i = item % t, h = (item / t) % nkv, bi = item / (t * nkv);
+        const int64_t total = past + i + 1;
+        // The group's query rows for this position, gathered into [group, hd].
+        for (int64_t g = 0; g < group; ++g) {
+          const float* src = qp + ((bi * nh + h * group + g) * t + i) * hd;
+          std::copy(src, src + hd, queries.data() + g * hd);
+        }
+        float* dst = out_bf16 ? rows.data() : o.data_ptr<float>() + ((bi * t + i) * nh + h * group) * hd;
+        const char* k = kp + (bi * nkv + h) * row_bytes;
+        const char* v = vp + (bi * nkv + h) * row_bytes;
+        if (half) {
+          kernels.attend_f16(queries.data(), reinterpret_cast<const uint16_t*>(k),
+                             reinterpret_cast<const uint16_t*>(v), nullptr, vm + bi * cap,
+                             total, group, hd, sc, dst, scores.data());
+        } else {
+          kernels.attend_f32(queries.data(), reinterpret_cast<const float*>(k),
+                             reinterpret_cast<const float*>(v), nullptr, vm + bi * cap, total,
+                             group, hd, sc, dst, scores.data());
+        }
+        if (out_bf16) {
+          c10::BFloat16* ob = o.data_ptr<c10::BFloat16>() + ((bi * t + i) * nh + h * group) * hd;
+          for (int64_t j = 0; j < group * hd; ++j) {
+            ob[j] = c10::BFloat16(rows[j]);
+          }
+        }
+      }
+    });
+    *out = new Tensor(std::move(o));
+  });
+}
+
 // Per row of logits [rows, vocab] (f32 or bf16): the log-normaliser, the maximum and its first index.
 char* cairn_logits_summary(const Tensor* logits, Tensor** log_z, Tensor** max,
                            Tensor** argmax) {

@@ -54,6 +54,22 @@ inline __attribute__((always_inline)) float hsum(v16 s) {
   return s[0];
 }
 
+// The sum of n floats in a fixed order: sixteen lanes by index, their shuffle-tree sum, then
+// the tail one by one. Spelled out rather than left to the vectoriser, whose peeling for
+// alignment could move lanes with the buffer's address.
+inline __attribute__((always_inline)) float block_sum(const float* x, int64_t n) {
+  v16 acc = v16{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc += load16(x + i);
+  }
+  float sum = hsum(acc);
+  for (; i < n; ++i) {
+    sum += x[i];
+  }
+  return sum;
+}
+
 // Softmax in place over one row of scores; masked columns hold -inf and get weight zero.
 inline __attribute__((always_inline)) void softmax_row(float* s, int64_t total) {
   float m = -std::numeric_limits<float>::infinity();
@@ -61,14 +77,29 @@ inline __attribute__((always_inline)) void softmax_row(float* s, int64_t total) 
   for (int64_t j = 0; j < total; ++j) {
     m = s[j] > m ? s[j] : m;
   }
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
+#pragma omp simd
   for (int64_t j = 0; j < total; ++j) {
     // exp(-inf - m) would be clamped, not zero: masked columns are zeroed explicitly.
-    float e = s[j] == -std::numeric_limits<float>::infinity() ? 0.0f : vexp(s[j] - m);
-    s[j] = e;
-    sum += e;
+    s[j] = s[j] == -std::numeric_limits<float>::infinity() ? 0.0f : vexp(s[j] - m);
   }
+  // The sum runs over the nonzero weights only, packed side by side in blocks of 256, so
+  // each weight's lane in the vector reduction is set by how many nonzero weights come
+  // before it, not by its column: the total does not depend on how much padding sits
+  // between the real columns, and a row's result does not change with its batch-mates'
+  // lengths. (Masked columns are exact zeros; leaving out a zero changes no sum.)
+  constexpr int64_t kBlock = 256;
+  float packed[kBlock];
+  float sum = 0.0f;
+  int64_t n = 0;
+  for (int64_t j = 0; j < total; ++j) {
+    packed[n] = s[j];
+    n += s[j] != 0.0f;
+    if (n == kBlock) {
+      sum += block_sum(packed, kBlock);
+      n = 0;
+    }
+  }
+  sum += block_sum(packed, n);
   const float inv = 1.0f / sum;
 #pragma omp simd
   for (int64_t j = 0; j < total; ++j) {
