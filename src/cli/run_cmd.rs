@@ -228,6 +228,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             p.reused
         );
     }
+    for (model, d) in &summary.decode {
+        println!(
+            "decode steps of `{model}`: {} tokens in {:.1} s ({:.1} tok/s), {:.2} rows per step",
+            d.rows,
+            d.nanos as f64 / 1e9,
+            d.tokens_per_second(),
+            d.mean_rows()
+        );
+    }
     if !summary.aggregates.is_empty() {
         println!("records by stage and principle / purpose / kind:");
         for ((stage, label), n) in &summary.aggregates {

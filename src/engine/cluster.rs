@@ -232,6 +232,12 @@ pub fn run_cluster(
             into.reused += p.reused;
             into.nanos += p.nanos;
         }
+        for (model, d) in part.decode {
+            let into = summary.decode.entry(model).or_default();
+            into.steps += d.steps;
+            into.rows += d.rows;
+            into.nanos += d.nanos;
+        }
     }
     summary.wall_seconds = wall.elapsed().as_secs_f64();
     summary.model_seconds = *busy.lock().unwrap_or_else(|p| p.into_inner()) as f64 / 1e9;
@@ -311,6 +317,7 @@ fn run_worker(
     let mut summary = super::driver::drive(timely_worker, plan, env, &writer, feed, opts)?;
     let after = handle.stats()?;
     summary.prefill = super::prefill_during(&before, &after);
+    summary.decode = super::decode_during(&before, &after);
     let spent = after.busy_ns - busy_before;
     *busy.lock().unwrap_or_else(|p| p.into_inner()) += spent;
     writer.close()?;

@@ -141,5 +141,6 @@ pub(super) fn drive(
         wall_seconds: 0.0,
         model_seconds: 0.0,
         prefill: Default::default(),
+        decode: Default::default(),
     })
 }

@@ -111,6 +111,26 @@ pub struct RunSummary {
     /// Per model, prompt tokens prefilled and shared-prefix tokens served from memory during
     /// the dataflow.
     pub prefill: BTreeMap<String, crate::worker::PrefillCount>,
+    /// Per model, its decode steps during the dataflow.
+    pub decode: BTreeMap<String, crate::worker::DecodeCount>,
+}
+
+/// Each model's decode steps between two readings of the worker's counters.
+pub(crate) fn decode_during(
+    before: &crate::worker::WorkerStats,
+    after: &crate::worker::WorkerStats,
+) -> BTreeMap<String, crate::worker::DecodeCount> {
+    after
+        .decode
+        .iter()
+        .map(|(name, a)| {
+            (
+                name.clone(),
+                a.since(&before.decode.get(name).copied().unwrap_or_default()),
+            )
+        })
+        .filter(|(_, c)| c.steps > 0)
+        .collect()
 }
 
 /// What each model prefilled between two readings of the worker's counters.
@@ -580,6 +600,7 @@ pub fn run_with(
     let after = stats_handle.stats()?;
     summary.model_seconds = (after.busy_ns - busy_before) as f64 / 1e9;
     summary.prefill = prefill_during(&before, &after);
+    summary.decode = decode_during(&before, &after);
     writer.close()?;
     drop(worker);
     Ok(summary)

@@ -120,14 +120,21 @@ impl<'a> Decoder<'a> {
         let active = std::mem::take(&mut self.active);
         let (still, keep, tokens) = self.draw(&step, &active, &mut finished);
         let device = self.device();
-        match self.cache.as_mut() {
-            Some(_) if still.is_empty() => self.cache = None,
-            Some(cache) if still.len() < active.len() => {
-                cache.retain_rows(&Tensor::from_slice(&keep).to_device(device));
-            }
-            _ => {}
-        }
         self.active = still;
+        if self.active.is_empty() {
+            self.cache = None;
+        } else if self.active.len() < active.len() {
+            let extra = self
+                .active
+                .iter()
+                .map(|&id| self.remaining(id))
+                .max()
+                .unwrap_or(1);
+            if let Some(cache) = self.cache.take() {
+                let rows = Tensor::from_slice(&keep).to_device(device);
+                self.cache = Some(cache.compact(&rows, extra)?);
+            }
+        }
         self.last_tokens = tokens;
         Ok(finished)
     }
@@ -275,6 +282,7 @@ impl<'a> Decoder<'a> {
 
     /// Feeds each running request its last token and returns the next step's logits.
     fn decode_step(&mut self) -> Result<StepLogits, ModelError> {
+        let started = std::time::Instant::now();
         let b = self.active.len() as i64;
         let device = self.device();
         let mut positions = Vec::with_capacity(self.active.len());
@@ -304,10 +312,13 @@ impl<'a> Decoder<'a> {
             .iter()
             .map(|&id| &self.slot(id).sampler)
             .collect();
-        StepLogits::new(
+        let step = StepLogits::new(
             &self.model.logits_raw(&hidden.select(1, 0)),
             &samplers,
             self.model.fused_kernels(),
-        )
+        );
+        self.model
+            .count_decode_step(self.active.len(), started.elapsed());
+        step
     }
 }

@@ -97,6 +97,11 @@ pub struct Llama {
     /// Wall time spent in those prefills (shared prefixes included), in nanoseconds: what a
     /// benchmark subtracts from a call's time to see its decode steps alone.
     prefill_nanos: std::sync::atomic::AtomicU64,
+    /// Decode steps run, the rows they advanced (one new token each), and their wall time
+    /// in nanoseconds: how full the batches were, and the decode rate, over the model's life.
+    decode_steps: std::sync::atomic::AtomicU64,
+    decode_rows_advanced: std::sync::atomic::AtomicU64,
+    decode_nanos: std::sync::atomic::AtomicU64,
     /// Inference on the CPU: each weight matrix repacked, in its format, into the column
     /// panels of [`super::fused::linear_packed`], by the address of the matrix's tensor
     /// handle (a field of this struct), with the version counter and storage it was packed
@@ -300,6 +305,47 @@ impl KvCache {
         })
     }
 
+    /// Keeps only the given rows and only the columns they use, with room for `extra` more
+    /// positions: when the row that started first finishes, the columns in front of every
+    /// remaining row's tokens are dropped, so attention stops walking them. (Moving a row's
+    /// columns changes no result: its positions travel with its keys.)
+    pub(crate) fn compact(&self, rows: &Tensor, extra: i64) -> Result<KvCache, ModelError> {
+        let kept = KvCache {
+            k: self.k.iter().map(|t| t.index_select(0, rows)).collect(),
+            v: self.v.iter().map(|t| t.index_select(0, rows)).collect(),
+            valid: self.valid.index_select(0, rows),
+            len: self.len,
+            capacity: self.capacity,
+        };
+        let span = kept.used_span()?;
+        if span == kept.len && kept.len + extra <= kept.capacity {
+            return Ok(kept);
+        }
+        let capacity = span + extra.max(0);
+        let crop = |t: &Tensor| {
+            let mut size = t.size();
+            size[2] = capacity;
+            let out = Tensor::zeros(size.as_slice(), (t.kind(), t.device()));
+            out.narrow(2, 0, span)
+                .copy_(&t.narrow(2, kept.len - span, span));
+            out
+        };
+        let valid = Tensor::zeros(
+            [kept.valid.size()[0], capacity],
+            (Kind::Bool, kept.valid.device()),
+        );
+        valid
+            .narrow(1, 0, span)
+            .copy_(&kept.valid.narrow(1, kept.len - span, span));
+        Ok(KvCache {
+            k: kept.k.iter().map(crop).collect(),
+            v: kept.v.iter().map(crop).collect(),
+            valid,
+            len: span,
+            capacity,
+        })
+    }
+
     /// Keeps only the given rows (sequences that are still running), so finished
     /// sequences stop costing compute.
     pub fn retain_rows(&mut self, rows: &Tensor) {
@@ -479,6 +525,9 @@ impl Llama {
             prefix_tokens_reused: std::sync::atomic::AtomicU64::new(0),
             prompt_tokens_prefilled: std::sync::atomic::AtomicU64::new(0),
             prefill_nanos: std::sync::atomic::AtomicU64::new(0),
+            decode_steps: std::sync::atomic::AtomicU64::new(0),
+            decode_rows_advanced: std::sync::atomic::AtomicU64::new(0),
+            decode_nanos: std::sync::atomic::AtomicU64::new(0),
             packed: Mutex::new(HashMap::new()),
             packed_only: false,
         })
@@ -725,6 +774,26 @@ impl Llama {
         self.prefill_nanos
             .load(std::sync::atomic::Ordering::Relaxed) as f64
             / 1e9
+    }
+
+    /// Adds one decode step that advanced `rows` sequences in `elapsed`.
+    pub(crate) fn count_decode_step(&self, rows: usize, elapsed: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.decode_steps.fetch_add(1, Relaxed);
+        self.decode_rows_advanced.fetch_add(rows as u64, Relaxed);
+        self.decode_nanos
+            .fetch_add(elapsed.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+    }
+
+    /// Decode steps so far, the rows they advanced in all, and their wall time in
+    /// nanoseconds (the forward pass and the logits' summary; drawing tokens excluded).
+    pub fn decode_counts(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.decode_steps.load(Relaxed),
+            self.decode_rows_advanced.load(Relaxed),
+            self.decode_nanos.load(Relaxed),
+        )
     }
 
     /// Prefix tokens served from memory instead of computed, so far.

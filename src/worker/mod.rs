@@ -205,6 +205,48 @@ pub struct WorkerStats {
     /// Per model, the prompt tokens its prefills computed and the shared-prefix tokens it
     /// served from memory instead, since it was loaded.
     pub prefill: std::collections::BTreeMap<String, PrefillCount>,
+    /// Per model, its decode steps since it was loaded.
+    pub decode: std::collections::BTreeMap<String, DecodeCount>,
+}
+
+/// Decode steps of one model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeCount {
+    /// Steps run.
+    pub steps: u64,
+    /// Rows they advanced (new tokens fed), summed over steps.
+    pub rows: u64,
+    /// Their wall time, in nanoseconds.
+    pub nanos: u64,
+}
+
+impl DecodeCount {
+    /// Rows per step on average: how full the decode batches were.
+    pub fn mean_rows(&self) -> f64 {
+        if self.steps == 0 {
+            0.0
+        } else {
+            self.rows as f64 / self.steps as f64
+        }
+    }
+
+    /// New tokens per second of decode steps.
+    pub fn tokens_per_second(&self) -> f64 {
+        if self.nanos == 0 {
+            0.0
+        } else {
+            self.rows as f64 / (self.nanos as f64 / 1e9)
+        }
+    }
+
+    /// The counts between two readings (`self` the later).
+    pub fn since(&self, before: &DecodeCount) -> DecodeCount {
+        DecodeCount {
+            steps: self.steps.saturating_sub(before.steps),
+            rows: self.rows.saturating_sub(before.rows),
+            nanos: self.nanos.saturating_sub(before.nanos),
+        }
+    }
 }
 
 /// Prompt tokens of one model's prefills.
@@ -239,6 +281,9 @@ fn stats_now(stats: &WorkerStats, models: &HashMap<String, ServedModel>) -> Work
                     nanos: (m.prefill_seconds() * 1e9) as u64,
                 },
             );
+            let (steps, rows, nanos) = m.decode_counts();
+            out.decode
+                .insert(name.clone(), DecodeCount { steps, rows, nanos });
         }
     }
     out

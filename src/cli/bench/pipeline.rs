@@ -12,6 +12,9 @@
 //! - **bench prompt**: `cairn bench generate`'s fixed 39-token prompt at the same batch and
 //!   length (what the stage's prompt lengths and padding cost).
 //!
+//! For a model that decodes at most `decode_rows` requests at once, the baselines take the
+//! call's first `decode_rows` requests: full batches of the width the call decodes at.
+//!
 //! With `--peers`, transformers and llama.cpp replay the stage's generation calls on the
 //! same prompt tokens with the same sampling settings (`benches/peers/*_calls.py`). Rates are
 //! per call sums: decode tokens/s is new tokens over the call's time outside its prefills;
@@ -162,7 +165,16 @@ impl Baseline {
 
     /// The three baselines of one generation call: as sent without early stop, greedy on
     /// the same prompts, and the bench prompt at the same batch, all to the call's length.
+    /// A call with more requests than the model decodes at once (`decode_rows`) is measured
+    /// on its first `decode_rows` requests: the baselines are full batches of the width the
+    /// call decodes at, without the tail a partial last cohort would add.
     fn of_call(&self, requests: &[GenerateRequest]) -> anyhow::Result<[CallMeasure; 3]> {
+        let width = self
+            .model
+            .decode_rows()
+            .unwrap_or(requests.len())
+            .min(requests.len());
+        let requests = &requests[..width];
         let longest = requests
             .iter()
             .map(|r| r.params.max_new_tokens)
