@@ -1194,6 +1194,22 @@ fn a_training_algorithm_from_outside_the_crate_runs_saves_and_resumes_through_th
     assert_eq!(fourth.step, 4);
 }
 
+/// Each request generated on its own, in a call of one.
+fn each_alone(
+    model: &Llama,
+    eos: &[u32],
+    requests: &[GenerateRequest],
+) -> Vec<cairn::model::Generation> {
+    requests
+        .iter()
+        .map(|r| {
+            cairn::model::generate::generate(model, eos, std::slice::from_ref(r))
+                .expect("alone")
+                .remove(0)
+        })
+        .collect()
+}
+
 /// Continuous batching (`decode_rows`): a call with more requests than rows starts the first
 /// ones and lets each waiting request join as a running one finishes. Every request gets
 /// the tokens it gets alone (its generator is its own) with log-probabilities within
@@ -1232,14 +1248,7 @@ fn continuous_batching_gives_each_request_what_it_gets_alone() {
         let mut model = tiny(23);
         model.set_fused_kernels(fused);
         model.set_share_prefix(shared);
-        let alone: Vec<_> = requests
-            .iter()
-            .map(|r| {
-                cairn::model::generate::generate(&model, &eos, std::slice::from_ref(r))
-                    .expect("alone")
-                    .remove(0)
-            })
-            .collect();
+        let alone = each_alone(&model, &eos, &requests);
         for rows in [1usize, 2, 3, 5] {
             model.set_decode_rows(Some(rows));
             let reused_before = model.prefix_tokens_reused();
@@ -1321,14 +1330,7 @@ fn fused_rows_are_bit_identical_whatever_shares_their_batch() {
             let mut model = Llama::random(config, 31, Device::Cpu).expect("random model");
             model.set_dtype(dtype);
             assert!(model.fused_kernels());
-            let alone: Vec<_> = requests
-                .iter()
-                .map(|r| {
-                    cairn::model::generate::generate(&model, &eos, std::slice::from_ref(r))
-                        .expect("alone")
-                        .remove(0)
-                })
-                .collect();
+            let alone = each_alone(&model, &eos, &requests);
             for (share, rows) in [
                 (false, None),
                 (true, None),
@@ -1432,15 +1434,12 @@ fn queued_generation_jobs_join_a_running_batch_and_answer_when_done() {
             panic!("{label}: {reply:?}")
         };
         assert_eq!(out.len(), requests.len(), "{label}");
-        for (r, g) in requests.iter().zip(&out) {
-            let alone = cairn::model::generate::generate(&reference, &eos, std::slice::from_ref(r))
-                .expect("alone")
-                .remove(0);
+        for (alone, g) in each_alone(&reference, &eos, requests).iter().zip(&out) {
             let bits = |g: &cairn::model::Generation| -> Vec<u32> {
                 g.logprobs.iter().map(|x| x.to_bits()).collect()
             };
             assert_eq!(
-                (&alone.tokens, bits(&alone)),
+                (&alone.tokens, bits(alone)),
                 (&g.tokens, bits(g)),
                 "{label}"
             );

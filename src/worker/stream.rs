@@ -66,9 +66,20 @@ pub(super) fn serve_streaming(
     stats: &mut WorkerStats,
 ) {
     let Backend::Llama(model) = &served.backend else {
+        // `streams` picks only real models; answer rather than drop, whatever happens.
+        for s in batch {
+            respond(
+                s,
+                Err(ModelError::InvalidRequest(
+                    "streaming needs a real model".into(),
+                )),
+            );
+        }
         return;
     };
-    let name = batch[0].model.clone();
+    let Some(name) = batch.first().map(|s| s.model.clone()) else {
+        return;
+    };
     let mut decoder = Decoder::new(model, &served.eos);
     let mut running: Vec<Running> = Vec::new();
     stats.batches += 1;

@@ -243,6 +243,29 @@ void check_cache(const Tensor& k, const Tensor& v) {
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "caches must be contiguous");
 }
 
+// The sizes an attention kernel reads, after checking that queries [b, nh, t, hd] (f32),
+// caches [b, nkv, capacity, hd] and validity [b, capacity] (contiguous bool) fit together.
+struct AttentionShape {
+  int64_t b, nh, hd, nkv, cap;
+};
+
+AttentionShape check_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                               const Tensor& valid) {
+  check_f32_cpu(q, "queries");
+  check_cache(k_cache, v_cache);
+  TORCH_CHECK(valid.scalar_type() == at::kBool && valid.is_contiguous(),
+              "validity must be contiguous bool");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "cache shapes");
+  const AttentionShape shape{q.size(0), q.size(1), q.size(3), k_cache.size(1), k_cache.size(2)};
+  TORCH_CHECK(k_cache.size(0) == shape.b && k_cache.size(3) == shape.hd,
+              "cache does not match queries");
+  TORCH_CHECK(shape.nkv > 0 && shape.nh % shape.nkv == 0,
+              "query heads must be a multiple of kv heads");
+  TORCH_CHECK(valid.dim() == 2 && valid.size(0) == shape.b && valid.size(1) == shape.cap,
+              "validity shape");
+  return shape;
+}
+
 }  // namespace
 
 extern "C" {
@@ -360,18 +383,9 @@ char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tenso
                              const Tensor* valid, int64_t total, double scale, int out_bf16,
                              int isa, Tensor** out) {
   return guarded([&] {
-    check_f32_cpu(*q, "queries");
-    check_cache(*k_cache, *v_cache);
-    TORCH_CHECK(valid->scalar_type() == at::kBool && valid->is_contiguous(),
-                "validity must be contiguous bool");
     TORCH_CHECK(q->dim() == 4 && q->size(2) == 1, "queries must be [b, heads, 1, hd]");
-    TORCH_CHECK(k_cache->dim() == 4 && v_cache->sizes() == k_cache->sizes(), "cache shapes");
-    const int64_t b = q->size(0), nh = q->size(1), hd = q->size(3);
-    const int64_t nkv = k_cache->size(1), cap = k_cache->size(2);
-    TORCH_CHECK(k_cache->size(0) == b && k_cache->size(3) == hd, "cache does not match queries");
-    TORCH_CHECK(nkv > 0 && nh % nkv == 0, "query heads must be a multiple of kv heads");
-    TORCH_CHECK(valid->dim() == 2 && valid->size(0) == b && valid->size(1) == cap,
-                "validity shape");
+    const AttentionShape shape = check_attention(*q, *k_cache, *v_cache, *valid);
+    const int64_t b = shape.b, nh = shape.nh, hd = shape.hd, nkv = shape.nkv, cap = shape.cap;
     TORCH_CHECK(total >= 1 && total <= cap, "attended length outside the cache");
     const int64_t group = nh / nkv;
     Tensor o = at::empty({b, 1, nh * hd}, q->options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
@@ -428,18 +442,10 @@ char* cairn_prefill_attention(const Tensor* q, const Tensor* k_cache, const Tens
                               const Tensor* valid, int64_t past, double scale, int out_bf16,
                               int isa, Tensor** out) {
   return guarded([&] {
-    check_f32_cpu(*q, "queries");
-    check_cache(*k_cache, *v_cache);
-    TORCH_CHECK(valid->scalar_type() == at::kBool && valid->is_contiguous(),
-                "validity must be contiguous bool");
     TORCH_CHECK(q->dim() == 4, "queries must be [b, heads, t, hd]");
-    TORCH_CHECK(k_cache->dim() == 4 && v_cache->sizes() == k_cache->sizes(), "cache shapes");
-    const int64_t b = q->size(0), nh = q->size(1), t = q->size(2), hd = q->size(3);
-    const int64_t nkv = k_cache->size(1), cap = k_cache->size(2);
-    TORCH_CHECK(k_cache->size(0) == b && k_cache->size(3) == hd, "cache does not match queries");
-    TORCH_CHECK(nkv > 0 && nh % nkv == 0, "query heads must be a multiple of kv heads");
-    TORCH_CHECK(valid->dim() == 2 && valid->size(0) == b && valid->size(1) == cap,
-                "validity shape");
+    const AttentionShape shape = check_attention(*q, *k_cache, *v_cache, *valid);
+    const int64_t b = shape.b, nh = shape.nh, hd = shape.hd, nkv = shape.nkv, cap = shape.cap;
+    const int64_t t = q->size(2);
     TORCH_CHECK(t >= 1 && past >= 0 && past + t <= cap, "queries outside the cache");
     const int64_t group = nh / nkv;
     Tensor o = at::empty({b, t, nh * hd}, q->options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
