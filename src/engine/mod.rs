@@ -115,22 +115,35 @@ pub struct RunSummary {
     pub decode: BTreeMap<String, crate::worker::DecodeCount>,
 }
 
+/// Per model, `since(after, before)` of two readings of one of the worker's counters, for
+/// the models whose count `moved`.
+fn per_model_since<T: Copy + Default>(
+    before: &BTreeMap<String, T>,
+    after: &BTreeMap<String, T>,
+    since: impl Fn(&T, &T) -> T,
+    moved: impl Fn(&T) -> bool,
+) -> BTreeMap<String, T> {
+    after
+        .iter()
+        .map(|(name, a)| {
+            let b = before.get(name).copied().unwrap_or_default();
+            (name.clone(), since(a, &b))
+        })
+        .filter(|(_, c)| moved(c))
+        .collect()
+}
+
 /// Each model's decode steps between two readings of the worker's counters.
 pub(crate) fn decode_during(
     before: &crate::worker::WorkerStats,
     after: &crate::worker::WorkerStats,
 ) -> BTreeMap<String, crate::worker::DecodeCount> {
-    after
-        .decode
-        .iter()
-        .map(|(name, a)| {
-            (
-                name.clone(),
-                a.since(&before.decode.get(name).copied().unwrap_or_default()),
-            )
-        })
-        .filter(|(_, c)| c.steps > 0)
-        .collect()
+    per_model_since(
+        &before.decode,
+        &after.decode,
+        |a, b| a.since(b),
+        |c| c.steps > 0,
+    )
 }
 
 /// What each model prefilled between two readings of the worker's counters.
@@ -138,20 +151,12 @@ pub(crate) fn prefill_during(
     before: &crate::worker::WorkerStats,
     after: &crate::worker::WorkerStats,
 ) -> BTreeMap<String, crate::worker::PrefillCount> {
-    after
-        .prefill
-        .iter()
-        .map(|(name, a)| {
-            let b = before.prefill.get(name).copied().unwrap_or_default();
-            let count = crate::worker::PrefillCount {
-                computed: a.computed - b.computed,
-                reused: a.reused - b.reused,
-                nanos: a.nanos.saturating_sub(b.nanos),
-            };
-            (name.clone(), count)
-        })
-        .filter(|(_, c)| c.computed + c.reused > 0)
-        .collect()
+    per_model_since(
+        &before.prefill,
+        &after.prefill,
+        |a, b| a.since(b),
+        |c| c.computed + c.reused > 0,
+    )
 }
 
 impl RunSummary {

@@ -36,18 +36,7 @@ unsafe extern "C" {
         isa: i32,
         q_out: *mut *mut C_tensor,
     ) -> *mut c_char;
-    fn cairn_decode_attention(
-        q: *const C_tensor,
-        k_cache: *const C_tensor,
-        v_cache: *const C_tensor,
-        valid: *const C_tensor,
-        total: i64,
-        scale: f64,
-        out_bf16: i32,
-        isa: i32,
-        out: *mut *mut C_tensor,
-    ) -> *mut c_char;
-    fn cairn_prefill_attention(
+    fn cairn_cache_attention(
         q: *const C_tensor,
         k_cache: *const C_tensor,
         v_cache: *const C_tensor,
@@ -203,46 +192,15 @@ fn bf16(kind: Kind) -> i32 {
     i32::from(kind == Kind::BFloat16)
 }
 
-/// Attention of one new query per sequence (`q` `[b, nh, 1, hd]`) over the first `total`
-/// cached positions (f32 or f16 caches; arithmetic in f32), skipping columns `valid` `[b, capacity]` marks as padding (the last
-/// column, the query's own, always counts). Returns `[b, 1, nh·hd]` as `out` (`Float` or
-/// `BFloat16`, the input format of the output projection).
-pub fn decode_attention(
-    q: &Tensor,
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    valid: &Tensor,
-    total: i64,
-    scale: f64,
-    out: Kind,
-) -> Result<Tensor, ModelError> {
-    let kind = out;
-    let mut out = ptr::null_mut();
-    // SAFETY: as in `rope_append`; nothing is written but the new output.
-    check(unsafe {
-        cairn_decode_attention(
-            q.as_ptr(),
-            k_cache.as_ptr(),
-            v_cache.as_ptr(),
-            valid.as_ptr(),
-            total,
-            scale,
-            bf16(kind),
-            level(),
-            &mut out,
-        )
-    })?;
-    owned(out)
-}
-
-/// Attention of a prefill's `t` new queries `q` `[b, nh, t, hd]` (f32, contiguous), already
-/// appended to the caches at columns `past..past + t`: each query attends over the unmasked
-/// columns up to its own, through the decode step's kernel. A token's attention is thus
-/// computed alike in a prefill and a decode step, and does not depend on the padding or
-/// shared prefix around it (sums run over unmasked columns in column order), which keeps a
-/// row's results independent of its batch-mates. Returns `[b, t, nh·hd]` as `out`.
-#[allow(clippy::too_many_arguments)]
-pub fn prefill_attention(
+/// Attention of `t` new queries per sequence, `q` `[b, nh, t, hd]` (f32, contiguous), whose
+/// keys and values are already in the caches (f32 or f16; arithmetic in f32) at columns
+/// `past..past + t`: each query attends over the columns up to its own that `valid`
+/// `[b, capacity]` does not mark as padding (its own column always counts). Prefills and
+/// decode steps (`t = 1`) run the same per-query kernel, summing over unmasked columns in
+/// column order, so a token's attention does not depend on the padding or shared prefix
+/// around it, and a row's results not on its batch-mates. Returns `[b, t, nh·hd]` as `out`
+/// (`Float` or `BFloat16`, the input format of the output projection).
+pub fn cache_attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
@@ -255,7 +213,7 @@ pub fn prefill_attention(
     let mut out = ptr::null_mut();
     // SAFETY: as in `rope_append`; nothing is written but the new output.
     check(unsafe {
-        cairn_prefill_attention(
+        cairn_cache_attention(
             q.as_ptr(),
             k_cache.as_ptr(),
             v_cache.as_ptr(),
@@ -270,12 +228,33 @@ pub fn prefill_attention(
     owned(out)
 }
 
+/// [`cache_attention`] for a decode step: one query per sequence (`q` `[b, nh, 1, hd]`) over
+/// the first `total` cached positions, the last being its own. Returns `[b, 1, nh·hd]`.
+pub fn decode_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    valid: &Tensor,
+    total: i64,
+    scale: f64,
+    out: Kind,
+) -> Result<Tensor, ModelError> {
+    if q.dim() != 4 || q.size()[2] != 1 || total < 1 {
+        return Err(ModelError::InvalidRequest(format!(
+            "decode attention takes one query per sequence ([b, heads, 1, hd]) over at least \
+             one cached position, not {:?} over {total}",
+            q.size()
+        )));
+    }
+    cache_attention(q, k_cache, v_cache, valid, total - 1, scale, out)
+}
+
 /// RMSNorm of `x` `[.., h]` (f32, contiguous) with weight `w` `[h]` and `eps`, written as
 /// `out` (`Float`, or `BFloat16` to feed a bf16 projection without a conversion pass).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, out: Kind) -> Result<Tensor, ModelError> {
     let kind = out;
     let mut out = ptr::null_mut();
-    // SAFETY: as in `decode_attention`.
+    // SAFETY: as in `cache_attention`.
     check(unsafe { cairn_rms_norm(x.as_ptr(), w.as_ptr(), eps, bf16(kind), &mut out) })?;
     owned(out)
 }
@@ -284,7 +263,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, out: Kind) -> Result<Tensor, M
 /// maximum and the index of its first occurrence, in one pass over each row.
 pub fn logits_summary(logits: &Tensor) -> Result<(Tensor, Tensor, Tensor), ModelError> {
     let (mut z, mut m, mut a) = (ptr::null_mut(), ptr::null_mut(), ptr::null_mut());
-    // SAFETY: as in `decode_attention`.
+    // SAFETY: as in `cache_attention`.
     check(unsafe { cairn_logits_summary(logits.as_ptr(), &mut z, &mut m, &mut a) })?;
     Ok((owned(z)?, owned(m)?, owned(a)?))
 }
@@ -293,7 +272,7 @@ pub fn logits_summary(logits: &Tensor) -> Result<(Tensor, Tensor, Tensor), Model
 /// in the projection's format (f32 or bf16).
 pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor, ModelError> {
     let mut out = ptr::null_mut();
-    // SAFETY: as in `decode_attention`.
+    // SAFETY: as in `cache_attention`.
     check(unsafe { cairn_silu_mul(gate_up.as_ptr(), &mut out) })?;
     owned(out)
 }

@@ -256,50 +256,43 @@ impl KvCache {
     /// positions travel with its keys (rotary embedding is applied before caching), so
     /// where its columns sit changes nothing but which columns are masked.
     pub(crate) fn join(&self, other: &KvCache, extra: i64) -> Result<KvCache, ModelError> {
-        let (span_a, span_b) = (self.used_span()?, other.used_span()?);
-        let len = span_a.max(span_b);
+        KvCache::stack(&[self, other], extra)
+    }
+
+    /// The rows of `parts`, in order, in one new cache: each part's used columns
+    /// ([`KvCache::used_span`]) copied so that all end at the same column, with room for
+    /// `extra` more positions; the columns in front are masked padding.
+    fn stack(parts: &[&KvCache], extra: i64) -> Result<KvCache, ModelError> {
+        let spans = parts
+            .iter()
+            .map(|c| c.used_span())
+            .collect::<Result<Vec<_>, _>>()?;
+        let len = spans.iter().copied().max().unwrap_or(0);
         let capacity = len + extra.max(0);
-        let rows_a = self.valid.size()[0];
-        let rows_b = other.valid.size()[0];
-        let place = |a: &Tensor, b: &Tensor| {
-            let mut size = a.size();
-            size[0] = rows_a + rows_b;
-            size[2] = capacity;
-            let out = Tensor::zeros(size.as_slice(), (a.kind(), a.device()));
-            out.narrow(0, 0, rows_a)
-                .narrow(2, len - span_a, span_a)
-                .copy_(&a.narrow(2, self.len - span_a, span_a));
-            out.narrow(0, rows_a, rows_b)
-                .narrow(2, len - span_b, span_b)
-                .copy_(&b.narrow(2, other.len - span_b, span_b));
+        let rows: i64 = parts.iter().map(|c| c.valid.size()[0]).sum();
+        // Part by part into `[rows, .., capacity, ..]` along `dim`, the column dimension.
+        let place = |of: &dyn Fn(&KvCache) -> &Tensor, dim: i64| {
+            let first = of(parts[0]);
+            let mut size = first.size();
+            size[0] = rows;
+            size[dim as usize] = capacity;
+            let out = Tensor::zeros(size.as_slice(), (first.kind(), first.device()));
+            let mut row = 0;
+            for (part, &span) in parts.iter().zip(&spans) {
+                let t = of(part);
+                let n = t.size()[0];
+                out.narrow(0, row, n)
+                    .narrow(dim, len - span, span)
+                    .copy_(&t.narrow(dim, part.len - span, span));
+                row += n;
+            }
             out
         };
-        let valid = Tensor::zeros(
-            [rows_a + rows_b, capacity],
-            (Kind::Bool, self.valid.device()),
-        );
-        valid
-            .narrow(0, 0, rows_a)
-            .narrow(1, len - span_a, span_a)
-            .copy_(&self.valid.narrow(1, self.len - span_a, span_a));
-        valid
-            .narrow(0, rows_a, rows_b)
-            .narrow(1, len - span_b, span_b)
-            .copy_(&other.valid.narrow(1, other.len - span_b, span_b));
+        let layers = parts[0].k.len();
         Ok(KvCache {
-            k: self
-                .k
-                .iter()
-                .zip(&other.k)
-                .map(|(a, b)| place(a, b))
-                .collect(),
-            v: self
-                .v
-                .iter()
-                .zip(&other.v)
-                .map(|(a, b)| place(a, b))
-                .collect(),
-            valid,
+            k: (0..layers).map(|l| place(&|c| &c.k[l], 2)).collect(),
+            v: (0..layers).map(|l| place(&|c| &c.v[l], 2)).collect(),
+            valid: place(&|c| &c.valid, 1),
             len,
             capacity,
         })
@@ -317,33 +310,10 @@ impl KvCache {
             len: self.len,
             capacity: self.capacity,
         };
-        let span = kept.used_span()?;
-        if span == kept.len && kept.len + extra <= kept.capacity {
+        if kept.used_span()? == kept.len && kept.len + extra <= kept.capacity {
             return Ok(kept);
         }
-        let capacity = span + extra.max(0);
-        let crop = |t: &Tensor| {
-            let mut size = t.size();
-            size[2] = capacity;
-            let out = Tensor::zeros(size.as_slice(), (t.kind(), t.device()));
-            out.narrow(2, 0, span)
-                .copy_(&t.narrow(2, kept.len - span, span));
-            out
-        };
-        let valid = Tensor::zeros(
-            [kept.valid.size()[0], capacity],
-            (Kind::Bool, kept.valid.device()),
-        );
-        valid
-            .narrow(1, 0, span)
-            .copy_(&kept.valid.narrow(1, kept.len - span, span));
-        Ok(KvCache {
-            k: kept.k.iter().map(crop).collect(),
-            v: kept.v.iter().map(crop).collect(),
-            valid,
-            len: span,
-            capacity,
-        })
+        KvCache::stack(&[&kept], extra)
     }
 
     /// Keeps only the given rows (sequences that are still running), so finished
@@ -1050,27 +1020,15 @@ impl Llama {
             )?;
             // Prefill and decode attend through the same per-query kernel, over the
             // unmasked columns in order, so padding and shared prefixes change no bits.
-            let attn = if t == 1 {
-                fused::decode_attention(
-                    &q,
-                    &cache.k[layer],
-                    &cache.v[layer],
-                    &cache.valid,
-                    total,
-                    scale,
-                    kind,
-                )?
-            } else {
-                fused::prefill_attention(
-                    &q.contiguous(),
-                    &cache.k[layer],
-                    &cache.v[layer],
-                    &cache.valid,
-                    past,
-                    scale,
-                    kind,
-                )?
-            };
+            let attn = fused::cache_attention(
+                &q.contiguous(),
+                &cache.k[layer],
+                &cache.v[layer],
+                &cache.valid,
+                past,
+                scale,
+                kind,
+            )?;
             self.add_linear_(&mut x, &attn.reshape([b * t, nh * hd]), &blk.wo);
             let hidden = fused::rms_norm(&x, &blk.ffn_norm, c.rms_norm_eps, kind)?;
             let act = fused::silu_mul(&self.linear_raw(&hidden, &blk.w_gate_up))?;

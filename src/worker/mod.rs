@@ -266,6 +266,15 @@ impl PrefillCount {
     pub fn seconds(&self) -> f64 {
         self.nanos as f64 / 1e9
     }
+
+    /// The counts between two readings (`self` the later).
+    pub fn since(&self, before: &PrefillCount) -> PrefillCount {
+        PrefillCount {
+            computed: self.computed.saturating_sub(before.computed),
+            reused: self.reused.saturating_sub(before.reused),
+            nanos: self.nanos.saturating_sub(before.nanos),
+        }
+    }
 }
 
 /// The counters, with each model's prefill counts read now.

@@ -375,72 +375,18 @@ char* cairn_rope_append(const Tensor* qkv, const Tensor* positions, const Tensor
   });
 }
 
-// Attention of one new query per sequence over the cached keys and values: q [b, nh, 1, hd],
-// caches [b, nkv, capacity, hd] (both f32, or both f16), valid [b, capacity] (bool; the last
-// of the `total` columns always counts). Returns [b, 1, nh·hd], the layout the output
-// projection takes. `isa` as in isa_kernels.
-char* cairn_decode_attention(const Tensor* q, const Tensor* k_cache, const Tensor* v_cache,
-                             const Tensor* valid, int64_t total, double scale, int out_bf16,
-                             int isa, Tensor** out) {
-  return guarded([&] {
-    TORCH_CHECK(q->dim() == 4 && q->size(2) == 1, "queries must be [b, heads, 1, hd]");
-    const AttentionShape shape = check_attention(*q, *k_cache, *v_cache, *valid);
-    const int64_t b = shape.b, nh = shape.nh, hd = shape.hd, nkv = shape.nkv, cap = shape.cap;
-    TORCH_CHECK(total >= 1 && total <= cap, "attended length outside the cache");
-    const int64_t group = nh / nkv;
-    Tensor o = at::empty({b, 1, nh * hd}, q->options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
-    const float* qp = q->data_ptr<float>();
-    const bool half = k_cache->scalar_type() == at::kHalf;
-    const char* kp = static_cast<const char*>(k_cache->data_ptr());
-    const char* vp = static_cast<const char*>(v_cache->data_ptr());
-    const int64_t row_bytes = cap * hd * k_cache->element_size();
-    const IsaKernels& kernels = isa_kernels(isa);
-    const bool* vm = valid->data_ptr<bool>();
-    const float sc = static_cast<float>(scale);
-    at::parallel_for(0, b * nkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(group * total);
-      std::vector<float> rows(out_bf16 ? group * hd : 0);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t bi = item / nkv, h = item % nkv;
-        const int64_t head0 = bi * nh + h * group;
-        float* dst = out_bf16 ? rows.data() : o.data_ptr<float>() + head0 * hd;
-        const char* k = kp + item * row_bytes;
-        const char* v = vp + item * row_bytes;
-        // The next item of this thread's range, whose keys the kernel fetches ahead.
-        const char* next_k = item + 1 < end ? k + row_bytes : nullptr;
-        if (half) {
-          kernels.attend_f16(qp + head0 * hd, reinterpret_cast<const uint16_t*>(k),
-                             reinterpret_cast<const uint16_t*>(v),
-                             reinterpret_cast<const uint16_t*>(next_k), vm + bi * cap, total,
-                             group, hd, sc, dst, scores.data());
-        } else {
-          kernels.attend_f32(qp + head0 * hd, reinterpret_cast<const float*>(k),
-                             reinterpret_cast<const float*>(v),
-                             reinterpret_cast<const float*>(next_k), vm + bi * cap, total, group,
-                             hd, sc, dst, scores.data());
-        }
-        if (out_bf16) {
-          c10::BFloat16* ob = o.data_ptr<c10::BFloat16>() + head0 * hd;
-          for (int64_t i = 0; i < group * hd; ++i) {
-            ob[i] = c10::BFloat16(rows[i]);
-          }
-        }
-      }
-    });
-    *out = new Tensor(std::move(o));
-  });
-}
-
-// Attention of a prefill's t new queries per sequence, each over the cached columns up to
-// its own (causal by column): q [b, nh, t, hd] f32, caches [b, nkv, capacity, hd] holding
-// columns [0, past + t), valid [b, capacity]. Each (sequence, kv head, query) runs the decode
-// step's kernel over exactly the columns it may see, so a token's attention is computed the
-// same way whether it arrives in a prefill or a decode step, and whatever padding or shared
-// prefix surrounds it: masked columns are skipped, and the sums run over the unmasked ones
-// in column order. Returns [b, t, nh·hd] in f32 or bf16.
-char* cairn_prefill_attention(const Tensor* q, const Tensor* k_cache, const Tensor* v_cache,
-                              const Tensor* valid, int64_t past, double scale, int out_bf16,
-                              int isa, Tensor** out) {
+// Attention of t new queries per sequence over the cached keys and values, each over the
+// columns up to its own (causal by column): q [b, nh, t, hd] f32 at columns [past, past + t),
+// caches [b, nkv, capacity, hd] (both f32, or both f16), valid [b, capacity] (bool; a query's
+// own column always counts). A decode step is t = 1. Every (sequence, kv head, query) runs the
+// same kernel over exactly the columns it may see, so a token's attention is computed alike
+// in a prefill and a decode step, whatever padding or shared prefix surrounds it: masked
+// columns are skipped, and the sums run over the unmasked ones in column order. Returns
+// [b, t, nh·hd] in f32 or bf16, the layout the output projection takes. `isa` as in
+// isa_kernels.
+char* cairn_cache_attention(const Tensor* q, const Tensor* k_cache, const Tensor* v_cache,
+                            const Tensor* valid, int64_t past, double scale, int out_bf16,
+                            int isa, Tensor** out) {
   return guarded([&] {
     TORCH_CHECK(q->dim() == 4, "queries must be [b, heads, t, hd]");
     const AttentionShape shape = check_attention(*q, *k_cache, *v_cache, *valid);
@@ -460,30 +406,42 @@ char* cairn_prefill_attention(const Tensor* q, const Tensor* k_cache, const Tens
     // Items in (sequence, kv head, query) order: neighbouring items read the same cached rows.
     at::parallel_for(0, b * nkv * t, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(group * (past + t));
-      std::vector<float> queries(group * hd);
-      std::vector<float> rows(group * hd);
+      std::vector<float> queries(t > 1 ? group * hd : 0);
+      std::vector<float> rows(out_bf16 ? group * hd : 0);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t i = item % t, h = (item / t) % nkv, bi = item / (t * nkv);
         const int64_t total = past + i + 1;
-        // The group's query rows for this position, gathered into [group, hd].
-        for (int64_t g = 0; g < group; ++g) {
-          const float* src = qp + ((bi * nh + h * group + g) * t + i) * hd;
-          std::copy(src, src + hd, queries.data() + g * hd);
+        const int64_t head0 = bi * nh + h * group;
+        // The group's query rows for this position as [group, hd]: in place for one query,
+        // gathered for several.
+        const float* qrows = qp + head0 * hd;
+        if (t > 1) {
+          for (int64_t g = 0; g < group; ++g) {
+            const float* src = qp + ((head0 + g) * t + i) * hd;
+            std::copy(src, src + hd, queries.data() + g * hd);
+          }
+          qrows = queries.data();
         }
-        float* dst = out_bf16 ? rows.data() : o.data_ptr<float>() + ((bi * t + i) * nh + h * group) * hd;
+        const int64_t at_out = ((bi * t + i) * nh + h * group) * hd;
+        float* dst = out_bf16 ? rows.data() : o.data_ptr<float>() + at_out;
         const char* k = kp + (bi * nkv + h) * row_bytes;
         const char* v = vp + (bi * nkv + h) * row_bytes;
+        // In a decode step the next item is the next (sequence, kv head), whose keys the
+        // kernel fetches ahead; in a prefill it reads the same rows again.
+        const char* next_k = t == 1 && item + 1 < end ? k + row_bytes : nullptr;
         if (half) {
-          kernels.attend_f16(queries.data(), reinterpret_cast<const uint16_t*>(k),
-                             reinterpret_cast<const uint16_t*>(v), nullptr, vm + bi * cap,
-                             total, group, hd, sc, dst, scores.data());
-        } else {
-          kernels.attend_f32(queries.data(), reinterpret_cast<const float*>(k),
-                             reinterpret_cast<const float*>(v), nullptr, vm + bi * cap, total,
+          kernels.attend_f16(qrows, reinterpret_cast<const uint16_t*>(k),
+                             reinterpret_cast<const uint16_t*>(v),
+                             reinterpret_cast<const uint16_t*>(next_k), vm + bi * cap, total,
                              group, hd, sc, dst, scores.data());
+        } else {
+          kernels.attend_f32(qrows, reinterpret_cast<const float*>(k),
+                             reinterpret_cast<const float*>(v),
+                             reinterpret_cast<const float*>(next_k), vm + bi * cap, total, group,
+                             hd, sc, dst, scores.data());
         }
         if (out_bf16) {
-          c10::BFloat16* ob = o.data_ptr<c10::BFloat16>() + ((bi * t + i) * nh + h * group) * hd;
+          c10::BFloat16* ob = o.data_ptr<c10::BFloat16>() + at_out;
           for (int64_t j = 0; j < group * hd; ++j) {
             ob[j] = c10::BFloat16(rows[j]);
           }
