@@ -249,7 +249,10 @@ mod tests {
     #[test]
     fn matches_libtorch_adamw_step_for_step() {
         let (vs_a, a) = model(3);
-        let (vs_b, b) = model(3);
+        let (mut vs_b, b) = model(3);
+        // The same starting weights whatever other tests draw from libtorch's global
+        // generator meanwhile (tests share the process, and `manual_seed` is global).
+        vs_b.copy(&vs_a).expect("copy the starting weights");
         let mut ours = AdamW::new(&vs_a, 0.01, 0.1);
         let mut theirs = nn::AdamW {
             wd: 0.1,
